@@ -1,0 +1,1 @@
+"""keylease-agent: the node agent."""

@@ -1,0 +1,99 @@
+"""The agent's one error root. Each error maps to one exit code and one line for the operator."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentError",
+    "AttestationDenied",
+    "BrokerError",
+    "BrokerUnreachable",
+    "ConfigError",
+    "EnrollmentRefused",
+    "InvalidKey",
+    "KeystoreError",
+    "PendingApproval",
+    "ReleaseInvalid",
+    "StateError",
+    "TpmError",
+    "TpmUnavailable",
+]
+
+
+class AgentError(Exception):
+    """Root of every error the agent raises on purpose."""
+
+    exit_code = 1
+
+    def diagnostics(self) -> str:
+        """Text for the operator: what went wrong and what to do."""
+        return str(self)
+
+
+class ConfigError(AgentError):
+    exit_code = 2
+
+
+class PendingApproval(AgentError):
+    """Enrolled and attested, awaiting operator approval."""
+
+    exit_code = 3
+
+
+class AttestationDenied(AgentError):
+    """The broker refused the attestation (policy, revocation, no grant, bad quote)."""
+
+    exit_code = 4
+
+
+class EnrollmentRefused(AgentError):
+    """The broker refused enrollment (EK not trusted, EK conflict, not allowlisted)."""
+
+    exit_code = 5
+
+
+class BrokerUnreachable(AgentError):
+    """No answer from the broker (network, TLS, timeout)."""
+
+    exit_code = 6
+
+
+class BrokerError(AgentError):
+    """The broker answered with an error that is not a denial."""
+
+    exit_code = 6
+
+
+class TpmUnavailable(AgentError):
+    """The TPM cannot be opened through the configured TCTI."""
+
+    exit_code = 7
+
+
+class TpmError(AgentError):
+    """A TPM command failed."""
+
+    exit_code = 7
+
+
+class ReleaseInvalid(AgentError):
+    """A release (or the sealed cache) does not open in this TPM or is malformed."""
+
+    exit_code = 8
+
+
+class InvalidKey(AgentError):
+    """A key is not one ocicrypt would accept."""
+
+    exit_code = 8
+
+
+class KeystoreError(AgentError):
+    """A key directory cannot be used safely (symlink, wrong type, I/O error)."""
+
+    exit_code = 9
+
+
+class StateError(AgentError):
+    """The agent's state directory is unusable."""
+
+    exit_code = 9

@@ -1,0 +1,1 @@
+"""keylease-kbs: the key broker service."""

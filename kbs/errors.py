@@ -1,0 +1,184 @@
+"""The broker's one error root.
+
+Every error carries operator-facing text; verification failures are specific subclasses so that
+tests and audit records name exactly what failed. ``grpc_code`` is the status the node-facing API
+answers with (translated in one place, ``kbs.service``).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+__all__ = [
+    "AkAttributesInvalid",
+    "ActivationFailed",
+    "AttestationFailed",
+    "ConfigError",
+    "EkPublicMismatch",
+    "EnrollmentRefused",
+    "EventLogMismatch",
+    "IncorrectSignature",
+    "InvalidRequest",
+    "KbsError",
+    "NodeEkConflict",
+    "NodeNotApproved",
+    "NodeRevoked",
+    "NoPolicy",
+    "NonceExpired",
+    "NonceUnknown",
+    "NotAllowlisted",
+    "NotFound",
+    "NotGranted",
+    "OperatorError",
+    "PcrDigestMismatch",
+    "PcrSelectionMismatch",
+    "PolicyDenied",
+    "QualifyingDataMismatch",
+    "QuoteInvalid",
+    "QuoteStructureInvalid",
+    "StoreError",
+    "UnknownNode",
+    "UntrustedEk",
+]
+
+
+class KbsError(Exception):
+    """Root of every error the broker raises on purpose."""
+
+    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def diagnostics(self) -> str:
+        """Text for the operator: what went wrong and what to do."""
+        return str(self)
+
+
+class ConfigError(KbsError):
+    """The configuration or a file it names is invalid."""
+
+
+class StoreError(KbsError):
+    """The database failed or holds something it should not."""
+
+
+class OperatorError(KbsError):
+    """An operator command was given arguments that cannot be carried out."""
+
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(OperatorError):
+    """A named node, key, grant or policy does not exist."""
+
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class InvalidRequest(KbsError):
+    """Malformed input on the wire: bad sizes, truncated or garbage TPM structures."""
+
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class UnknownNode(KbsError):
+    """The node name is not enrolled."""
+
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+# --- enrollment -----------------------------------------------------------------------------
+
+
+class EnrollmentRefused(KbsError):
+    """Enrollment was refused; nothing was recorded for the node."""
+
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class UntrustedEk(EnrollmentRefused):
+    """The EK certificate does not chain to the configured EK root bundle."""
+
+
+class EkPublicMismatch(EnrollmentRefused):
+    """The EK public area does not match the EK certificate's public key."""
+
+
+class AkAttributesInvalid(EnrollmentRefused):
+    """The AK is not a restricted, fixedTPM signing key created inside the TPM."""
+
+
+class ActivationFailed(EnrollmentRefused):
+    """The credential-activation proof is wrong, expired or unknown."""
+
+
+class NodeEkConflict(EnrollmentRefused):
+    """A known node name arrived with a different EK; re-enrollment is never silent."""
+
+    grpc_code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class NotAllowlisted(EnrollmentRefused):
+    """Enrollment mode is allowlist and this EK hash is not registered."""
+
+
+# --- attestation ----------------------------------------------------------------------------
+
+
+class AttestationFailed(KbsError):
+    """Attestation did not pass; nothing was released."""
+
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NonceUnknown(AttestationFailed):
+    """The nonce was never issued to this node or has already been used."""
+
+
+class NonceExpired(AttestationFailed):
+    """The nonce's lifetime has passed."""
+
+
+class QuoteInvalid(AttestationFailed):
+    """The quote does not verify."""
+
+
+class QuoteStructureInvalid(QuoteInvalid):
+    """The attestation structure is not a TPM-generated quote (magic/type/signer)."""
+
+
+class IncorrectSignature(QuoteInvalid):
+    """The quote signature does not verify with the enrolled AK."""
+
+
+class QualifyingDataMismatch(QuoteInvalid):
+    """The quote was made over another nonce or ephemeral key."""
+
+
+class PcrSelectionMismatch(QuoteInvalid):
+    """The PCRs sent or required by policy are not the ones the quote signed."""
+
+
+class PcrDigestMismatch(QuoteInvalid):
+    """The PCR values sent do not hash to the digest the TPM signed."""
+
+
+class EventLogMismatch(AttestationFailed):
+    """The boot event log does not replay to the quoted PCR values."""
+
+
+class NodeNotApproved(AttestationFailed):
+    """The node is not approved (pending)."""
+
+
+class NodeRevoked(AttestationFailed):
+    """The operator revoked the node."""
+
+
+class NoPolicy(AttestationFailed):
+    """No attestation policy is assigned to the node: empty policy means deny."""
+
+
+class PolicyDenied(AttestationFailed):
+    """The node's PCR values differ from its attestation policy."""
+
+
+class NotGranted(AttestationFailed):
+    """No key is granted to the node."""
