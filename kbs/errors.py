@@ -7,6 +7,8 @@ answers with (translated in one place, ``kbs.service``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 
 __all__ = [
@@ -178,6 +180,10 @@ class NoPolicy(AttestationFailed):
 
 class PolicyDenied(AttestationFailed):
     """The node's PCR values differ from its attestation policy."""
+
+    def __init__(self, message: str, pcrs: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.pcrs = tuple(pcrs)
 
 
 class NotGranted(AttestationFailed):

@@ -1,0 +1,146 @@
+"""One attestation round (DESIGN.md steps 1-4): enroll if needed, quote, receive, install.
+
+On a denial the keys this agent installed are removed at once, and the cached release dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from agent.client import BrokerClient, NodeUnknown, Outcome
+from agent.config import AgentConfig
+from agent.errors import AttestationDenied, PendingApproval, StateError
+from agent.keystore import KeyDirectory
+from agent.release import Bundle, open_release
+from agent.state import Enrollment, StateDir
+from agent.tpm import AkBlobs, Tpm
+from kbs.api.v1 import qualifying_data
+
+__all__ = ["AttestReport", "attest_once", "enroll", "remove_all_keys"]
+
+log = logging.getLogger(__name__)
+
+MAX_EVENT_LOG = 1 << 20
+AGENT_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class AttestReport:
+    node_name: str
+    bundle: Bundle
+    installed: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+def enroll(cfg: AgentConfig, tpm: Tpm, client: BrokerClient, state: StateDir) -> AkBlobs:
+    """Create the AK if there is none, then enroll (EK cert, AK, credential activation)."""
+    ak = state.load_ak()
+    if ak is None:
+        ak = tpm.create_ak()
+        state.save_ak(ak)
+        log.info("created attestation key node=%s", cfg.node_name)
+    ek = tpm.read_ek()
+    challenge = client.start_enrollment(
+        cfg.node_name,
+        ek.certificate,
+        ek.public,
+        ak.public,
+        {"agent_version": AGENT_VERSION, "hostname": platform.node()},
+    )
+    secret = tpm.activate_credential(ak, challenge.credential_blob, challenge.encrypted_secret)
+    node_state = client.finish_enrollment(challenge.enrollment_id, secret.reveal())
+    state.save_enrollment(Enrollment(node_name=cfg.node_name, kbs=cfg.kbs, state=node_state))
+    log.info("enroll node=%s result=ok state=%s", cfg.node_name, node_state)
+    return ak
+
+
+def _enrolled_ak(cfg: AgentConfig, tpm: Tpm, client: BrokerClient, state: StateDir) -> AkBlobs:
+    ak = state.load_ak()
+    record = state.load_enrollment()
+    if ak is None or record is None or record.node_name != cfg.node_name or record.kbs != cfg.kbs:
+        return enroll(cfg, tpm, client, state)
+    return ak
+
+
+def _read_event_log(path: Path | None) -> bytes:
+    if path is None:
+        return b""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_EVENT_LOG + 1)
+    except FileNotFoundError:
+        return b""
+    except OSError as exc:
+        raise StateError(f"cannot read the boot event log {path}: {exc.strerror}") from None
+    if len(data) > MAX_EVENT_LOG:
+        raise StateError(f"boot event log {path} is larger than {MAX_EVENT_LOG} bytes")
+    return data
+
+
+def key_directories(cfg: AgentConfig) -> list[KeyDirectory]:
+    return [KeyDirectory(d) for d in cfg.key_dirs]
+
+
+def remove_all_keys(cfg: AgentConfig, state: StateDir) -> tuple[str, ...]:
+    """Remove every key this agent installed, and the cached release. Returns what was removed."""
+    removed: list[str] = []
+    for kd in key_directories(cfg):
+        removed += [f"{kd.root}/keylease/{name}.pem" for name in kd.clear()]
+    state.drop_release()
+    return tuple(removed)
+
+
+def attest_once(cfg: AgentConfig, tpm: Tpm, client: BrokerClient, state: StateDir) -> AttestReport:
+    """Attest and install the released keys; raise a specific AgentError otherwise."""
+    ak = _enrolled_ak(cfg, tpm, client, state)
+    try:
+        nonce = client.get_nonce(cfg.node_name)
+    except NodeUnknown:
+        log.info("broker does not know node=%s; enrolling again", cfg.node_name)
+        state.forget_enrollment()
+        ak = enroll(cfg, tpm, client, state)
+        nonce = client.get_nonce(cfg.node_name)
+    ephemeral = X25519PrivateKey.generate()
+    ephemeral_public = ephemeral.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    quote = tpm.quote(ak, qualifying_data(nonce, ephemeral_public))
+    event_log = _read_event_log(cfg.event_log)
+    try:
+        reply = client.attest(cfg.node_name, nonce, ephemeral_public, quote, event_log)
+    except AttestationDenied as exc:
+        removed = remove_all_keys(cfg, state)
+        log.info("attest node=%s result=denied reason=%s", cfg.node_name, exc)
+        raise AttestationDenied(_denial_text(str(exc), removed)) from None
+    if reply.outcome is Outcome.PENDING_APPROVAL or reply.release is None:
+        log.info("attest node=%s result=pending", cfg.node_name)
+        raise PendingApproval(
+            f"node {cfg.node_name} is enrolled and attested, pending operator approval: "
+            f"keylease-kbs node approve {cfg.node_name} --label k=v"
+        )
+    bundle = open_release(tpm, reply.release, cfg.node_name)
+    installed: list[str] = []
+    removed: list[str] = []
+    for kd in key_directories(cfg):
+        result = kd.sync(bundle.keys)
+        installed += [f"{kd.root}/keylease/{n}.pem" for n in result.installed + result.unchanged]
+        removed += [f"{kd.root}/keylease/{n}.pem" for n in result.removed]
+    state.save_release(reply.release.serialize())
+    log.info(
+        "attest node=%s result=ok keys=%s until=%s",
+        cfg.node_name,
+        bundle.describe(),
+        bundle.not_after.isoformat(),
+    )
+    return AttestReport(cfg.node_name, bundle, tuple(installed), tuple(removed))
+
+
+def _denial_text(reason: str, removed: tuple[str, ...]) -> str:
+    text = f"attestation denied: {reason}"
+    if removed:
+        text += f"; removed {len(removed)} key file(s): {', '.join(removed)}"
+    return text

@@ -1,0 +1,120 @@
+"""keylease-agent command line. The only place that configures logging and reads the environment.
+
+Exit codes: 0 keys installed; 1 unexpected error; 2 bad configuration or usage; 3 pending
+operator approval; 4 attestation denied (keys removed); 5 enrollment refused (EK not trusted,
+EK conflict, not allowlisted); 6 broker unreachable or broker error; 7 TPM unavailable or TPM
+error; 8 release or key invalid; 9 key directory or state directory unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.config import DEFAULT_CONFIG, load_config
+from agent.errors import AgentError
+
+__all__ = ["main"]
+
+log = logging.getLogger("agent")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keylease-agent",
+        description="Attest this node's TPM to keylease-kbs and install the image keys it grants.",
+        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"agent config (default {DEFAULT_CONFIG})"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    attest = sub.add_parser(
+        "attest",
+        help="enroll if needed, attest, and install the granted keys",
+        description="Enroll if needed, attest the TPM, and install the granted keys.",
+    )
+    attest.add_argument(
+        "--once", action="store_true", required=True, help="attest one time and exit"
+    )
+    attest.add_argument("--json", action="store_true", help="print the result as JSON")
+    sub.add_parser(
+        "check-config",
+        help="validate the configuration and exit",
+        description="Validate the configuration file and the files it names.",
+    )
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _attest(config: Path, as_json: bool) -> int:
+    # Imported here so that TSS2_LOG (set in main) is in place before libtss2 loads.
+    from agent.attest import attest_once
+    from agent.client import BrokerClient
+    from agent.state import StateDir
+    from agent.tpm import Tpm
+
+    cfg = load_config(config)
+    state = StateDir.open(cfg.state_dir)
+    with Tpm.open(cfg.tcti) as tpm, BrokerClient(cfg) as client:
+        report = attest_once(cfg, tpm, client, state)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "node": report.node_name,
+                    "result": "installed",
+                    "not_after": report.bundle.not_after.isoformat(),
+                    "keys": [{"name": k.name, "version": k.version} for k in report.bundle.keys],
+                    "files": list(report.installed),
+                    "removed": list(report.removed),
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(
+            f"node {report.node_name}: installed {report.bundle.describe()} "
+            f"until {report.bundle.not_after.isoformat()}"
+        )
+        for path in report.installed:
+            print(f"  {path}")
+        for path in report.removed:
+            print(f"  removed {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    # ESYS prints expected TPM errors (e.g. a policy failure) to stderr; ours are clearer.
+    os.environ.setdefault("TSS2_LOG", "esys+none")
+    try:
+        if args.command == "check-config":
+            cfg = load_config(args.config)
+            print(f"{cfg.path}: ok (node {cfg.node_name}, broker {cfg.kbs}, tcti {cfg.tcti})")
+            return 0
+        return _attest(args.config, args.json)
+    except AgentError as exc:
+        print(f"keylease-agent: {exc.diagnostics()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

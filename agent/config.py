@@ -1,0 +1,149 @@
+"""The agent's configuration: TOML, validated once at start-up, passed down as a frozen value.
+
+Keys (all optional except ``kbs`` and ``kbs_ca``)::
+
+    kbs = "kbs.example.net:8443"           # broker address, HOST:PORT
+    kbs_ca = "/etc/keylease/agent-ca.pem"  # CA that signed the broker's TLS certificate
+    tcti = "device:/dev/tpmrm0"            # TPM access; tests use "swtpm:path=/run/x/tpm.sock"
+    state_dir = "/var/lib/keylease"        # AK blobs, enrollment record, sealed release cache
+    node_name = "worker-1"                 # default: the host name
+    key_dirs = ["/etc/crio/keys", "/etc/containerd/ocicrypt/keys"]
+    event_log = "/sys/kernel/security/tpm0/binary_bios_measurements"  # sent when present
+    rpc_timeout_seconds = 10
+
+Relative paths resolve against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+__all__ = ["DEFAULT_CONFIG", "AgentConfig", "load_config"]
+
+DEFAULT_CONFIG = Path("/etc/keylease/agent.toml")
+DEFAULT_KEY_DIRS = ("/etc/crio/keys", "/etc/containerd/ocicrypt/keys")
+DEFAULT_EVENT_LOG = "/sys/kernel/security/tpm0/binary_bios_measurements"
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_TCTI = re.compile(r"(device:/\S+|swtpm:(path=\S+|host=[^,\s]+,port=\d+)|mssim:host=[^,\s]+,port=\d+|tabrmd:\S*)")
+_KNOWN = {
+    "kbs",
+    "kbs_ca",
+    "tcti",
+    "state_dir",
+    "node_name",
+    "key_dirs",
+    "event_log",
+    "rpc_timeout_seconds",
+}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    path: Path
+    kbs: str
+    kbs_ca: Path
+    tcti: str
+    state_dir: Path
+    node_name: str
+    key_dirs: tuple[Path, ...]
+    event_log: Path | None
+    rpc_timeout_seconds: float
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate ``path``; raises ConfigError naming the file, key and fix."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist; write one (see `keylease-agent --help`) or pass "
+            "--config"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict[str, Any], path: Path) -> AgentConfig:
+    unknown = sorted(set(raw) - _KNOWN)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_KNOWN))}"
+        )
+    base = path.parent
+
+    def text(key: str, default: str | None = None) -> str:
+        value = raw.get(key, default)
+        if value is None:
+            raise ConfigError(f"{path}: `{key}` is required")
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: `{key}` must be a non-empty string")
+        return value
+
+    def file_path(key: str, default: str | None = None) -> Path:
+        p = Path(text(key, default))
+        return p if p.is_absolute() else (base / p)
+
+    kbs = text("kbs")
+    host, sep, port = kbs.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{path}: `kbs` must be HOST:PORT (e.g. \"kbs.example.net:8443\"), got {kbs!r}")
+    kbs_ca = file_path("kbs_ca")
+    if not kbs_ca.is_file():
+        raise ConfigError(
+            f"{path}: kbs_ca {kbs_ca} does not exist; copy agent-ca.pem from the broker "
+            "(written by `keylease-kbs init`)"
+        )
+    tcti = text("tcti", "device:/dev/tpmrm0")
+    if not _TCTI.fullmatch(tcti):
+        raise ConfigError(
+            f"{path}: tcti {tcti!r} is not supported; use \"device:/dev/tpmrm0\" or "
+            "\"swtpm:path=/run/swtpm/sock\" (a bare \"swtpm\" would talk to whatever listens on "
+            "localhost:2321)"
+        )
+    node_name = text("node_name", socket.gethostname().split(".")[0])
+    if not _NODE_NAME.fullmatch(node_name):
+        raise ConfigError(
+            f"{path}: node_name {node_name!r} is invalid: 1-63 characters from A-Z a-z 0-9 . _ -"
+        )
+    key_dirs_raw = raw.get("key_dirs", list(DEFAULT_KEY_DIRS))
+    if (
+        not isinstance(key_dirs_raw, list)
+        or not key_dirs_raw
+        or not all(isinstance(d, str) and d for d in key_dirs_raw)
+    ):
+        raise ConfigError(f"{path}: `key_dirs` must be a non-empty list of directory paths")
+    key_dirs = tuple(Path(d) if Path(d).is_absolute() else base / d for d in key_dirs_raw)
+    if len(set(key_dirs)) != len(key_dirs):
+        raise ConfigError(f"{path}: `key_dirs` lists a directory twice")
+    for a in key_dirs:
+        for b in key_dirs:
+            if a != b and b.is_relative_to(a):
+                raise ConfigError(f"{path}: key_dirs {b} is inside {a}; list each tree once")
+    event_log_raw = raw.get("event_log", DEFAULT_EVENT_LOG)
+    if not isinstance(event_log_raw, str):
+        raise ConfigError(f"{path}: `event_log` must be a path string (\"\" to send none)")
+    timeout = raw.get("rpc_timeout_seconds", 10)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= 300:
+        raise ConfigError(f"{path}: `rpc_timeout_seconds` must be a number from 1 to 300")
+    return AgentConfig(
+        path=path,
+        kbs=kbs,
+        kbs_ca=kbs_ca,
+        tcti=tcti,
+        state_dir=file_path("state_dir", "/var/lib/keylease"),
+        node_name=node_name,
+        key_dirs=key_dirs,
+        event_log=Path(event_log_raw) if event_log_raw else None,
+        rpc_timeout_seconds=float(timeout),
+    )

@@ -1,0 +1,175 @@
+"""Attestation (DESIGN.md step 2) and the release decision (step 3).
+
+Fixed order: node known -> nonce consumed (single use, even if what follows fails) -> quote
+verified with the enrolled AK -> event log replayed -> PCRs recorded -> node state -> policy ->
+grants -> release. Anything that fails raises a specific ``AttestationFailed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+
+from kbs.api.v1 import EPHEMERAL_PUBLIC_BYTES, NONCE_BYTES, qualifying_data
+from kbs.context import BrokerContext
+from kbs.errors import InvalidRequest, NodeRevoked, NotGranted, UnknownNode
+from kbs.eventlog import check_event_log
+from kbs.model import Node, NodeState
+from kbs.names import check_node_name
+from kbs.policy import evaluate, required_pcrs
+from kbs.quote import verify_quote
+from kbs.release import GrantedKey, SealedRelease, build_release
+from kbs.tpm_objects import parse_public
+
+__all__ = ["AttestOutcome", "AttestResult", "Evidence", "attest", "issue_nonce"]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_BANKS = frozenset({"sha256"})
+
+
+class AttestOutcome(Enum):
+    PENDING_APPROVAL = "pending"
+    RELEASED = "released"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    node_name: str
+    nonce: bytes
+    ephemeral_public: bytes
+    quote: bytes
+    signature: bytes
+    pcr_bank: str
+    pcrs: Mapping[int, bytes]
+    event_log: bytes
+
+
+@dataclass(frozen=True)
+class AttestResult:
+    outcome: AttestOutcome
+    release: SealedRelease | None
+
+
+def _known_node(ctx: BrokerContext, name: str) -> Node:
+    check_node_name(name)
+    node = ctx.store.get_node(name)
+    if node is None:
+        raise UnknownNode(f"node {name!r} is not enrolled; the agent enrolls it on its next run")
+    return node
+
+
+def issue_nonce(ctx: BrokerContext, node_name: str) -> tuple[bytes, datetime]:
+    _known_node(ctx, node_name)
+    now = ctx.clock()
+    nonce = os.urandom(NONCE_BYTES)
+    expires_at = now + timedelta(seconds=ctx.config.nonce_ttl_seconds)
+    ctx.store.add_nonce(node_name, nonce, expires_at)
+    return nonce, expires_at
+
+
+def _check_shape(ev: Evidence) -> None:
+    if len(ev.nonce) != NONCE_BYTES:
+        raise InvalidRequest(f"nonce must be {NONCE_BYTES} bytes, got {len(ev.nonce)}")
+    if len(ev.ephemeral_public) != EPHEMERAL_PUBLIC_BYTES:
+        raise InvalidRequest(
+            f"ephemeral_public must be {EPHEMERAL_PUBLIC_BYTES} bytes, got {len(ev.ephemeral_public)}"
+        )
+    if ev.pcr_bank not in SUPPORTED_BANKS:
+        raise InvalidRequest(f"unsupported PCR bank {ev.pcr_bank[:32]!r}; use sha256")
+
+
+def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
+    node = _known_node(ctx, ev.node_name)
+    _check_shape(ev)
+    now = ctx.clock()
+    ctx.store.consume_nonce(node.name, ev.nonce, now)
+    if node.state is NodeState.REVOKED:
+        raise NodeRevoked(f"node {node.name!r} was revoked by an operator")
+    policies = (
+        ctx.store.policies_for_labels(node.labels) if node.state is NodeState.APPROVED else []
+    )
+    ak = parse_public(node.ak_public, "enrolled AK")
+    quote = verify_quote(
+        ak,
+        ev.quote,
+        ev.signature,
+        qualifying_data(ev.nonce, ev.ephemeral_public),
+        ev.pcr_bank,
+        ev.pcrs,
+        required=set(required_pcrs(policies)),
+    )
+    if ev.event_log:
+        check_event_log(ev.event_log, quote.pcr_bank, quote.pcrs)
+    ctx.store.record_attestation(
+        node.name,
+        bank=quote.pcr_bank,
+        pcrs=quote.pcrs,
+        reset_count=quote.reset_count,
+        restart_count=quote.restart_count,
+        now=now,
+    )
+    if node.state is NodeState.PENDING:
+        ctx.store.audit(
+            actor=f"node:{node.name}",
+            event="attest",
+            node=node.name,
+            result="pending",
+            detail="quote verified; node awaits operator approval",
+            now=now,
+        )
+        log.info("attest node=%s result=pending", node.name)
+        return AttestResult(AttestOutcome.PENDING_APPROVAL, None)
+    sealed_pcrs = evaluate(policies, quote.pcr_bank, quote.pcrs)
+    stored = ctx.store.keys_for_labels(node.labels)
+    if not stored:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(node.labels.items())) or "none"
+        raise NotGranted(
+            f"no key is granted to node {node.name!r} (labels: {labels}); an operator can run "
+            "`keylease-kbs grant add KEY --selector k=v`"
+        )
+    granted = [
+        GrantedKey(
+            name=k.name,
+            version=k.version,
+            private_pem=ctx.master_key.open(k.encrypted_private, key_aad(k.name, k.version)),
+        )
+        for k in stored
+    ]
+    release = build_release(
+        node_name=node.name,
+        ek=parse_public(node.ek_public, "enrolled EK"),
+        pcr_bank=quote.pcr_bank,
+        pcrs=sealed_pcrs,
+        keys=granted,
+        issued_at=now,
+        not_after=now + timedelta(seconds=ctx.config.lease_seconds),
+    )
+    names = ",".join(f"{n}@v{v}" for n, v in release.keys)
+    ctx.store.audit(
+        actor=f"node:{node.name}",
+        event="attest",
+        node=node.name,
+        result="ok",
+        detail=f"pcrs {','.join(str(i) for i in sorted(sealed_pcrs))} match policy",
+        now=now,
+    )
+    ctx.store.audit(
+        actor=f"node:{node.name}",
+        event="release",
+        node=node.name,
+        result="ok",
+        detail=f"keys {names} until {release.not_after.isoformat()}",
+        now=now,
+    )
+    log.info("attest node=%s result=released keys=%s", node.name, names)
+    return AttestResult(AttestOutcome.RELEASED, release)
+
+
+def key_aad(name: str, version: int) -> bytes:
+    """AAD binding stored key material to its key name and version (see kbs.masterkey)."""
+    return f"keylease key {name} v{version}".encode()

@@ -1,0 +1,35 @@
+"""Everything a broker request needs, loaded once at start-up and passed down."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from kbs.config import KbsConfig, read_master_key
+from kbs.ekcert import EkTrustBundle, load_ek_roots
+from kbs.masterkey import MasterKey
+from kbs.store import Store
+
+__all__ = ["BrokerContext", "utc_now"]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class BrokerContext:
+    config: KbsConfig
+    store: Store
+    ek_roots: EkTrustBundle
+    master_key: MasterKey
+    clock: Callable[[], datetime] = utc_now
+
+    @classmethod
+    def load(cls, config: KbsConfig, clock: Callable[[], datetime] = utc_now) -> BrokerContext:
+        """Open the database and read the trust bundle and master key; raises KbsError."""
+        ek_roots = load_ek_roots(config.ek_roots)
+        master_key = MasterKey(read_master_key(config).reveal())
+        store = Store.open(config.database)
+        return cls(config=config, store=store, ek_roots=ek_roots, master_key=master_key, clock=clock)

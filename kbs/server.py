@@ -1,0 +1,98 @@
+"""The broker's server lifecycle: start-up, serve, bounded graceful shutdown.
+
+SIGTERM/SIGINT start a graceful stop (in-flight RPCs get ``SHUTDOWN_GRACE`` seconds); a second
+signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+
+from kbs.api.v1 import keylease_pb2_grpc as pb_grpc
+from kbs.config import KbsConfig
+from kbs.context import BrokerContext
+from kbs.errors import ConfigError
+from kbs.pki import load_server_credentials
+from kbs.service import NodeService
+
+__all__ = ["MAX_MESSAGE_BYTES", "RunningServer", "serve", "start_server"]
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 2 << 20
+SHUTDOWN_GRACE = 5.0
+
+
+class RunningServer:
+    """A started broker: ``port`` is the bound port (useful with ``listen = "host:0"``)."""
+
+    def __init__(self, server: grpc.aio.Server, ctx: BrokerContext, port: int) -> None:
+        self.server = server
+        self.ctx = ctx
+        self.port = port
+
+    async def stop(self, grace: float | None = SHUTDOWN_GRACE) -> None:
+        await self.server.stop(grace)
+        self.ctx.store.close()
+
+
+async def start_server(cfg: KbsConfig, ctx: BrokerContext | None = None) -> RunningServer:
+    ctx = ctx or BrokerContext.load(cfg)
+    key_pem, chain_pem = load_server_credentials(cfg)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=256,
+    )
+    pb_grpc.add_NodeServiceServicer_to_server(NodeService(ctx), server)
+    host = cfg.listen_host
+    address = f"[{host}]:{cfg.listen_port}" if ":" in host else f"{host}:{cfg.listen_port}"
+    creds = grpc.ssl_server_credentials([(key_pem, chain_pem)])
+    try:
+        port = server.add_secure_port(address, creds)
+    except RuntimeError as exc:
+        ctx.store.close()
+        raise ConfigError(f"cannot listen on {address}: {exc}; is another broker running?") from exc
+    await server.start()
+    log.info("keylease-kbs serving on %s:%d (enrollment=%s)", host, port, cfg.enrollment.value)
+    return RunningServer(server, ctx, port)
+
+
+async def _serve(cfg: KbsConfig, ready_file: Path | None) -> None:
+    running = await start_server(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        log.info("stopping (in-flight requests get %.0f s)", SHUTDOWN_GRACE)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    if ready_file is not None:
+        tmp = ready_file.with_name(ready_file.name + ".tmp")
+        tmp.write_text(f"{cfg.listen_host}:{running.port}\n")
+        tmp.replace(ready_file)
+    await stop.wait()
+    await running.stop()
+    log.info("stopped")
+
+
+def serve(cfg: KbsConfig, ready_file: Path | None = None) -> None:
+    """Run the broker until SIGTERM/SIGINT. ``ready_file`` receives "HOST:PORT" once listening."""
+    asyncio.run(_serve(cfg, ready_file))

@@ -1,0 +1,228 @@
+"""The node-facing gRPC service: protobuf in, typed values to the domain, protobuf out.
+
+This is the one place where broker errors become gRPC status codes: a ``KbsError`` answers with its
+``grpc_code`` and operator-readable text; anything else is logged and answered INTERNAL without
+details. Refusals and denials are written to the audit log here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
+
+import grpc
+
+from kbs import attest as attest_step
+from kbs import enroll as enroll_step
+from kbs.api.v1 import keylease_pb2 as pb
+from kbs.api.v1 import keylease_pb2_grpc as pb_grpc
+from kbs.context import BrokerContext
+from kbs.errors import AttestationFailed, EnrollmentRefused, InvalidRequest, KbsError
+from kbs.model import NodeState
+
+__all__ = ["NodeService", "limits"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Upper bounds for every variable-size field: generous for real TPMs, small enough that a
+# malicious node cannot make the broker parse megabytes of garbage.
+MAX_NAME = 63
+MAX_CERT = 8192
+MAX_TPM_PUBLIC = 1024
+MAX_QUOTE = 2048
+MAX_SIGNATURE = 1024
+MAX_EVENT_LOG = 1 << 20
+MAX_METADATA_ENTRIES = 32
+MAX_METADATA_TEXT = 256
+MAX_PROOF = 64
+
+
+def limits() -> dict[str, int]:
+    return {
+        "node_name": MAX_NAME,
+        "ek_certificate": MAX_CERT,
+        "tpm_public": MAX_TPM_PUBLIC,
+        "quote": MAX_QUOTE,
+        "signature": MAX_SIGNATURE,
+        "event_log": MAX_EVENT_LOG,
+    }
+
+
+def _bounded(field: str, value: bytes | str, limit: int, *, required: bool = True) -> None:
+    if required and not value:
+        raise InvalidRequest(f"{field} is required")
+    if len(value) > limit:
+        raise InvalidRequest(f"{field} is {len(value)} bytes; the limit is {limit}")
+
+
+_STATES = {
+    NodeState.PENDING: pb.NODE_STATE_PENDING,
+    NodeState.APPROVED: pb.NODE_STATE_APPROVED,
+    NodeState.REVOKED: pb.NODE_STATE_REVOKED,
+}
+
+
+class NodeService(pb_grpc.NodeServiceServicer):
+    def __init__(self, ctx: BrokerContext) -> None:
+        self._ctx = ctx
+
+    async def _run(
+        self,
+        context: grpc.aio.ServicerContext,
+        event: str,
+        node: str,
+        fn: Callable[[], T],
+    ) -> T:
+        try:
+            return await asyncio.to_thread(fn)
+        except KbsError as exc:
+            self._audit_refusal(event, node, exc)
+            log.info("%s node=%s result=%s reason=%s", event, node or "-", _result(exc), exc)
+            await _abort(context, exc.grpc_code, exc.diagnostics())
+        except Exception:  # the service's top-level guard: never leak internals to the peer
+            log.exception("%s node=%s failed with an internal error", event, node or "-")
+            await _abort(context, grpc.StatusCode.INTERNAL, "internal error; see the broker log")
+
+    def _audit_refusal(self, event: str, node: str, exc: KbsError) -> None:
+        if not node:  # no node to attribute it to (or refused before the name was known)
+            return
+        try:
+            self._ctx.store.audit(
+                actor=f"node:{node}" if node else "node:?",
+                event=event,
+                node=node or None,
+                result=_result(exc),
+                detail=f"{type(exc).__name__}: {exc}"[:1000],
+                now=self._ctx.clock(),
+            )
+        except KbsError:
+            log.exception("could not write the audit record for %s node=%s", event, node)
+
+    async def StartEnrollment(  # noqa: N802 (gRPC method name)
+        self, request: pb.StartEnrollmentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StartEnrollmentResponse:
+        def run() -> enroll_step.Challenge:
+            _bounded("node_name", request.node_name, MAX_NAME)
+            _bounded("ek_certificate", request.ek_certificate, MAX_CERT)
+            _bounded("ek_public", request.ek_public, MAX_TPM_PUBLIC)
+            _bounded("ak_public", request.ak_public, MAX_TPM_PUBLIC)
+            if len(request.metadata) > MAX_METADATA_ENTRIES:
+                raise InvalidRequest(f"metadata has more than {MAX_METADATA_ENTRIES} entries")
+            for k, v in request.metadata.items():
+                _bounded("metadata key", k, MAX_METADATA_TEXT)
+                _bounded("metadata value", v, MAX_METADATA_TEXT, required=False)
+            return enroll_step.start(
+                self._ctx,
+                enroll_step.EnrollmentRequest(
+                    node_name=request.node_name,
+                    ek_certificate=request.ek_certificate,
+                    ek_public=request.ek_public,
+                    ak_public=request.ak_public,
+                    metadata=dict(request.metadata),
+                ),
+            )
+
+        challenge = await self._run(context, "enroll", _name(request.node_name), run)
+        return pb.StartEnrollmentResponse(
+            enrollment_id=challenge.enrollment_id,
+            credential_blob=challenge.credential_blob,
+            encrypted_secret=challenge.encrypted_secret,
+        )
+
+    async def FinishEnrollment(  # noqa: N802
+        self, request: pb.FinishEnrollmentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FinishEnrollmentResponse:
+        def run() -> tuple[str, NodeState]:
+            _bounded("enrollment_id", request.enrollment_id, 64)
+            _bounded("secret", request.secret, MAX_PROOF)
+            return enroll_step.finish(self._ctx, request.enrollment_id, request.secret)
+
+        _, state = await self._run(context, "enroll", "", run)
+        return pb.FinishEnrollmentResponse(state=_STATES[state])
+
+    async def GetNonce(  # noqa: N802
+        self, request: pb.GetNonceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetNonceResponse:
+        def run() -> tuple[bytes, int]:
+            _bounded("node_name", request.node_name, MAX_NAME)
+            nonce, expires = attest_step.issue_nonce(self._ctx, request.node_name)
+            return nonce, int(expires.timestamp())
+
+        nonce, expires_at = await self._run(context, "nonce", _name(request.node_name), run)
+        return pb.GetNonceResponse(nonce=nonce, expires_at_unix=expires_at)
+
+    async def Attest(  # noqa: N802
+        self, request: pb.AttestRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AttestResponse:
+        def run() -> attest_step.AttestResult:
+            return attest_step.attest(self._ctx, _evidence(request))
+
+        result = await self._run(context, "attest", _name(request.node_name), run)
+        if result.release is None:
+            return pb.AttestResponse(outcome=pb.ATTEST_OUTCOME_PENDING_APPROVAL)
+        rel = result.release
+        return pb.AttestResponse(
+            outcome=pb.ATTEST_OUTCOME_RELEASED,
+            release=pb.Release(
+                duplicate=rel.sealed.duplicate,
+                in_sym_seed=rel.sealed.in_sym_seed,
+                sealed_public=rel.sealed.sealed_public,
+                pcr_bank=rel.sealed.pcr_bank,
+                pcr_indices=list(rel.sealed.pcr_indices),
+                bundle_nonce=rel.bundle_nonce,
+                bundle_ciphertext=rel.bundle_ciphertext,
+                node_name=rel.node_name,
+            ),
+        )
+
+
+def _evidence(request: pb.AttestRequest) -> attest_step.Evidence:
+    _bounded("node_name", request.node_name, MAX_NAME)
+    _bounded("nonce", request.nonce, 64)
+    _bounded("ephemeral_public", request.ephemeral_public, 64)
+    _bounded("quote", request.quote, MAX_QUOTE)
+    _bounded("signature", request.signature, MAX_SIGNATURE)
+    _bounded("pcr_bank", request.pcr_bank, 16)
+    _bounded("event_log", request.event_log, MAX_EVENT_LOG, required=False)
+    if not request.pcrs or len(request.pcrs) > 24:
+        raise InvalidRequest(f"pcrs must hold 1 to 24 values, got {len(request.pcrs)}")
+    pcrs: dict[int, bytes] = {}
+    for pcr in request.pcrs:
+        if pcr.index > 23:
+            raise InvalidRequest(f"PCR index {pcr.index} is out of range 0-23")
+        if pcr.index in pcrs:
+            raise InvalidRequest(f"PCR {pcr.index} is sent twice")
+        _bounded(f"PCR {pcr.index} value", pcr.value, 64)
+        pcrs[pcr.index] = pcr.value
+    return attest_step.Evidence(
+        node_name=request.node_name,
+        nonce=request.nonce,
+        ephemeral_public=request.ephemeral_public,
+        quote=request.quote,
+        signature=request.signature,
+        pcr_bank=request.pcr_bank,
+        pcrs=pcrs,
+        event_log=request.event_log,
+    )
+
+
+def _name(name: str) -> str:
+    """A node name fit for a log line and an audit record (validated later by the domain)."""
+    return name if len(name) <= MAX_NAME and name.isprintable() else ""
+
+
+def _result(exc: KbsError) -> str:
+    if isinstance(exc, EnrollmentRefused):
+        return "refused"
+    if isinstance(exc, AttestationFailed):
+        return "denied"
+    return "error"
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, text: str) -> NoReturn:
+    await context.abort(code, text)
+    raise AssertionError("unreachable: context.abort raises")

@@ -1,0 +1,46 @@
+"""pytest fixtures for tests that run the real broker and agents (registered in conftest)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.broker import Broker
+from tests.support.nodes import Node
+from tests.support.swtpm import SwtpmCa
+
+
+@pytest.fixture
+def ek_roots(swtpm_ca: SwtpmCa, tmp_path: Path) -> Path:
+    path = tmp_path / "ek-roots.pem"
+    path.write_bytes(swtpm_ca.bundle_pem())
+    return path
+
+
+@pytest.fixture
+def broker(tmp_path: Path, ek_roots: Path) -> Iterator[Broker]:
+    with Broker(tmp_path / "kbs", ek_roots) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def foreign_ca(tmp_path_factory: pytest.TempPathFactory) -> SwtpmCa:
+    """A TPM manufacturer CA the broker does not trust."""
+    return SwtpmCa(tmp_path_factory.mktemp("foreign-ca"))
+
+
+@pytest.fixture
+def make_node(
+    broker: Broker, tpm_factory: Callable[..., Any], tmp_path: Path
+) -> Callable[..., Node]:
+    counter = iter(range(1000))
+
+    def make(name: str, *, distinct: bool = False, ca: SwtpmCa | None = None) -> Node:
+        root = tmp_path / f"node-{next(counter)}-{name}"
+        root.mkdir()
+        return Node(name=name, tpm=tpm_factory(distinct=distinct, ca=ca), root=root, broker=broker)
+
+    return make

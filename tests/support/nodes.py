@@ -1,0 +1,48 @@
+"""A test node: one swtpm, a state dir, key dirs and an agent config pointing at a broker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config import AgentConfig, load_config
+from tests.support.broker import Broker, CliResult, agent, write_agent_config
+from tests.support.swtpm import Swtpm
+
+__all__ = ["Node"]
+
+
+@dataclass
+class Node:
+    name: str
+    tpm: Swtpm
+    root: Path
+    broker: Broker
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "agent.toml"
+
+    @property
+    def key_dirs(self) -> tuple[Path, Path]:
+        return (self.root / "crio-keys", self.root / "containerd-keys")
+
+    def key_file(self, key: str, key_dir: int = 0) -> Path:
+        return self.key_dirs[key_dir] / "keylease" / f"{key}.pem"
+
+    def write_config(self) -> Path:
+        return write_agent_config(
+            self.config_path,
+            broker=self.broker,
+            tcti=self.tpm.tcti,
+            state_dir=self.root / "state",
+            key_dirs=self.key_dirs,
+            node_name=self.name,
+        )
+
+    def config(self) -> AgentConfig:
+        return load_config(self.write_config())
+
+    def attest(self) -> CliResult:
+        self.write_config()
+        return agent(self.config_path, "attest", "--once")
