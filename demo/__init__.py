@@ -1,0 +1,1 @@
+"""The keylease demo: `make demo` (python -m demo)."""
