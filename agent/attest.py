@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.client import BrokerClient, NodeUnknown, Outcome
 from agent.config import AgentConfig
-from agent.errors import AttestationDenied, PendingApproval, StateError
+from agent.errors import AttestationDenied, KeystoreError, PendingApproval, StateError
 from agent.keystore import KeyDirectory
 from agent.release import Bundle, open_release
 from agent.state import Enrollment, StateDir
@@ -90,9 +90,15 @@ def key_directories(cfg: AgentConfig) -> list[KeyDirectory]:
 def remove_all_keys(cfg: AgentConfig, state: StateDir) -> tuple[str, ...]:
     """Remove every key this agent installed, and the cached release. Returns what was removed."""
     removed: list[str] = []
+    failures: list[KeystoreError] = []
     for kd in key_directories(cfg):
-        removed += [f"{kd.root}/keylease/{name}.pem" for name in kd.clear()]
+        try:
+            removed += [f"{kd.root}/keylease/{name}.pem" for name in kd.clear()]
+        except KeystoreError as exc:  # clear every other directory before reporting it
+            failures.append(exc)
     state.drop_release()
+    if failures:
+        raise KeystoreError("; ".join(str(f) for f in failures))
     return tuple(removed)
 
 
@@ -113,9 +119,9 @@ def attest_once(cfg: AgentConfig, tpm: Tpm, client: BrokerClient, state: StateDi
     try:
         reply = client.attest(cfg.node_name, nonce, ephemeral_public, quote, event_log)
     except AttestationDenied as exc:
-        removed = remove_all_keys(cfg, state)
+        dropped = remove_all_keys(cfg, state)
         log.info("attest node=%s result=denied reason=%s", cfg.node_name, exc)
-        raise AttestationDenied(_denial_text(str(exc), removed)) from None
+        raise AttestationDenied(_denial_text(str(exc), dropped)) from None
     if reply.outcome is Outcome.PENDING_APPROVAL or reply.release is None:
         log.info("attest node=%s result=pending", cfg.node_name)
         raise PendingApproval(

@@ -32,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--config", type=Path, default=DEFAULT_CONFIG, help=f"agent config (default {DEFAULT_CONFIG})"
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"agent config (default {DEFAULT_CONFIG})",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -62,13 +65,13 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _attest(config: Path, as_json: bool) -> int:
+    cfg = load_config(config)
     # Imported here so that TSS2_LOG (set in main) is in place before libtss2 loads.
     from agent.attest import attest_once
     from agent.client import BrokerClient
     from agent.state import StateDir
     from agent.tpm import Tpm
 
-    cfg = load_config(config)
     state = StateDir.open(cfg.state_dir)
     with Tpm.open(cfg.tcti) as tpm, BrokerClient(cfg) as client:
         report = attest_once(cfg, tpm, client, state)

@@ -65,6 +65,17 @@ _STATES = {
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
+def _status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """Status code and details of a failed call (the sync client's errors are also grpc.Call)."""
+    code_fn, details_fn = getattr(exc, "code", None), getattr(exc, "details", None)
+    code = code_fn() if callable(code_fn) else None
+    details = details_fn() if callable(details_fn) else None
+    return (
+        code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN,
+        details if isinstance(details, str) else str(exc),
+    )
+
+
 class BrokerClient:
     def __init__(self, cfg: AgentConfig) -> None:
         try:
@@ -93,8 +104,7 @@ class BrokerClient:
         try:
             return fn()
         except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-            text = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            code, text = _status(exc)
             if code in _UNREACHABLE:
                 raise BrokerUnreachable(
                     f"broker {self._target} unreachable ({code.name.lower()}: {text})"
@@ -141,7 +151,7 @@ class BrokerClient:
         resp = self._call(
             "nonce", lambda: self._stub.GetNonce(req, timeout=self._timeout), AttestationDenied
         )
-        return resp.nonce
+        return bytes(resp.nonce)
 
     def attest(
         self,

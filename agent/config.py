@@ -32,7 +32,9 @@ DEFAULT_KEY_DIRS = ("/etc/crio/keys", "/etc/containerd/ocicrypt/keys")
 DEFAULT_EVENT_LOG = "/sys/kernel/security/tpm0/binary_bios_measurements"
 
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-_TCTI = re.compile(r"(device:/\S+|swtpm:(path=\S+|host=[^,\s]+,port=\d+)|mssim:host=[^,\s]+,port=\d+|tabrmd:\S*)")
+_TCTI = re.compile(
+    r"(device:/\S+|swtpm:(path=\S+|host=[^,\s]+,port=\d+)|mssim:host=[^,\s]+,port=\d+|tabrmd:\S*)"
+)
 _KNOWN = {
     "kbs",
     "kbs_ca",
@@ -97,7 +99,9 @@ def parse_config(raw: dict[str, Any], path: Path) -> AgentConfig:
     kbs = text("kbs")
     host, sep, port = kbs.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{path}: `kbs` must be HOST:PORT (e.g. \"kbs.example.net:8443\"), got {kbs!r}")
+        raise ConfigError(
+            f'{path}: `kbs` must be HOST:PORT (e.g. "kbs.example.net:8443"), got {kbs!r}'
+        )
     kbs_ca = file_path("kbs_ca")
     if not kbs_ca.is_file():
         raise ConfigError(
@@ -107,8 +111,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> AgentConfig:
     tcti = text("tcti", "device:/dev/tpmrm0")
     if not _TCTI.fullmatch(tcti):
         raise ConfigError(
-            f"{path}: tcti {tcti!r} is not supported; use \"device:/dev/tpmrm0\" or "
-            "\"swtpm:path=/run/swtpm/sock\" (a bare \"swtpm\" would talk to whatever listens on "
+            f'{path}: tcti {tcti!r} is not supported; use "device:/dev/tpmrm0" or '
+            '"swtpm:path=/run/swtpm/sock" (a bare "swtpm" would talk to whatever listens on '
             "localhost:2321)"
         )
     node_name = text("node_name", socket.gethostname().split(".")[0])
@@ -132,7 +136,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> AgentConfig:
                 raise ConfigError(f"{path}: key_dirs {b} is inside {a}; list each tree once")
     event_log_raw = raw.get("event_log", DEFAULT_EVENT_LOG)
     if not isinstance(event_log_raw, str):
-        raise ConfigError(f"{path}: `event_log` must be a path string (\"\" to send none)")
+        raise ConfigError(f'{path}: `event_log` must be a path string ("" to send none)')
     timeout = raw.get("rpc_timeout_seconds", 10)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= 300:
         raise ConfigError(f"{path}: `rpc_timeout_seconds` must be a number from 1 to 300")

@@ -100,7 +100,9 @@ def open_release(tpm: Tpm, blob: ReleaseBlob, node_name: str) -> Bundle:
             bundle_aad(blob.node_name, blob.sealed.sealed_public),
         )
     except (InvalidTag, ValueError):
-        raise ReleaseInvalid("the key bundle does not decrypt: it was altered in transit or at rest") from None
+        raise ReleaseInvalid(
+            "the key bundle does not decrypt: it was altered in transit or at rest"
+        ) from None
     msg = pb.KeyBundle()
     try:
         msg.ParseFromString(plaintext)

@@ -120,7 +120,11 @@ class StateDir:
             return None
 
     def save_enrollment(self, enrollment: Enrollment) -> None:
-        record = {"node_name": enrollment.node_name, "kbs": enrollment.kbs, "state": enrollment.state}
+        record = {
+            "node_name": enrollment.node_name,
+            "kbs": enrollment.kbs,
+            "state": enrollment.state,
+        }
         self._write(ENROLLMENT, json.dumps(record, sort_keys=True).encode())
 
     def forget_enrollment(self) -> None:

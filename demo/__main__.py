@@ -22,9 +22,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from tests.support.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
 
 from tests.support.broker import AGENT, KBS, Broker, write_agent_config
-from tests.support.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
 from tests.support.swtpm import Swtpm, SwtpmCa, provision
 
 NODE = "worker-1"
@@ -41,7 +41,11 @@ def sh(
     shown = [Path(a).name if a in (AGENT, KBS) else a for a in argv]
     print(f"{DIM}$ {shlex.join(shown)}{RESET}", flush=True)
     proc = subprocess.run(
-        argv, capture_output=True, text=True, check=False, env=dict(os.environ, TSS2_LOG="esys+none", **(env or {})),
+        argv,
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ, TSS2_LOG="esys+none", **(env or {})),
     )
     out = (proc.stdout + proc.stderr).strip()
     if out:
@@ -83,10 +87,23 @@ def main() -> int:
             step("3. The agent enrolls (EK cert, AK credential activation) and attests")
             sh(agent, expect=3)
 
-            step("4. The operator approves the node, sets its boot policy, imports and grants a key")
+            step(
+                "4. The operator approves the node, sets its boot policy, imports and grants a key"
+            )
             sh([*kbs, "node", "list"])
             sh([*kbs, "node", "approve", NODE, "--label", "cluster=demo"])
-            sh([*kbs, "policy", "set", "demo-boot", "--pcrs", "0,1,2,3,4,5,6,7", "--from-node", NODE])
+            sh(
+                [
+                    *kbs,
+                    "policy",
+                    "set",
+                    "demo-boot",
+                    "--pcrs",
+                    "0,1,2,3,4,5,6,7",
+                    "--from-node",
+                    NODE,
+                ]
+            )
             sh([*kbs, "policy", "assign", "demo-boot", "--selector", "cluster=demo"])
             key = rsa.generate_private_key(65537, 3072)
             (work / "image-key.pem").write_bytes(
@@ -110,7 +127,7 @@ def main() -> int:
             sh(agent)
             installed = key_dirs[0] / "keylease" / "demo-key.pem"
 
-            step("6. skopeo encrypts an image to the key's public half, decrypts with the installed key")
+            step("6. skopeo encrypts an image to the key; the installed key file decrypts it")
             secret = b"hello from an encrypted layer: keylease works\n"
             make_oci_image(work / "image-plain", "v1", {"secret.txt": secret})
             skopeo_encrypt(work / "image-plain", "v1", work / "image-enc", work / "image-key.pub")

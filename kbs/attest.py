@@ -18,6 +18,7 @@ from kbs.api.v1 import EPHEMERAL_PUBLIC_BYTES, NONCE_BYTES, qualifying_data
 from kbs.context import BrokerContext
 from kbs.errors import InvalidRequest, NodeRevoked, NotGranted, UnknownNode
 from kbs.eventlog import check_event_log
+from kbs.masterkey import key_aad
 from kbs.model import Node, NodeState
 from kbs.names import check_node_name
 from kbs.policy import evaluate, required_pcrs
@@ -77,7 +78,8 @@ def _check_shape(ev: Evidence) -> None:
         raise InvalidRequest(f"nonce must be {NONCE_BYTES} bytes, got {len(ev.nonce)}")
     if len(ev.ephemeral_public) != EPHEMERAL_PUBLIC_BYTES:
         raise InvalidRequest(
-            f"ephemeral_public must be {EPHEMERAL_PUBLIC_BYTES} bytes, got {len(ev.ephemeral_public)}"
+            f"ephemeral_public must be {EPHEMERAL_PUBLIC_BYTES} bytes, "
+            f"got {len(ev.ephemeral_public)}"
         )
     if ev.pcr_bank not in SUPPORTED_BANKS:
         raise InvalidRequest(f"unsupported PCR bank {ev.pcr_bank[:32]!r}; use sha256")
@@ -94,6 +96,7 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
         ctx.store.policies_for_labels(node.labels) if node.state is NodeState.APPROVED else []
     )
     ak = parse_public(node.ak_public, "enrolled AK")
+    ek = parse_public(node.ek_public, "enrolled EK")
     quote = verify_quote(
         ak,
         ev.quote,
@@ -102,6 +105,7 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
         ev.pcr_bank,
         ev.pcrs,
         required=set(required_pcrs(policies)),
+        ek=ek,
     )
     if ev.event_log:
         check_event_log(ev.event_log, quote.pcr_bank, quote.pcrs)
@@ -142,7 +146,7 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
     ]
     release = build_release(
         node_name=node.name,
-        ek=parse_public(node.ek_public, "enrolled EK"),
+        ek=ek,
         pcr_bank=quote.pcr_bank,
         pcrs=sealed_pcrs,
         keys=granted,
@@ -168,8 +172,3 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
     )
     log.info("attest node=%s result=released keys=%s", node.name, names)
     return AttestResult(AttestOutcome.RELEASED, release)
-
-
-def key_aad(name: str, version: int) -> bytes:
-    """AAD binding stored key material to its key name and version (see kbs.masterkey)."""
-    return f"keylease key {name} v{version}".encode()

@@ -32,4 +32,6 @@ class BrokerContext:
         ek_roots = load_ek_roots(config.ek_roots)
         master_key = MasterKey(read_master_key(config).reveal())
         store = Store.open(config.database)
-        return cls(config=config, store=store, ek_roots=ek_roots, master_key=master_key, clock=clock)
+        return cls(
+            config=config, store=store, ek_roots=ek_roots, master_key=master_key, clock=clock
+        )

@@ -62,6 +62,12 @@ def start(ctx: BrokerContext, req: EnrollmentRequest) -> Challenge:
             f"this EK is {digest}. If the node's TPM was replaced, revoke the old node and enroll "
             "the new one under a new name"
         )
+    holder = ctx.store.node_by_ek(digest)
+    if holder is not None and holder.name != req.node_name:
+        raise NodeEkConflict(
+            f"this TPM (EK sha256 {digest}) is already enrolled as node {holder.name!r}; one TPM "
+            f"is one node: run the agent with node_name = {holder.name!r}, or revoke that node"
+        )
     if (
         existing is None
         and ctx.config.enrollment is EnrollmentMode.ALLOWLIST

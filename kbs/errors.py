@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import grpc
 
 __all__ = [
-    "AkAttributesInvalid",
     "ActivationFailed",
+    "AkAttributesInvalid",
     "AttestationFailed",
     "ConfigError",
     "EkPublicMismatch",
@@ -22,10 +22,10 @@ __all__ = [
     "IncorrectSignature",
     "InvalidRequest",
     "KbsError",
+    "NoPolicy",
     "NodeEkConflict",
     "NodeNotApproved",
     "NodeRevoked",
-    "NoPolicy",
     "NonceExpired",
     "NonceUnknown",
     "NotAllowlisted",

@@ -31,7 +31,9 @@ def required_pcrs(policies: Sequence[Policy]) -> dict[int, bytes]:
     return merged
 
 
-def evaluate(policies: Sequence[Policy], bank: str, quoted: Mapping[int, bytes]) -> dict[int, bytes]:
+def evaluate(
+    policies: Sequence[Policy], bank: str, quoted: Mapping[int, bytes]
+) -> dict[int, bytes]:
     """Check the quoted (already signature-verified) PCR values against every policy.
 
     Returns the PCR values the release will be sealed to. Raises NoPolicy if nothing is assigned,

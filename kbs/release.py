@@ -56,7 +56,9 @@ def build_release(
         issued_at_unix=int(issued_at.timestamp()),
         not_after_unix=int(not_after.timestamp()),
         keys=[
-            keylease_pb2.BundledKey(name=k.name, version=k.version, private_key_pem=k.private_pem.reveal())
+            keylease_pb2.BundledKey(
+                name=k.name, version=k.version, private_key_pem=k.private_pem.reveal()
+            )
             for k in keys
         ],
     )

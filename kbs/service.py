@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -72,7 +72,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
 
     async def _run(
         self,
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
         event: str,
         node: str,
         fn: Callable[[], T],
@@ -102,8 +102,8 @@ class NodeService(pb_grpc.NodeServiceServicer):
         except KbsError:
             log.exception("could not write the audit record for %s node=%s", event, node)
 
-    async def StartEnrollment(  # noqa: N802 (gRPC method name)
-        self, request: pb.StartEnrollmentRequest, context: grpc.aio.ServicerContext
+    async def StartEnrollment(
+        self, request: pb.StartEnrollmentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.StartEnrollmentResponse:
         def run() -> enroll_step.Challenge:
             _bounded("node_name", request.node_name, MAX_NAME)
@@ -133,8 +133,8 @@ class NodeService(pb_grpc.NodeServiceServicer):
             encrypted_secret=challenge.encrypted_secret,
         )
 
-    async def FinishEnrollment(  # noqa: N802
-        self, request: pb.FinishEnrollmentRequest, context: grpc.aio.ServicerContext
+    async def FinishEnrollment(
+        self, request: pb.FinishEnrollmentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.FinishEnrollmentResponse:
         def run() -> tuple[str, NodeState]:
             _bounded("enrollment_id", request.enrollment_id, 64)
@@ -144,8 +144,8 @@ class NodeService(pb_grpc.NodeServiceServicer):
         _, state = await self._run(context, "enroll", "", run)
         return pb.FinishEnrollmentResponse(state=_STATES[state])
 
-    async def GetNonce(  # noqa: N802
-        self, request: pb.GetNonceRequest, context: grpc.aio.ServicerContext
+    async def GetNonce(
+        self, request: pb.GetNonceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetNonceResponse:
         def run() -> tuple[bytes, int]:
             _bounded("node_name", request.node_name, MAX_NAME)
@@ -155,8 +155,8 @@ class NodeService(pb_grpc.NodeServiceServicer):
         nonce, expires_at = await self._run(context, "nonce", _name(request.node_name), run)
         return pb.GetNonceResponse(nonce=nonce, expires_at_unix=expires_at)
 
-    async def Attest(  # noqa: N802
-        self, request: pb.AttestRequest, context: grpc.aio.ServicerContext
+    async def Attest(
+        self, request: pb.AttestRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.AttestResponse:
         def run() -> attest_step.AttestResult:
             return attest_step.attest(self._ctx, _evidence(request))
@@ -223,6 +223,8 @@ def _result(exc: KbsError) -> str:
     return "error"
 
 
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, text: str) -> NoReturn:
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, text: str
+) -> NoReturn:
     await context.abort(code, text)
     raise AssertionError("unreachable: context.abort raises")

@@ -9,14 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from agent.tpm import Tpm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
-from agent.tpm import Tpm
 from kbs.store import Store
+from tests.support.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
+
 from tests.support.broker import Broker
 from tests.support.nodes import Node
-from tests.support.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
 
 NodeFactory = Callable[..., Node]
 
@@ -44,7 +44,11 @@ def ok(result: object) -> None:
 def grant_node(broker: Broker, node: Node, key_path: Path, key_name: str = "prod-key") -> None:
     """The operator's steps after a node's first (pending) attestation."""
     ok(broker.kbs("node", "approve", node.name, "--label", "cluster=prod", "--label", "region=eu"))
-    ok(broker.kbs("policy", "set", "prod-boot", "--pcrs", "0,1,2,3,4,5,6,7", "--from-node", node.name))
+    ok(
+        broker.kbs(
+            "policy", "set", "prod-boot", "--pcrs", "0,1,2,3,4,5,6,7", "--from-node", node.name
+        )
+    )
     ok(broker.kbs("policy", "assign", "prod-boot", "--selector", "cluster=prod"))
     ok(broker.kbs("key", "import", key_name, "--private-key", str(key_path)))
     ok(broker.kbs("grant", "add", key_name, "--selector", "cluster=prod,region=eu"))
@@ -60,7 +64,9 @@ def test_release_install_decrypt_then_tampered_boot(
     assert "pending operator approval" in first.stderr
     listing = broker.kbs("node", "list", "--json")
     ok(listing)
-    assert [(n["name"], n["state"]) for n in json.loads(listing.stdout)] == [("worker-1", "pending")]
+    assert [(n["name"], n["state"]) for n in json.loads(listing.stdout)] == [
+        ("worker-1", "pending")
+    ]
 
     key_path = write_key(tmp_path / "prod-key.pem", rsa.generate_private_key(65537, 3072))
     grant_node(broker, node, key_path)
@@ -109,13 +115,23 @@ def test_ec_key_and_regrant_after_rotation_of_grants(
     removed grant's file disappears on the next attestation (nothing else is touched)."""
     node = make_node("worker-2")
     assert node.attest().returncode == 3
-    grant_node(broker, node, write_key(tmp_path / "k1.pem", ec.generate_private_key(ec.SECP384R1())))
+    grant_node(
+        broker, node, write_key(tmp_path / "k1.pem", ec.generate_private_key(ec.SECP384R1()))
+    )
     foreign = node.key_dirs[0] / "operator-key.pem"
     foreign.parent.mkdir(parents=True, exist_ok=True)
     foreign.write_bytes(b"not ours")
     ok(node.attest())
     assert node.key_file("prod-key").exists()
-    ok(broker.kbs("key", "import", "second", "--private-key", str(write_key(tmp_path / "k2.pem", ec.generate_private_key(ec.SECP256R1())))))
+    ok(
+        broker.kbs(
+            "key",
+            "import",
+            "second",
+            "--private-key",
+            str(write_key(tmp_path / "k2.pem", ec.generate_private_key(ec.SECP256R1()))),
+        )
+    )
     ok(broker.kbs("grant", "add", "second", "--selector", "region=eu"))
     ok(node.attest())
     assert sorted(p.name for p in node.key_file("prod-key").parent.iterdir()) == [
@@ -163,7 +179,9 @@ def test_approved_node_without_policy_is_denied(broker: Broker, make_node: NodeF
     assert "no attestation policy" in denied.stderr
 
 
-def test_untrusted_ek_root_is_refused(broker: Broker, make_node: NodeFactory, foreign_ca: object) -> None:
+def test_untrusted_ek_root_is_refused(
+    broker: Broker, make_node: NodeFactory, foreign_ca: object
+) -> None:
     node = make_node("stranger", ca=foreign_ca)
     result = node.attest()
     assert result.returncode == 5, result
@@ -184,3 +202,47 @@ def test_known_name_with_new_ek_is_refused(broker: Broker, make_node: NodeFactor
         node = store.get_node("worker-9")
         assert node is not None
         assert any("NodeEkConflict" in e.detail for e in store.list_audit(node="worker-9"))
+
+
+def test_no_key_material_in_logs_db_or_state(
+    broker: Broker, make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Canary: a key's PEM body, its DER and its private scalar appear in no log line of broker
+    or agent (debug level), not in the database and not in the agent's state directory."""
+    canary = ec.generate_private_key(ec.SECP384R1())
+    key_path = write_key(tmp_path / "canary.pem", canary)
+    pem = key_path.read_bytes()
+    der = canary.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    body_lines = [ln for ln in pem.decode().splitlines() if not ln.startswith("-----")]
+    scalar = canary.private_numbers().private_value.to_bytes(48, "big")
+    needles = [*body_lines, der.hex(), scalar.hex(), str(canary.private_numbers().private_value)]
+
+    node = make_node("canary")
+    outputs = [node.attest()]
+    grant_node(broker, node, key_path, key_name="canary")
+    from tests.support.broker import agent
+
+    node.write_config()
+    outputs.append(agent(node.config_path, "--verbose", "attest", "--once"))
+    assert outputs[-1].returncode == 0, outputs[-1]
+    assert (
+        node.key_file("canary").read_bytes() == pem
+    )  # it was released, so the test means something
+    broker.stop()  # flush the log
+
+    texts = {
+        "broker log": broker.log(),
+        **{f"agent run {i}": r.stdout + r.stderr for i, r in enumerate(outputs)},
+    }
+    for where, text in texts.items():
+        for needle in needles:
+            assert needle not in text, f"key material in {where}"
+    stored = [broker.directory / "kbs.db", *(node.root / "state").iterdir()]
+    stored += list(broker.directory.glob("kbs.db-*"))
+    for path in stored:
+        blob = path.read_bytes()
+        assert body_lines[1].encode() not in blob, f"key material in {path}"
+        assert der not in blob, f"key material in {path}"
+        assert scalar not in blob, f"key material in {path}"

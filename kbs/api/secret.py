@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from typing import NoReturn
 
 __all__ = ["Secret"]
 
@@ -37,5 +38,5 @@ class Secret:
     def __hash__(self) -> int:
         raise TypeError("Secret is not hashable")
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> NoReturn:
         raise TypeError("Secret cannot be pickled")

@@ -105,6 +105,17 @@ class Broker:
                 self._proc.wait()
         self._proc = None
 
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("the broker is not running")
+        return self._proc.pid
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the broker process has used so far (from /proc)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 

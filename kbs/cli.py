@@ -1,0 +1,179 @@
+"""keylease-kbs command line: the broker daemon (``serve``) and the operators' tool.
+
+The only place that configures logging. Exit codes: 0 ok; 2 usage, configuration or an operator
+argument that cannot be carried out (bad selector, unknown node/key/policy, unusable key file);
+1 any other broker error (e.g. the database). Errors print one line ``keylease-kbs: <what to do>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kbs.cli_commands import COMMANDS
+from kbs.config import DEFAULT_CONFIG, EnrollmentMode
+from kbs.errors import ConfigError, KbsError, OperatorError
+
+__all__ = ["main"]
+
+_GROUPS: dict[str, tuple[str, dict[str, str]]] = {
+    "node": (
+        "list, show, approve and revoke nodes",
+        {
+            "list": "nodes, state, labels, EK hash, last attestation",
+            "show": "one node in detail, with its last attested PCR values",
+            "approve": "approve a node and set its labels (labels come only from operators)",
+            "revoke": "revoke a node: its next attestation is denied and its agent removes keys",
+        },
+    ),
+    "allowlist": (
+        'EK hashes approved automatically with enrollment = "allowlist"',
+        {"add": "pre-register an EK hash", "list": "registered EK hashes"},
+    ),
+    "key": (
+        "image keys (stored encrypted under the master key)",
+        {"import": "import a private key (new version if NAME exists)", "list": "stored keys"},
+    ),
+    "grant": (
+        "which nodes receive which key",
+        {"add": "release KEY to nodes whose labels match every pair", "list": "grants"},
+    ),
+    "policy": (
+        "PCR attestation policies (every policy assigned to a node must match)",
+        {
+            "set": "create or update a policy from a node's last verified attestation",
+            "assign": "assign a policy to nodes whose labels match every pair",
+            "list": "policies, their PCRs and assignments",
+        },
+    ),
+}
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str,
+         command: str) -> argparse.ArgumentParser:  # fmt: skip
+    parser = sub.add_parser(name, help=text, description=text[:1].upper() + text[1:] + ".")
+    parser.set_defaults(command=command)
+    return parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keylease-kbs",
+        description="keylease key broker: releases image keys to TPM-attested nodes.",
+        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"kbs.toml (default {DEFAULT_CONFIG})"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    init = _add(sub, "init", "create a broker directory: kbs.toml, TLS, master key", "init")
+    init.add_argument("directory", type=Path, metavar="DIR")
+    init.add_argument(
+        "--listen", default="127.0.0.1:8443", metavar="HOST:PORT",
+        help='address to serve on (default 127.0.0.1:8443; "[::]:8443" for IPv6)',
+    )  # fmt: skip
+    init.add_argument(
+        "--ek-roots", type=Path, metavar="PEM",
+        help="TPM-manufacturer root/intermediate bundle to copy to ek-roots.pem",
+    )  # fmt: skip
+    init.add_argument(
+        "--enrollment", choices=[m.value for m in EnrollmentMode], default="manual",
+        help="how enrolled nodes are approved (default manual)",
+    )  # fmt: skip
+    _add(sub, "check-config", "validate the config and open every file it names", "check-config")
+    serve = _add(sub, "serve", "run the broker until SIGTERM/SIGINT", "serve")
+    serve.add_argument(
+        "--ready-file", type=Path, metavar="PATH",
+        help='write "HOST:PORT" here once listening',
+    )  # fmt: skip
+    audit = _add(sub, "audit", "the audit log, oldest first", "audit")
+    audit.add_argument("--node", metavar="N", help="only entries about node N")
+    audit.add_argument("--limit", type=int, default=100, metavar="N", help="last N (default 100)")
+    _json_flag(audit)
+
+    for group, (text, commands) in _GROUPS.items():
+        group_parser = sub.add_parser(group, help=text, description=text[:1].upper() + text[1:])
+        actions = group_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+        for action, action_text in commands.items():
+            p = _add(actions, action, action_text, f"{group} {action}")
+            if action in ("list", "show"):
+                _json_flag(p)
+        _group_arguments(group, actions)
+    return parser
+
+
+def _group_arguments(
+    group: str, actions: argparse._SubParsersAction[argparse.ArgumentParser]
+) -> None:
+    parsers = actions.choices
+    if group == "node":
+        for action in ("show", "approve", "revoke"):
+            parsers[action].add_argument("node", metavar="NODE")
+        parsers["approve"].add_argument(
+            "--label", action="append", metavar="k=v", help="a label to set (repeatable)"
+        )
+    elif group == "allowlist":
+        parsers["add"].add_argument("ek_hash", metavar="EK_HASH", help="SHA-256 hex of the EK")
+    elif group == "key":
+        parsers["import"].add_argument("name", metavar="NAME")
+        parsers["import"].add_argument(
+            "--private-key", type=Path, required=True, metavar="FILE",
+            help="RSA >= 2048 or EC P-256/384/521; PKCS#8, PKCS#1, SEC1 (PEM or DER)",
+        )  # fmt: skip
+    elif group == "grant":
+        parsers["add"].add_argument("key", metavar="KEY")
+        parsers["add"].add_argument("--selector", required=True, metavar="k=v[,k=v]")
+    elif group == "policy":
+        parsers["set"].add_argument("name", metavar="NAME")
+        parsers["set"].add_argument(
+            "--pcrs", required=True, metavar="0,1,...", help="PCR indices the policy covers"
+        )
+        parsers["set"].add_argument(
+            "--from-node", metavar="NODE",
+            help="take the values from this node's last verified attestation (required in v1)",
+        )  # fmt: skip
+        parsers["set"].add_argument("--bank", default="sha256", help="PCR bank (default sha256)")
+        parsers["assign"].add_argument("name", metavar="NAME")
+        parsers["assign"].add_argument("--selector", required=True, metavar="k=v[,k=v]")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return exc.code if isinstance(exc.code, int) else 2
+    _setup_logging(args.verbose)
+    command: str = args.command
+    try:
+        return COMMANDS[command](args)
+    except (ConfigError, OperatorError) as exc:
+        print(f"keylease-kbs: {exc.diagnostics()}", file=sys.stderr)
+        return 2
+    except KbsError as exc:
+        print(f"keylease-kbs: {exc.diagnostics()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""The broker's domain values: nodes, enrollments, keys, grants, policies, audit entries.
+
+Everything here is a frozen dataclass or an enum, built from database rows by ``kbs.store`` and
+from operator input by the parsers below (``parse_label``, ``parse_selector``, ``check_name``).
+Labels and selectors follow the Kubernetes label syntax: ``[prefix/]name=value`` where name and
+value are 1-63 characters from ``A-Z a-z 0-9 - _ .``, starting and ending alphanumeric.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+
+from kbs.errors import OperatorError
+
+__all__ = [
+    "AuditEntry",
+    "Grant",
+    "Node",
+    "NodeState",
+    "PendingEnrollment",
+    "Policy",
+    "StoredKey",
+    "check_name",
+    "format_selector",
+    "parse_label",
+    "parse_labels",
+    "parse_selector",
+    "selector_matches",
+]
+
+
+class NodeState(Enum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    state: NodeState
+    labels: Mapping[str, str]
+    ek_hash: str
+    ek_public: bytes
+    ek_certificate: bytes
+    ak_public: bytes
+    metadata: Mapping[str, str]
+    enrolled_at: datetime
+    last_attested_at: datetime | None
+    pcr_bank: str | None
+    pcrs: Mapping[int, bytes]
+    reset_count: int | None
+    restart_count: int | None
+
+
+@dataclass(frozen=True)
+class PendingEnrollment:
+    """A credential-activation challenge waiting for the node's proof (single use)."""
+
+    id: str
+    node_name: str
+    ek_public: bytes
+    ek_certificate: bytes
+    ak_public: bytes
+    ek_hash: str
+    secret_sha256: bytes
+    metadata: Mapping[str, str]
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Policy:
+    """PCR reference values; ``selectors`` are the label selectors it is assigned to."""
+
+    name: str
+    pcr_bank: str
+    pcrs: Mapping[int, bytes]
+    selectors: tuple[Mapping[str, str], ...]
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    """One version of an image key; ``encrypted_private`` is sealed under the master key
+    (``kbs.masterkey``) and is empty in listings."""
+
+    name: str
+    version: int
+    algorithm: str
+    encrypted_private: bytes
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Grant:
+    key_name: str
+    selector: Mapping[str, str]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    at: datetime
+    actor: str
+    event: str
+    node: str | None
+    result: str
+    detail: str
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+_LABEL_RULE = "1-63 characters from A-Z a-z 0-9 - _ . starting and ending with a letter or digit"
+
+
+def check_name(name: str, kind: str) -> str:
+    """Validate a key or policy name (the same rule as node names); raises OperatorError."""
+    if not _NAME.fullmatch(name):
+        raise OperatorError(
+            f"invalid {kind} name {name[:80]!r}: use 1-63 characters from A-Z a-z 0-9 . _ - "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _check_label_key(key: str, text: str) -> None:
+    prefix, slash, name = key.rpartition("/")
+    if slash and not (len(prefix) <= 253 and _DNS_SUBDOMAIN.fullmatch(prefix)):
+        raise OperatorError(
+            f"invalid label key prefix {prefix[:80]!r} in {text[:120]!r}: the part before '/' "
+            "must be a lower-case DNS subdomain such as example.com"
+        )
+    if not _LABEL_NAME.fullmatch(name):
+        raise OperatorError(f"invalid label key {key[:80]!r} in {text[:120]!r}: use {_LABEL_RULE}")
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    """Parse one ``key=value`` label; raises OperatorError saying what is wrong."""
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise OperatorError(f"invalid label {text[:120]!r}: write it as key=value, e.g. region=eu")
+    key, value = key.strip(), value.strip()
+    _check_label_key(key, text)
+    if not _LABEL_NAME.fullmatch(value):
+        raise OperatorError(
+            f"invalid label value {value[:80]!r} in {text[:120]!r}: use {_LABEL_RULE}"
+        )
+    return key, value
+
+
+def parse_labels(texts: Iterable[str]) -> dict[str, str]:
+    """Parse repeated ``--label k=v`` options; a key given twice is refused."""
+    labels: dict[str, str] = {}
+    for text in texts:
+        key, value = parse_label(text)
+        if key in labels:
+            raise OperatorError(f"label {key!r} is given twice; give each key once")
+        labels[key] = value
+    return labels
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """Parse ``k=v[,k=v...]``: a node matches when it carries every pair.
+
+    An empty selector would match every labelled node, so it is refused.
+    """
+    parts = text.split(",")
+    if not text.strip() or any(not p.strip() for p in parts):
+        raise OperatorError(
+            f"invalid selector {text[:120]!r}: write k=v pairs separated by commas, "
+            "e.g. cluster=prod,region=eu (an empty selector would match every node)"
+        )
+    return parse_labels(parts)
+
+
+def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """True when every pair of a (non-empty) selector is among ``labels``."""
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def format_selector(selector: Mapping[str, str]) -> str:
+    """``k=v,k2=v2`` with keys sorted (the canonical text form of labels and selectors)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))

@@ -1,0 +1,126 @@
+"""Benchmark: `keylease-agent attest --once` wall time and broker CPU per attestation.
+
+Everything real: an swtpm provisioned with an EK certificate, the broker over TLS on 127.0.0.1 with
+SQLite, a granted RSA-3072 key and a PCR policy. Measures:
+
+1. wall time of `keylease-agent attest --once` with an enrolled AK (median, p90 of --runs runs;
+   each run is a new process: Python start-up, TLS handshake, quote, release, install);
+2. broker CPU seconds per attestation over those runs (from /proc/PID/stat);
+3. broker CPU per attestation on one established channel (GetNonce + Attest, --channel-runs; the
+   agent's TPM quote runs in this process, so it is not in the broker's CPU figure).
+
+    .venv/bin/python scripts/bench_attest.py [--runs 20] [--channel-runs 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from agent.client import BrokerClient
+from agent.config import load_config
+from agent.state import StateDir
+from agent.tpm import Tpm
+from kbs.api.v1 import qualifying_data
+from tests.support.broker import Broker, agent, write_agent_config
+from tests.support.swtpm import Swtpm, SwtpmCa
+
+
+def must(result: object) -> None:
+    if getattr(result, "returncode", 1) != 0:
+        raise SystemExit(f"bench: step failed: {result!r}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--channel-runs", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="keylease-bench-") as tmp:
+        work = Path(tmp)
+        ca = SwtpmCa(work / "ca")
+        (work / "roots.pem").write_bytes(ca.bundle_pem())
+        tpm_dir = work / "tpm"
+        tpm_dir.mkdir()
+        (tpm_dir / "tpm2-00.permall").write_bytes((ca.golden / "tpm2-00.permall").read_bytes())
+        with Swtpm(tpm_dir) as tpm, Broker(work / "kbs", work / "roots.pem") as broker:
+            cfg_path = write_agent_config(
+                work / "agent.toml",
+                broker=broker,
+                tcti=tpm.tcti,
+                state_dir=work / "state",
+                key_dirs=[work / "keys"],
+                node_name="bench-1",
+            )
+            if agent(cfg_path, "attest", "--once").returncode != 3:
+                raise SystemExit("bench: first attestation did not end pending")
+            key = rsa.generate_private_key(65537, 3072)
+            (work / "k.pem").write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+            must(broker.kbs("node", "approve", "bench-1", "--label", "role=bench"))
+            must(
+                broker.kbs(
+                    "policy", "set", "p", "--pcrs", "0,1,2,3,4,5,6,7", "--from-node", "bench-1"
+                )
+            )
+            must(broker.kbs("policy", "assign", "p", "--selector", "role=bench"))
+            must(broker.kbs("key", "import", "k", "--private-key", str(work / "k.pem")))
+            must(broker.kbs("grant", "add", "k", "--selector", "role=bench"))
+            must(agent(cfg_path, "attest", "--once"))  # warm: enrolled, key installed
+
+            walls: list[float] = []
+            cpu0 = broker.cpu_seconds()
+            for _ in range(args.runs):
+                t0 = time.perf_counter()
+                must(agent(cfg_path, "attest", "--once"))
+                walls.append(time.perf_counter() - t0)
+            cpu_cli = (broker.cpu_seconds() - cpu0) / args.runs
+
+            cfg = load_config(cfg_path)
+            ak = StateDir.open(cfg.state_dir).load_ak()
+            assert ak is not None
+            with Tpm.open(cfg.tcti) as t, BrokerClient(cfg) as client:
+                client.get_nonce("bench-1")  # establish the channel (TLS handshake)
+                cpu1 = broker.cpu_seconds()
+                t1 = time.perf_counter()
+                for _ in range(args.channel_runs):
+                    eph = X25519PrivateKey.generate().public_key()
+                    eph_raw = eph.public_bytes(Encoding.Raw, PublicFormat.Raw)
+                    nonce = client.get_nonce("bench-1")
+                    quote = t.quote(ak, qualifying_data(nonce, eph_raw))
+                    reply = client.attest("bench-1", nonce, eph_raw, quote, b"")
+                    assert reply.release is not None
+                elapsed = time.perf_counter() - t1
+                cpu_channel = (broker.cpu_seconds() - cpu1) / args.channel_runs
+    walls.sort()
+    print(f"attest --once wall time over {args.runs} runs (enrolled AK, swtpm, TLS, RSA-3072 key):")
+    print(
+        f"  median {statistics.median(walls) * 1000:.0f} ms, "
+        f"p90 {walls[int(0.9 * (len(walls) - 1))] * 1000:.0f} ms, "
+        f"min {walls[0] * 1000:.0f} ms, max {walls[-1] * 1000:.0f} ms"
+    )
+    print(f"broker CPU per attestation, new process + TLS handshake each: {cpu_cli * 1000:.1f} ms")
+    print(
+        f"broker CPU per attestation on one channel ({args.channel_runs} Attest calls): "
+        f"{cpu_channel * 1000:.2f} ms (GetNonce + Attest); one sequential client with its "
+        f"swtpm quotes: {args.channel_runs / elapsed:.0f} attestations/s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

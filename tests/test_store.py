@@ -1,0 +1,357 @@
+"""The SQLite store on real database files: single-use nonces and challenges, the EK binding,
+selector matching, migrations, persistence, concurrent use."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from kbs.errors import (
+    ActivationFailed,
+    NodeEkConflict,
+    NonceExpired,
+    NonceUnknown,
+    NotFound,
+    OperatorError,
+    StoreError,
+)
+from kbs.model import Node, NodeState, PendingEnrollment
+from kbs.store import Store
+from kbs.store_db import MIGRATIONS
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+EK_A, EK_B = "a" * 64, "b" * 64
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store.open(tmp_path / "kbs.db") as s:
+        yield s
+
+
+def enroll(
+    store: Store,
+    name: str,
+    ek: str,
+    *,
+    ak: bytes = b"ak-1",
+    state: NodeState = NodeState.PENDING,
+    metadata: dict[str, str] | None = None,
+) -> Node:
+    return store.enroll_node(
+        name=name,
+        ek_hash=ek,
+        ek_public=b"ek-public-" + ek.encode(),
+        ek_certificate=b"ek-cert-" + ek.encode(),
+        ak_public=ak,
+        state=state,
+        metadata=metadata or {},
+        now=T0,
+    )
+
+
+def pending(enrollment_id: str, expires_at: datetime) -> PendingEnrollment:
+    return PendingEnrollment(
+        id=enrollment_id,
+        node_name="n1",
+        ek_public=b"ekpub",
+        ek_certificate=b"ekcert",
+        ak_public=b"akpub",
+        ek_hash=EK_A,
+        secret_sha256=b"\x07" * 32,
+        metadata={"os": "debian"},
+        expires_at=expires_at,
+    )
+
+
+# --- nonces and challenges --------------------------------------------------------------------
+
+
+def test_nonce_is_single_use(store: Store) -> None:
+    enroll(store, "n1", EK_A)
+    enroll(store, "n2", EK_B)
+    store.add_nonce("n1", b"N" * 32, T0 + timedelta(seconds=60))
+    with pytest.raises(NonceUnknown, match="not issued to this node"):
+        store.consume_nonce("n2", b"N" * 32, T0)  # another node's nonce
+    store.consume_nonce("n1", b"N" * 32, T0 + timedelta(seconds=59))
+    with pytest.raises(NonceUnknown, match="already used"):
+        store.consume_nonce("n1", b"N" * 32, T0)
+
+
+def test_expired_nonce_is_refused_and_used_up(store: Store) -> None:
+    enroll(store, "n1", EK_A)
+    store.add_nonce("n1", b"E" * 32, T0 + timedelta(seconds=60))
+    with pytest.raises(NonceExpired, match=r"nonce expired at 2026-01-02T03:05:05.*get a new one"):
+        store.consume_nonce("n1", b"E" * 32, T0 + timedelta(seconds=60))
+    with pytest.raises(NonceUnknown):
+        store.consume_nonce("n1", b"E" * 32, T0)
+
+
+def test_old_nonces_are_purged_and_capped(store: Store, tmp_path: Path) -> None:
+    enroll(store, "n1", EK_A)
+    store.add_nonce("n1", b"old", T0)
+    for i in range(40):
+        store.add_nonce("n1", bytes([i]) * 32, T0 + timedelta(seconds=100 + i))
+    store.consume_nonce("n1", bytes([39]) * 32, T0)
+    with sqlite3.connect(tmp_path / "kbs.db") as raw:
+        assert raw.execute("SELECT COUNT(*) FROM nonces").fetchone()[0] == 31
+    with pytest.raises(NonceUnknown):  # the oldest went when the cap was reached
+        store.consume_nonce("n1", b"old", T0)
+
+
+def test_enrollment_challenge_is_single_use(store: Store) -> None:
+    store.add_enrollment(pending("e1", T0 + timedelta(seconds=300)))
+    taken = store.take_enrollment("e1", T0)
+    assert taken == pending("e1", T0 + timedelta(seconds=300))
+    with pytest.raises(ActivationFailed, match="unknown or already used enrollment"):
+        store.take_enrollment("e1", T0)
+    store.add_enrollment(pending("e2", T0))
+    with pytest.raises(ActivationFailed, match="expired"):
+        store.take_enrollment("e2", T0 + timedelta(seconds=1))
+    with pytest.raises(ActivationFailed, match="already used"):
+        store.take_enrollment("e2", T0)
+
+
+# --- nodes ------------------------------------------------------------------------------------
+
+
+def test_enroll_approve_revoke(store: Store) -> None:
+    node = enroll(store, "n1", EK_A, metadata={"os": "debian"})
+    assert node.state is NodeState.PENDING
+    assert node.labels == {}
+    assert node.metadata == {"os": "debian"}
+    assert node.enrolled_at == T0
+    assert node.last_attested_at is None
+    approved = store.approve_node("n1", {"cluster": "prod"}, T0)
+    assert approved.state is NodeState.APPROVED
+    assert approved.labels == {"cluster": "prod"}
+    assert store.revoke_node("n1", T0).state is NodeState.REVOKED
+    assert store.node_by_ek(EK_A) == store.get_node("n1")
+    assert store.node_by_ek(EK_B) is None
+    with pytest.raises(NotFound):
+        store.approve_node("nobody", {}, T0)
+    with pytest.raises(NotFound):
+        store.revoke_node("nobody", T0)
+
+
+def test_reenrollment_with_the_same_ek_keeps_state_and_labels(store: Store) -> None:
+    enroll(store, "n1", EK_A, ak=b"ak-1")
+    store.approve_node("n1", {"cluster": "prod"}, T0)
+    again = enroll(store, "n1", EK_A, ak=b"ak-2", state=NodeState.PENDING, metadata={"v": "2"})
+    assert again.ak_public == b"ak-2"
+    assert again.metadata == {"v": "2"}
+    assert again.state is NodeState.APPROVED
+    assert again.labels == {"cluster": "prod"}
+
+
+def test_ek_conflict_both_ways(store: Store) -> None:
+    enroll(store, "n1", EK_A)
+    with pytest.raises(NodeEkConflict, match="enrolled with another EK"):
+        enroll(store, "n1", EK_B)
+    with pytest.raises(NodeEkConflict, match="already enrolled as node 'n1'"):
+        enroll(store, "n2", EK_A)
+    assert store.get_node("n2") is None
+    assert store.get_node("n1") is not None
+    assert [n.name for n in store.list_nodes()] == ["n1"]
+
+
+def test_record_attestation_round_trips_pcrs(store: Store) -> None:
+    enroll(store, "n1", EK_A)
+    pcrs = {7: b"\x07" * 32, 0: b"\x00" * 32, 10: bytes(range(32))}
+    later = T0 + timedelta(minutes=5)
+    store.record_attestation(
+        "n1", bank="sha256", pcrs=pcrs, reset_count=3, restart_count=1, now=later
+    )
+    node = store.get_node("n1")
+    assert node is not None
+    assert node.pcrs == pcrs
+    assert node.pcr_bank == "sha256"
+    assert (node.reset_count, node.restart_count, node.last_attested_at) == (3, 1, later)
+    with pytest.raises(NotFound):
+        store.record_attestation(
+            "nobody", bank="sha256", pcrs=pcrs, reset_count=0, restart_count=0, now=T0
+        )
+
+
+# --- keys, grants, policies -------------------------------------------------------------------
+
+
+def test_keys_for_labels_matches_selectors(store: Store) -> None:
+    store.add_key("zeta", "RSA-3072", b"z1", T0)
+    store.add_key("alpha", "EC-P256", b"a1", T0)
+    second = store.add_key("alpha", "EC-P256", b"a2", T0)
+    assert second.version == 2
+    store.add_key("ungranted", "EC-P256", b"u1", T0)
+    store.add_grant("alpha", {"cluster": "prod", "region": "eu"}, T0)
+    store.add_grant("zeta", {"region": "eu"}, T0)
+
+    def names(labels: dict[str, str]) -> list[tuple[str, int, bytes]]:
+        return [(k.name, k.version, k.encrypted_private) for k in store.keys_for_labels(labels)]
+
+    assert names({"cluster": "prod", "region": "eu", "extra": "x"}) == [
+        ("alpha", 2, b"a2"),
+        ("zeta", 1, b"z1"),
+    ]
+    assert names({"region": "eu"}) == [("zeta", 1, b"z1")]
+    assert names({"cluster": "prod", "region": "us"}) == []
+    assert names({}) == []
+    with pytest.raises(OperatorError, match="already granted"):
+        store.add_grant("zeta", {"region": "eu"}, T0)
+    with pytest.raises(NotFound, match="no key named 'nope'"):
+        store.add_grant("nope", {"region": "eu"}, T0)
+    with pytest.raises(OperatorError, match="non-empty selector"):
+        store.add_grant("zeta", {}, T0)
+    assert [(k.name, k.version) for k in store.list_keys()] == [
+        ("alpha", 1),
+        ("alpha", 2),
+        ("ungranted", 1),
+        ("zeta", 1),
+    ]
+    latest = store.get_key("alpha")
+    assert latest is not None
+    assert latest.encrypted_private == b"a2"
+    assert store.get_key("nope") is None
+    assert len(store.list_grants()) == 2
+
+
+def test_sealed_key_sees_its_own_version(store: Store) -> None:
+    seen: list[int] = []
+
+    def seal(version: int) -> bytes:
+        seen.append(version)
+        return f"sealed for v{version}".encode()
+
+    store.add_sealed_key("k", "EC-P256", seal, T0)
+    store.add_sealed_key("k", "EC-P256", seal, T0)
+    key = store.get_key("k")
+    assert seen == [1, 2]
+    assert key is not None
+    assert key.encrypted_private == b"sealed for v2"
+
+
+def test_policies_for_labels(store: Store) -> None:
+    boot = store.set_policy("boot", "sha256", {0: b"\x00" * 32, 7: b"\x07" * 32}, T0)
+    assert boot.selectors == ()
+    store.set_policy("other", "sha256", {4: b"\x04" * 32}, T0)
+    store.assign_policy("boot", {"cluster": "prod"}, T0)
+    store.assign_policy("boot", {"cluster": "dev"}, T0)
+    store.assign_policy("other", {"cluster": "prod", "tier": "gpu"}, T0)
+    assert [p.name for p in store.policies_for_labels({"cluster": "prod"})] == ["boot"]
+    assert [p.name for p in store.policies_for_labels({"cluster": "prod", "tier": "gpu"})] == [
+        "boot",
+        "other",
+    ]
+    assert store.policies_for_labels({}) == []
+    # Updating the values keeps the assignments.
+    updated = store.set_policy("boot", "sha256", {7: b"\x17" * 32}, T0)
+    assert updated.pcrs == {7: b"\x17" * 32}
+    assert len(updated.selectors) == 2
+    with pytest.raises(OperatorError, match="already assigned"):
+        store.assign_policy("boot", {"cluster": "dev"}, T0)
+    with pytest.raises(NotFound, match="no policy named"):
+        store.assign_policy("nope", {"cluster": "dev"}, T0)
+    with pytest.raises(OperatorError, match="empty policy means deny"):
+        store.set_policy("empty", "sha256", {}, T0)
+
+
+def test_allowlist(store: Store) -> None:
+    assert not store.is_ek_allowed(EK_A)
+    assert store.allow_ek(EK_A, T0) is True
+    assert store.allow_ek(EK_A, T0) is False
+    assert store.is_ek_allowed(EK_A)
+    assert store.list_allowlist() == [(EK_A, T0)]
+
+
+def test_audit_is_oldest_first_and_limited(store: Store) -> None:
+    for i in range(5):
+        store.audit(
+            actor="node:n1",
+            event="attest",
+            node="n1" if i % 2 == 0 else "n2",
+            result="ok",
+            detail=f"#{i}",
+            now=T0 + timedelta(seconds=i),
+        )
+    store.audit(actor="operator:root", event="key-import", node=None, result="ok", detail="k",
+                now=T0)  # fmt: skip
+    assert [e.detail for e in store.list_audit(node="n1")] == ["#0", "#2", "#4"]
+    assert [e.detail for e in store.list_audit(limit=2)] == ["#4", "k"]
+    assert store.list_audit(node="n2")[0].at == T0 + timedelta(seconds=1)
+
+
+# --- the database itself ----------------------------------------------------------------------
+
+
+def test_migrates_an_empty_database_file(tmp_path: Path) -> None:
+    path = tmp_path / "kbs.db"
+    path.write_bytes(b"")
+    with Store.open(path) as store:
+        assert store.schema_version() == len(MIGRATIONS)
+        assert store.list_nodes() == []
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"nodes", "nonces", "enrollments", "keys", "grants", "policies", "audit"} <= tables
+
+
+def test_newer_schema_and_garbage_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "kbs.db"
+    Store.open(path).close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(StoreError, match=r"schema version 99, newer.*upgrade keylease-kbs"):
+        Store.open(path)
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database file at all" * 200)
+    with pytest.raises(StoreError, match=r"junk\.db"):
+        Store.open(junk)
+    with pytest.raises(StoreError, match="does not exist"):
+        Store.open(tmp_path / "missing-dir" / "kbs.db")
+
+
+def test_persists_across_reopen_and_is_private(tmp_path: Path) -> None:
+    path = tmp_path / "kbs.db"
+    with Store.open(path) as store:
+        enroll(store, "n1", EK_A)
+        store.approve_node("n1", {"cluster": "prod"}, T0)
+        store.add_key("k", "EC-P256", b"ciphertext", T0)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with Store.open(path) as store:
+        node = store.get_node("n1")
+        assert node is not None
+        assert node.labels == {"cluster": "prod"}
+        key = store.get_key("k")
+        assert key is not None
+        assert key.encrypted_private == b"ciphertext"
+
+
+def test_threads_and_a_second_process_handle_share_the_database(tmp_path: Path) -> None:
+    path = tmp_path / "kbs.db"
+    with Store.open(path) as server, Store.open(path) as operator:
+        enroll(server, "n1", EK_A)
+        errors: list[BaseException] = []
+
+        def issue(offset: int) -> None:
+            try:
+                for i in range(20):
+                    server.add_nonce("n1", bytes([offset, i]) * 16, T0 + timedelta(hours=1))
+                    server.consume_nonce("n1", bytes([offset, i]) * 16, T0)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=issue, args=(t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for i in range(10):
+            operator.audit(actor="operator:t", event="e", node=None, result="ok", detail=str(i),
+                           now=T0)  # fmt: skip
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert len(server.list_audit(limit=100)) == 10
