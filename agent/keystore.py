@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import InvalidKey, KeystoreError
-from agent.ocikey import validate_private_key_pem
+from agent.ocikey import check_pem_shape
 from kbs.api.secret import Secret
 
 __all__ = ["OWNED_DIR", "InstallableKey", "KeyDirectory", "SyncResult"]
@@ -223,8 +223,8 @@ class KeyDirectory:
         if len(wanted) != len(keys):
             twice = sorted({k.name for k in keys if [j.name for j in keys].count(k.name) > 1})
             raise InvalidKey(f"the release names key(s) {', '.join(twice)} twice; refusing it")
-        for key in keys:
-            validate_private_key_pem(key.name, key.pem)
+        for key in keys:  # fully parsed when the release was opened; re-check the file shape
+            check_pem_shape(key.name, key.pem)
         installed: list[str] = []
         unchanged: list[str] = []
         removed: list[str] = []

@@ -19,7 +19,13 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from agent.errors import InvalidKey
 from kbs.api.secret import Secret
 
-__all__ = ["KEY_NAME", "MIN_RSA_BITS", "validate_key_name", "validate_private_key_pem"]
+__all__ = [
+    "KEY_NAME",
+    "MIN_RSA_BITS",
+    "check_pem_shape",
+    "validate_key_name",
+    "validate_private_key_pem",
+]
 
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 MIN_RSA_BITS = 2048
@@ -77,13 +83,19 @@ def _pem_body(name: str, data: bytes) -> bytes:
     return data[start : end + len(_END)] + b"\n"
 
 
+def check_pem_shape(name: str, pem: Secret) -> bytes:
+    """The cheap half of the check: a safe file name and exactly one well-formed, unencrypted
+    PKCS#8 PEM block (no key parsing). Returns the block. Raises InvalidKey."""
+    validate_key_name(name)
+    return _pem_body(name, pem.reveal())
+
+
 def validate_private_key_pem(name: str, pem: Secret) -> None:
     """Raise InvalidKey unless ``pem`` is a key ocicrypt accepts and ``name`` a safe file name.
 
     Messages name the key and never include key bytes.
     """
-    validate_key_name(name)
-    block = _pem_body(name, pem.reveal())
+    block = check_pem_shape(name, pem)
     shown = _shown(name)
     try:
         key = load_pem_private_key(block, password=None)

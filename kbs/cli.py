@@ -1,8 +1,10 @@
 """keylease-kbs command line: the broker daemon (``serve``) and the operators' tool.
 
-The only place that configures logging. Exit codes: 0 ok; 2 usage, configuration or an operator
-argument that cannot be carried out (bad selector, unknown node/key/policy, unusable key file);
-1 any other broker error (e.g. the database). Errors print one line ``keylease-kbs: <what to do>``.
+Exit codes: 0 ok; 2 usage, configuration or an operator argument that cannot be carried out
+(bad selector, unknown node/key/policy, unusable key file); 1 any other broker error (e.g. the
+database). Errors print one line "keylease-kbs: <what is wrong and what to do>".
+
+(This module is the only place that configures the broker's logging.)
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keylease-kbs",
         description="keylease key broker: releases image keys to TPM-attested nodes.",
-        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        epilog=__doc__.split("\n\n")[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

@@ -64,7 +64,8 @@ def evaluate(
             f"PCR {i}: expected {required[i].hex()}, got {quoted[i].hex()}" for i in differing
         )
         raise PolicyDenied(
-            f"PCR {_list(differing)} ({bank}) differ from policy {names}: {details}",
+            f"PCR {_list(differing)} ({bank}) {'differs' if len(differing) == 1 else 'differ'} "
+            f"from policy {names}: {details}",
             differing,
         )
     return required

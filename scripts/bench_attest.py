@@ -9,12 +9,13 @@ SQLite, a granted RSA-3072 key and a PCR policy. Measures:
 3. broker CPU per attestation on one established channel (GetNonce + Attest, --channel-runs; the
    agent's TPM quote runs in this process, so it is not in the broker's CPU figure).
 
-    .venv/bin/python scripts/bench_attest.py [--runs 20] [--channel-runs 200]
+    .venv/bin/python -m scripts.bench_attest [--runs 20] [--channel-runs 200]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -45,6 +46,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--channel-runs", type=int, default=200)
     args = parser.parse_args()
+    os.environ.setdefault("TSS2_LOG", "esys+none")  # ESYS prints expected TPM errors otherwise
     with tempfile.TemporaryDirectory(prefix="keylease-bench-") as tmp:
         work = Path(tmp)
         ca = SwtpmCa(work / "ca")
