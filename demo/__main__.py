@@ -22,9 +22,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from tests.support.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
 
 from tests.support.broker import AGENT, KBS, Broker, write_agent_config
+from tests.support.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
 from tests.support.swtpm import Swtpm, SwtpmCa, provision
 
 NODE = "worker-1"

@@ -9,14 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from agent.tpm import Tpm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from kbs.store import Store
-from tests.support.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
 
+from agent.tpm import Tpm
+from kbs.store import Store
 from tests.support.broker import Broker
 from tests.support.nodes import Node
+from tests.support.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
 
 NodeFactory = Callable[..., Node]
 
