@@ -17,16 +17,26 @@ from agent.client import BrokerClient, NodeUnknown, Outcome
 from agent.config import AgentConfig
 from agent.errors import AttestationDenied, KeystoreError, PendingApproval, StateError
 from agent.keystore import KeyDirectory
+from agent.memfs import is_memory_backed, require_memory_backed
+from agent.netwatch import addresses
 from agent.release import Bundle, open_release
 from agent.state import Enrollment, StateDir
 from agent.tpm import AkBlobs, Tpm
 from kbs.api.v1 import qualifying_data
 
-__all__ = ["AttestReport", "attest_once", "enroll", "remove_all_keys"]
+__all__ = [
+    "AttestReport",
+    "attest_once",
+    "enroll",
+    "install_keys",
+    "key_directories",
+    "remove_all_keys",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_EVENT_LOG = 1 << 20
+MAX_INTERFACES = 16  # the broker accepts 32 metadata entries
 AGENT_VERSION = "0.1.0"
 
 
@@ -47,17 +57,21 @@ def enroll(cfg: AgentConfig, tpm: Tpm, client: BrokerClient, state: StateDir) ->
         log.info("created attestation key node=%s", cfg.node_name)
     ek = tpm.read_ek()
     challenge = client.start_enrollment(
-        cfg.node_name,
-        ek.certificate,
-        ek.public,
-        ak.public,
-        {"agent_version": AGENT_VERSION, "hostname": platform.node()},
+        cfg.node_name, ek.certificate, ek.public, ak.public, enrollment_metadata()
     )
     secret = tpm.activate_credential(ak, challenge.credential_blob, challenge.encrypted_secret)
     node_state = client.finish_enrollment(challenge.enrollment_id, secret.reveal())
     state.save_enrollment(Enrollment(node_name=cfg.node_name, kbs=cfg.kbs, state=node_state))
     log.info("enroll node=%s result=ok state=%s", cfg.node_name, node_state)
     return ak
+
+
+def enrollment_metadata() -> dict[str, str]:
+    """Informational only (the broker never trusts it): agent version, host name, addresses."""
+    metadata = {"agent_version": AGENT_VERSION, "hostname": platform.node()[:255]}
+    for ifname, addrs in sorted(addresses().items())[:MAX_INTERFACES]:
+        metadata[f"address.{ifname}"[:255]] = ",".join(addrs)[:255]
+    return metadata
 
 
 def _enrolled_ak(cfg: AgentConfig, tpm: Tpm, client: BrokerClient, state: StateDir) -> AkBlobs:
@@ -87,13 +101,43 @@ def key_directories(cfg: AgentConfig) -> list[KeyDirectory]:
     return [KeyDirectory(d) for d in cfg.key_dirs]
 
 
+def install_keys(cfg: AgentConfig, bundle: Bundle) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Install the bundle's keys into every key directory (memory-backed only, unless the
+    operator set unsafe_allow_disk_key_dirs). Returns (files present, files removed)."""
+    directories = key_directories(cfg)
+    for kd in directories:
+        if cfg.unsafe_allow_disk_key_dirs:
+            if not _memory_backed(kd):
+                log.warning(
+                    "unsafe_allow_disk_key_dirs: installing plaintext keys into %s, which is "
+                    "not on tmpfs",
+                    kd.directory,
+                )
+        else:
+            require_memory_backed(kd.directory)
+    installed: list[str] = []
+    removed: list[str] = []
+    for kd in directories:
+        result = kd.sync(bundle.keys)
+        installed += [f"{kd.directory}/{n}.pem" for n in result.installed + result.unchanged]
+        removed += [f"{kd.directory}/{n}.pem" for n in result.removed]
+    return tuple(installed), tuple(removed)
+
+
+def _memory_backed(kd: KeyDirectory) -> bool:
+    try:
+        return is_memory_backed(kd.directory)
+    except OSError:
+        return False
+
+
 def remove_all_keys(cfg: AgentConfig, state: StateDir) -> tuple[str, ...]:
     """Remove every key this agent installed, and the cached release. Returns what was removed."""
     removed: list[str] = []
     failures: list[KeystoreError] = []
     for kd in key_directories(cfg):
         try:
-            removed += [f"{kd.root}/keylease/{name}.pem" for name in kd.clear()]
+            removed += [f"{kd.directory}/{name}.pem" for name in kd.clear()]
         except KeystoreError as exc:  # clear every other directory before reporting it
             failures.append(exc)
     state.drop_release()
@@ -129,12 +173,7 @@ def attest_once(cfg: AgentConfig, tpm: Tpm, client: BrokerClient, state: StateDi
             f"keylease-kbs node approve {cfg.node_name} --label k=v"
         )
     bundle = open_release(tpm, reply.release, cfg.node_name)
-    installed: list[str] = []
-    removed: list[str] = []
-    for kd in key_directories(cfg):
-        result = kd.sync(bundle.keys)
-        installed += [f"{kd.root}/keylease/{n}.pem" for n in result.installed + result.unchanged]
-        removed += [f"{kd.root}/keylease/{n}.pem" for n in result.removed]
+    installed, removed = install_keys(cfg, bundle)
     state.save_release(reply.release.serialize())
     log.info(
         "attest node=%s result=ok keys=%s until=%s",
@@ -142,7 +181,7 @@ def attest_once(cfg: AgentConfig, tpm: Tpm, client: BrokerClient, state: StateDi
         bundle.describe(),
         bundle.not_after.isoformat(),
     )
-    return AttestReport(cfg.node_name, bundle, tuple(installed), tuple(removed))
+    return AttestReport(cfg.node_name, bundle, installed, removed)
 
 
 def _denial_text(reason: str, removed: tuple[str, ...]) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -18,10 +17,9 @@ from pathlib import Path
 
 from agent.config import DEFAULT_CONFIG, load_config
 from agent.errors import AgentError
+from agent.logsetup import journal_wanted, setup_logging
 
 __all__ = ["main"]
-
-log = logging.getLogger("agent")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +47,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     attest.add_argument("--json", action="store_true", help="print the result as JSON")
     sub.add_parser(
+        "run",
+        help="run as a daemon (systemd Type=notify): restore, attest, renew, follow revocations",
+        description=(
+            "Restore keys from the sealed cache, attest, renew the lease before it ends, follow "
+            "the broker's revocations and key changes. SIGTERM stops (keys stay unless "
+            "remove_keys_on_stop), SIGHUP reloads the configuration."
+        ),
+    )
+    status = sub.add_parser(
+        "status",
+        help="show enrollment, lease, installed keys and the last attestation",
+        description="Show what the agent last did (from its state directory) and the key files.",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser(
         "check-config",
         help="validate the configuration and exit",
         description="Validate the configuration file and the files it names.",
@@ -56,12 +69,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _run(config: Path) -> int:
+    cfg = load_config(config)
+    from agent.daemon import Daemon
+    from agent.notify import Notifier
+
+    notifier = Notifier.from_environ(os.environ, os.getpid())
+    return Daemon(config, cfg, notifier).run()
+
+
+def _status(config: Path, as_json: bool) -> int:
+    cfg = load_config(config)
+    from agent.status_report import render_status, status_report
+
+    report = status_report(cfg)
+    print(json.dumps(report, indent=2) if as_json else render_status(report))
+    return 0
 
 
 def _attest(config: Path, as_json: bool) -> int:
@@ -69,12 +92,25 @@ def _attest(config: Path, as_json: bool) -> int:
     # Imported here so that TSS2_LOG (set in main) is in place before libtss2 loads.
     from agent.attest import attest_once
     from agent.client import BrokerClient
+    from agent.errors import AttestationDenied, PendingApproval
     from agent.state import StateDir
+    from agent.status_report import record_once
     from agent.tpm import Tpm
 
     state = StateDir.open(cfg.state_dir)
-    with Tpm.open(cfg.tcti) as tpm, BrokerClient(cfg) as client:
-        report = attest_once(cfg, tpm, client, state)
+    try:
+        with Tpm.open(cfg.tcti) as tpm, BrokerClient(cfg) as client:
+            report = attest_once(cfg, tpm, client, state)
+    except AttestationDenied as exc:
+        record_once(cfg, state, "denied", str(exc), None)
+        raise
+    except PendingApproval as exc:
+        record_once(cfg, state, "pending", str(exc), None)
+        raise
+    except AgentError as exc:
+        record_once(cfg, state, "error", str(exc), None)
+        raise
+    record_once(cfg, state, "ok", None, report.bundle)
     if as_json:
         print(
             json.dumps(
@@ -103,7 +139,7 @@ def _attest(config: Path, as_json: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(verbose=args.verbose, journal=journal_wanted(os.environ))
     # ESYS prints expected TPM errors (e.g. a policy failure) to stderr; ours are clearer.
     os.environ.setdefault("TSS2_LOG", "esys+none")
     try:
@@ -111,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = load_config(args.config)
             print(f"{cfg.path}: ok (node {cfg.node_name}, broker {cfg.kbs}, tcti {cfg.tcti})")
             return 0
+        if args.command == "run":
+            return _run(args.config)
+        if args.command == "status":
+            return _status(args.config, args.json)
         return _attest(args.config, args.json)
     except AgentError as exc:
         print(f"keylease-agent: {exc.diagnostics()}", file=sys.stderr)

@@ -2,15 +2,21 @@
 
 gRPC errors become agent errors here and nowhere else. Values in and out are typed; the rest
 of the agent never sees protobuf messages.
+
+The one call without a deadline is ``watch``: a stream of hints (REVOKED: remove the keys now;
+CHANGED: attest again; HEARTBEAT: alive) that lasts until the broker ends it or the caller
+cancels it. The channel sends HTTP/2 keepalive pings every 10 s, so a dead broker or a broken
+path ends the stream with ``BrokerUnreachable`` within about 20 s.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -28,7 +34,15 @@ from agent.tpm import Quote
 from kbs.api.v1 import keylease_pb2 as pb
 from kbs.api.v1 import keylease_pb2_grpc as pb_grpc
 
-__all__ = ["AttestReply", "BrokerClient", "Challenge", "NodeUnknown"]
+__all__ = [
+    "AttestReply",
+    "BrokerClient",
+    "Challenge",
+    "NodeUnknown",
+    "WatchEvent",
+    "WatchKind",
+    "WatchStream",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +77,84 @@ _STATES = {
     pb.NODE_STATE_REVOKED: "revoked",
 }
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# A dead broker must end a quiet watch stream: ping every 10 s, give up 10 s after an unanswered
+# ping. The broker accepts pings every 5 s or slower (kbs.server).
+_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),  # any unanswered ping, not only keepalive ones
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+MAX_REASON = 200
+
+
+class WatchKind(Enum):
+    REVOKED = "revoked"
+    CHANGED = "changed"
+    HEARTBEAT = "heartbeat"
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """A hint from the broker; trust still comes only from attestation."""
+
+    kind: WatchKind
+    reason: str
+
+
+_KINDS = {
+    pb.WATCH_KIND_REVOKED: WatchKind.REVOKED,
+    pb.WATCH_KIND_CHANGED: WatchKind.CHANGED,
+    pb.WATCH_KIND_HEARTBEAT: WatchKind.HEARTBEAT,
+}
+
+
+def _watch_event(msg: pb.WatchEvent) -> WatchEvent:
+    """An unknown (newer) kind counts as CHANGED: attesting again is always safe."""
+    reason = "".join(c if c.isprintable() else "?" for c in msg.reason[:MAX_REASON])
+    kind = _KINDS.get(msg.kind)
+    if kind is None:
+        return WatchEvent(WatchKind.CHANGED, f"unknown event kind {msg.kind}: {reason}")
+    return WatchEvent(kind, reason)
+
+
+class _StreamingCall(Protocol):
+    def __iter__(self) -> Iterator[pb.WatchEvent]: ...
+
+    def cancel(self) -> bool: ...
+
+
+class WatchStream:
+    """One open Watch call. Iterate (in one thread) for events; ``cancel()`` from any thread."""
+
+    def __init__(
+        self, call: _StreamingCall, translate: Callable[[grpc.RpcError], AgentError]
+    ) -> None:
+        self._call = call
+        self._translate = translate
+        self._lock = threading.Lock()
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[WatchEvent]:
+        """Events until the broker ends the stream or ``cancel()``; raises BrokerUnreachable,
+        NodeUnknown or BrokerError."""
+        try:
+            for msg in self._call:
+                yield _watch_event(msg)
+        except grpc.RpcError as exc:
+            with self._lock:
+                if self._cancelled:
+                    return
+            raise self._translate(exc) from None
+
+    def cancel(self) -> None:
+        """End the stream; a blocked iteration stops (StopIteration). Thread-safe, idempotent."""
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+        self._call.cancel()
 
 
 def _status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
@@ -87,7 +179,7 @@ class BrokerClient:
         self._channel = grpc.secure_channel(
             cfg.kbs,
             grpc.ssl_channel_credentials(root_certificates=ca),
-            options=[("grpc.max_receive_message_length", 4 << 20)],
+            options=[("grpc.max_receive_message_length", 4 << 20), *_KEEPALIVE],
         )
         self._stub = pb_grpc.NodeServiceStub(self._channel)
 
@@ -104,16 +196,32 @@ class BrokerClient:
         try:
             return fn()
         except grpc.RpcError as exc:
-            code, text = _status(exc)
-            if code in _UNREACHABLE:
-                raise BrokerUnreachable(
-                    f"broker {self._target} unreachable ({code.name.lower()}: {text})"
-                ) from None
-            if code == grpc.StatusCode.NOT_FOUND:
-                raise NodeUnknown(text or "node not enrolled") from None
-            if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ALREADY_EXISTS):
-                raise denied(text) from None
-            raise BrokerError(f"broker refused {rpc} ({code.name}): {text}") from None
+            raise self._error(rpc, exc, denied) from None
+
+    def _error(self, rpc: str, exc: grpc.RpcError, denied: type[AgentError]) -> AgentError:
+        """The agent error for a failed call (the one translation of gRPC status codes)."""
+        code, text = _status(exc)
+        if code in _UNREACHABLE:
+            return BrokerUnreachable(
+                f"broker {self._target} unreachable ({code.name.lower()}: {text})"
+            )
+        if code == grpc.StatusCode.NOT_FOUND:
+            return NodeUnknown(text or "node not enrolled")
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ALREADY_EXISTS):
+            return denied(text)
+        return BrokerError(f"broker refused {rpc} ({code.name}): {text}")
+
+    def _watch_error(self, exc: grpc.RpcError) -> AgentError:
+        code, text = _status(exc)
+        if code == grpc.StatusCode.CANCELLED:  # not by us: the broker or the connection went
+            return BrokerUnreachable(f"watch stream from broker {self._target} cut off: {text}")
+        return self._error("watch", exc, AttestationDenied)
+
+    def watch(self, node_name: str) -> WatchStream:
+        """Open the broker's hint stream for ``node_name`` (no deadline; see WatchStream).
+        Errors (unknown node, unreachable broker) surface when iterating."""
+        call: _StreamingCall = self._stub.Watch(pb.WatchRequest(node_name=node_name))
+        return WatchStream(call, self._watch_error)
 
     def start_enrollment(
         self,

@@ -10,6 +10,10 @@ Keys (all optional except ``kbs`` and ``kbs_ca``)::
     key_dirs = ["/etc/crio/keys", "/etc/containerd/ocicrypt/keys"]
     event_log = "/sys/kernel/security/tpm0/binary_bios_measurements"  # sent when present
     rpc_timeout_seconds = 10
+    startup_timeout_seconds = 30           # `run`: READY=1 after this long even without keys
+    retry_max_seconds = 60                 # `run`: cap of the exponential retry backoff
+    remove_keys_on_stop = false            # `run`: remove installed keys on SIGTERM
+    unsafe_allow_disk_key_dirs = false     # install into key dirs that are not on tmpfs (warns)
 
 Relative paths resolve against the config file's directory.
 """
@@ -44,6 +48,10 @@ _KNOWN = {
     "key_dirs",
     "event_log",
     "rpc_timeout_seconds",
+    "startup_timeout_seconds",
+    "retry_max_seconds",
+    "remove_keys_on_stop",
+    "unsafe_allow_disk_key_dirs",
 }
 
 
@@ -58,6 +66,14 @@ class AgentConfig:
     key_dirs: tuple[Path, ...]
     event_log: Path | None
     rpc_timeout_seconds: float
+    startup_timeout_seconds: float = 30.0
+    retry_max_seconds: float = 60.0
+    remove_keys_on_stop: bool = False
+    unsafe_allow_disk_key_dirs: bool = False
+
+    @property
+    def kbs_host(self) -> str:
+        return self.kbs.rpartition(":")[0].strip("[]")
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -137,9 +153,23 @@ def parse_config(raw: dict[str, Any], path: Path) -> AgentConfig:
     event_log_raw = raw.get("event_log", DEFAULT_EVENT_LOG)
     if not isinstance(event_log_raw, str):
         raise ConfigError(f'{path}: `event_log` must be a path string ("" to send none)')
-    timeout = raw.get("rpc_timeout_seconds", 10)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= 300:
-        raise ConfigError(f"{path}: `rpc_timeout_seconds` must be a number from 1 to 300")
+
+    def number(key: str, default: float, low: float, high: float) -> float:
+        value = raw.get(key, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not low <= value <= high
+        ):
+            raise ConfigError(f"{path}: `{key}` must be a number from {low:g} to {high:g}")
+        return float(value)
+
+    def flag(key: str) -> bool:
+        value = raw.get(key, False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: `{key}` must be true or false")
+        return value
+
     return AgentConfig(
         path=path,
         kbs=kbs,
@@ -149,5 +179,9 @@ def parse_config(raw: dict[str, Any], path: Path) -> AgentConfig:
         node_name=node_name,
         key_dirs=key_dirs,
         event_log=Path(event_log_raw) if event_log_raw else None,
-        rpc_timeout_seconds=float(timeout),
+        rpc_timeout_seconds=number("rpc_timeout_seconds", 10, 1, 300),
+        startup_timeout_seconds=number("startup_timeout_seconds", 30, 0, 3600),
+        retry_max_seconds=number("retry_max_seconds", 60, 1, 3600),
+        remove_keys_on_stop=flag("remove_keys_on_stop"),
+        unsafe_allow_disk_key_dirs=flag("unsafe_allow_disk_key_dirs"),
     )

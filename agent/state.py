@@ -22,6 +22,7 @@ AK_PUBLIC = "ak.pub"
 AK_PRIVATE = "ak.priv"
 ENROLLMENT = "enrollment.json"
 RELEASE = "release.bin"
+STATUS = "status.json"
 MAX_FILE = 4 << 20
 
 
@@ -140,3 +141,11 @@ class StateDir:
 
     def drop_release(self) -> None:
         self._remove(RELEASE)
+
+    # --- daemon status (read by `keylease-agent status`) -------------------------------------
+
+    def load_status(self) -> bytes | None:
+        return self._read(STATUS)
+
+    def save_status(self, data: bytes) -> None:
+        self._write(STATUS, data)

@@ -57,8 +57,52 @@ def sh(
 
 def main() -> int:
     work = Path("demo-run").resolve()
+    key_dirs = [work / "crio-keys", work / "containerd-keys"]
+    unmount_key_tmpfs(key_dirs)  # left over from an interrupted run
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
+    try:
+        return run_demo(work, key_dirs)
+    finally:
+        unmount_key_tmpfs(key_dirs)
+
+
+def mount_key_tmpfs(key_dirs: list[Path]) -> list[str]:
+    """What the shipped systemd mount units do on a node: a tmpfs on each <key_dir>/keylease,
+    so plaintext keys never reach a disk. Returns extra agent config lines."""
+    for d in key_dirs:
+        (d / "keylease").mkdir(parents=True)
+        done = subprocess.run(
+            [
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                "mode=0700,nosuid,nodev,noexec,size=4m",
+                "tmpfs",
+                str(d / "keylease"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            print(
+                f"  {RED}cannot mount a tmpfs ({done.stderr.strip()}); the demo runs with "
+                f"unsafe_allow_disk_key_dirs = true{RESET}"
+            )
+            return ["unsafe_allow_disk_key_dirs = true"]
+        print(f"  tmpfs mounted on {d / 'keylease'} (as systemd/*.mount do on a node)")
+    return []
+
+
+def unmount_key_tmpfs(key_dirs: list[Path]) -> None:
+    for d in key_dirs:
+        if os.path.ismount(d / "keylease"):
+            subprocess.run(["umount", str(d / "keylease")], check=False)
+
+
+def run_demo(work: Path, key_dirs: list[Path]) -> int:
 
     step("1. A software TPM with an EK certificate from a local manufacturer CA (swtpm)")
     ca = SwtpmCa(work / "tpm-ca")
@@ -73,7 +117,7 @@ def main() -> int:
         with broker:
             print(f"  keylease-kbs serving on {broker.address} (log: {broker.log_path})")
             kbs = [KBS, "--config", str(broker.config)]
-            key_dirs = [work / "crio-keys", work / "containerd-keys"]
+            extra = mount_key_tmpfs(key_dirs)
             agent_cfg = write_agent_config(
                 work / "agent.toml",
                 broker=broker,
@@ -81,6 +125,7 @@ def main() -> int:
                 state_dir=work / "agent-state",
                 key_dirs=key_dirs,
                 node_name=NODE,
+                extra_lines=extra,
             )
             agent = [AGENT, "--config", str(agent_cfg), "attest", "--once"]
 

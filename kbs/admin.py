@@ -1,5 +1,8 @@
 """Operator actions behind ``keylease-kbs``: each validates its input, changes the database and
 writes one audit record naming the operator. No printing and no argument parsing here.
+
+Changes that concern nodes (revoke, approve, grants, a key's new version, policies) also record a
+row in the change feed, in the store's transaction, which the broker pushes to watching agents.
 """
 
 from __future__ import annotations
@@ -96,13 +99,44 @@ class Admin:
         return added
 
     def import_key(self, name: str, data: bytes, source: str, master: MasterKey) -> StoredKey:
-        """Parse, seal under the master key and store the next version of key ``name``."""
+        """Parse, seal under the master key and store key ``name`` as version 1; an existing
+        name is refused (that is ``rotate_key``)."""
         check_name(name, "key")
         pem, algorithm = load_private_key(data, source)
         key = self.store.add_sealed_key(
-            name, algorithm, lambda version: master.seal(pem, key_aad(name, version)), self.clock()
+            name,
+            algorithm,
+            lambda version: master.seal(pem, key_aad(name, version)),
+            self.clock(),
+            must_exist=False,
         )
         self._audit("key-import", f"key {name} v{key.version} {algorithm}")
+        return key
+
+    def rotate_key(self, name: str, data: bytes, source: str, master: MasterKey) -> StoredKey:
+        """Store a new private key as the next version of existing key ``name``: from now on
+        that version is released, and the nodes it is granted to are told to attest again."""
+        check_name(name, "key")
+        pem, algorithm = load_private_key(data, source)
+        current = self.store.get_key(name)
+        if current is None:
+            raise NotFound(
+                f"no key named {name!r} to rotate; import it first with `keylease-kbs key import "
+                f"{name} --private-key FILE`"
+            )
+        if master.open(current.encrypted_private, key_aad(name, current.version)) == pem:
+            raise OperatorError(
+                f"{source} is the key {name!r} already has (version {current.version}); rotate "
+                "to a new key"
+            )
+        key = self.store.add_sealed_key(
+            name,
+            algorithm,
+            lambda version: master.seal(pem, key_aad(name, version)),
+            self.clock(),
+            must_exist=True,
+        )
+        self._audit("key-rotate", f"key {name} v{current.version} -> v{key.version} {algorithm}")
         return key
 
     def add_grant(self, key_name: str, selector: Mapping[str, str]) -> Grant:
@@ -110,6 +144,11 @@ class Admin:
         grant = self.store.add_grant(key_name, selector, self.clock())
         self._audit("grant-add", f"key {key_name} to {format_selector(selector)}")
         return grant
+
+    def remove_grant(self, key_name: str, selector: Mapping[str, str]) -> None:
+        check_name(key_name, "key")
+        self.store.remove_grant(key_name, selector, self.clock())
+        self._audit("grant-remove", f"key {key_name} from {format_selector(selector)}")
 
     def set_policy_from_node(
         self, name: str, pcrs: Sequence[int], node_name: str | None, bank: str = "sha256"

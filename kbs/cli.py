@@ -28,7 +28,7 @@ _GROUPS: dict[str, tuple[str, dict[str, str]]] = {
             "list": "nodes, state, labels, EK hash, last attestation",
             "show": "one node in detail, with its last attested PCR values",
             "approve": "approve a node and set its labels (labels come only from operators)",
-            "revoke": "revoke a node: its next attestation is denied and its agent removes keys",
+            "revoke": "revoke a node: its agent is told at once and removes its keys",
         },
     ),
     "allowlist": (
@@ -37,11 +37,19 @@ _GROUPS: dict[str, tuple[str, dict[str, str]]] = {
     ),
     "key": (
         "image keys (stored encrypted under the master key)",
-        {"import": "import a private key (new version if NAME exists)", "list": "stored keys"},
+        {
+            "import": "import a new key as version 1 (an existing NAME is refused)",
+            "rotate": "make a new private key the next, released version of key NAME",
+            "list": "stored keys, every version",
+        },
     ),
     "grant": (
         "which nodes receive which key",
-        {"add": "release KEY to nodes whose labels match every pair", "list": "grants"},
+        {
+            "add": "release KEY to nodes whose labels match every pair",
+            "remove": "remove the grant of KEY with exactly this selector",
+            "list": "grants",
+        },
     ),
     "policy": (
         "PCR attestation policies (every policy assigned to a node must match)",
@@ -127,14 +135,16 @@ def _group_arguments(
     elif group == "allowlist":
         parsers["add"].add_argument("ek_hash", metavar="EK_HASH", help="SHA-256 hex of the EK")
     elif group == "key":
-        parsers["import"].add_argument("name", metavar="NAME")
-        parsers["import"].add_argument(
-            "--private-key", type=Path, required=True, metavar="FILE",
-            help="RSA >= 2048 or EC P-256/384/521; PKCS#8, PKCS#1, SEC1 (PEM or DER)",
-        )  # fmt: skip
+        for action in ("import", "rotate"):
+            parsers[action].add_argument("name", metavar="NAME")
+            parsers[action].add_argument(
+                "--private-key", type=Path, required=True, metavar="FILE",
+                help="RSA >= 2048 or EC P-256/384/521; PKCS#8, PKCS#1, SEC1 (PEM or DER)",
+            )  # fmt: skip
     elif group == "grant":
-        parsers["add"].add_argument("key", metavar="KEY")
-        parsers["add"].add_argument("--selector", required=True, metavar="k=v[,k=v]")
+        for action in ("add", "remove"):
+            parsers[action].add_argument("key", metavar="KEY")
+            parsers[action].add_argument("--selector", required=True, metavar="k=v[,k=v]")
     elif group == "policy":
         parsers["set"].add_argument("name", metavar="NAME")
         parsers["set"].add_argument(

@@ -1,7 +1,7 @@
 """The ``keylease-kbs`` subcommands: each reads parsed arguments, calls the domain, prints.
 
 Operator commands open the database directly (the broker may be running: SQLite WAL handles
-concurrent use) and read the master key only for ``key import``.
+concurrent use) and read the master key only for ``key import`` and ``key rotate``.
 """
 
 from __future__ import annotations
@@ -186,6 +186,18 @@ def cmd_key_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_key_rotate(args: argparse.Namespace) -> int:
+    data = _read_key_file(args.private_key)
+    with _admin(args) as (cfg, admin):
+        master = MasterKey(read_master_key(cfg).reveal())
+        key = admin.rotate_key(args.name, data, str(args.private_key), master)
+    print(
+        f"key {key.name}: version {key.version} ({key.algorithm}) is now released; granted "
+        "nodes are told to attest again (older versions stay listed)"
+    )
+    return 0
+
+
 def cmd_key_list(args: argparse.Namespace) -> int:
     with _admin(args) as (_, admin):
         keys = admin.store.list_keys()
@@ -203,6 +215,17 @@ def cmd_grant_add(args: argparse.Namespace) -> int:
     with _admin(args) as (_, admin):
         grant = admin.add_grant(args.key, selector)
     print(f"key {grant.key_name}: granted to nodes labelled {format_selector(grant.selector)}")
+    return 0
+
+
+def cmd_grant_remove(args: argparse.Namespace) -> int:
+    selector = parse_selector(args.selector)
+    with _admin(args) as (_, admin):
+        admin.remove_grant(args.key, selector)
+    print(
+        f"key {args.key}: grant to {format_selector(selector)} removed; matching nodes are told "
+        "to attest again and drop the key unless another grant still covers them"
+    )
     return 0
 
 
@@ -278,8 +301,10 @@ COMMANDS: dict[str, Handler] = {
     "allowlist add": cmd_allowlist_add,
     "allowlist list": cmd_allowlist_list,
     "key import": cmd_key_import,
+    "key rotate": cmd_key_rotate,
     "key list": cmd_key_list,
     "grant add": cmd_grant_add,
+    "grant remove": cmd_grant_remove,
     "grant list": cmd_grant_list,
     "policy set": cmd_policy_set,
     "policy assign": cmd_policy_assign,

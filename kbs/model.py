@@ -1,4 +1,4 @@
-"""The broker's domain values: nodes, enrollments, keys, grants, policies, audit entries.
+"""The broker's domain values: nodes, enrollments, keys, grants, policies, audit entries, changes.
 
 Everything here is a frozen dataclass or an enum, built from database rows by ``kbs.store`` and
 from operator input by the parsers below (``parse_label``, ``parse_selector``, ``check_name``).
@@ -18,6 +18,8 @@ from kbs.errors import OperatorError
 
 __all__ = [
     "AuditEntry",
+    "Change",
+    "ChangeKind",
     "Grant",
     "Node",
     "NodeState",
@@ -110,6 +112,24 @@ class AuditEntry:
     node: str | None
     result: str
     detail: str
+
+
+class ChangeKind(Enum):
+    """What the watch stream tells a node: its keys must go, or it should attest again."""
+
+    REVOKED = "revoked"
+    CHANGED = "changed"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One row of the change feed; ``node`` None means every node."""
+
+    id: int
+    at: datetime
+    node: str | None
+    kind: ChangeKind
+    reason: str
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")

@@ -1,7 +1,11 @@
 """The broker's server lifecycle: start-up, serve, bounded graceful shutdown.
 
 SIGTERM/SIGINT start a graceful stop (in-flight RPCs get ``SHUTDOWN_GRACE`` seconds); a second
-signal stops at once.
+signal stops at once. The change feed behind the Watch streams starts with the server and is
+stopped first, which ends every Watch stream at once, so open streams never hold the stop.
+
+Keepalive: the server pings idle connections every ``KEEPALIVE_MS`` (so a dead agent's watch
+stream is freed) and accepts client pings every 5 s or slower (the agent pings every 10 s).
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from pathlib import Path
 import grpc
 
 from kbs.api.v1 import keylease_pb2_grpc as pb_grpc
+from kbs.changefeed import MAX_WATCHERS, ChangeFeed
 from kbs.config import KbsConfig
 from kbs.context import BrokerContext
-from kbs.errors import ConfigError
+from kbs.errors import ConfigError, KbsError
 from kbs.pki import load_server_credentials
 from kbs.service import NodeService
 
@@ -27,17 +32,23 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 2 << 20
 SHUTDOWN_GRACE = 5.0
+MAX_UNARY_RPCS = 256  # plus one slot per watch stream, which the change feed limits itself
+KEEPALIVE_MS = 30_000
 
 
 class RunningServer:
     """A started broker: ``port`` is the bound port (useful with ``listen = "host:0"``)."""
 
-    def __init__(self, server: grpc.aio.Server, ctx: BrokerContext, port: int) -> None:
+    def __init__(
+        self, server: grpc.aio.Server, ctx: BrokerContext, port: int, feed: ChangeFeed
+    ) -> None:
         self.server = server
         self.ctx = ctx
         self.port = port
+        self.feed = feed
 
     async def stop(self, grace: float | None = SHUTDOWN_GRACE) -> None:
+        await self.feed.stop()
         await self.server.stop(grace)
         self.ctx.store.close()
 
@@ -50,10 +61,15 @@ async def start_server(cfg: KbsConfig, ctx: BrokerContext | None = None) -> Runn
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ],
-        maximum_concurrent_rpcs=256,
+        maximum_concurrent_rpcs=MAX_UNARY_RPCS + MAX_WATCHERS,
     )
-    pb_grpc.add_NodeServiceServicer_to_server(NodeService(ctx), server)
+    feed = ChangeFeed(ctx.store)
+    pb_grpc.add_NodeServiceServicer_to_server(NodeService(ctx, feed), server)
     host = cfg.listen_host
     address = f"[{host}]:{cfg.listen_port}" if ":" in host else f"{host}:{cfg.listen_port}"
     creds = grpc.ssl_server_credentials([(key_pem, chain_pem)])
@@ -62,9 +78,14 @@ async def start_server(cfg: KbsConfig, ctx: BrokerContext | None = None) -> Runn
     except RuntimeError as exc:
         ctx.store.close()
         raise ConfigError(f"cannot listen on {address}: {exc}; is another broker running?") from exc
+    try:
+        await feed.start()
+    except KbsError:
+        ctx.store.close()
+        raise
     await server.start()
     log.info("keylease-kbs serving on %s:%d (enrollment=%s)", host, port, cfg.enrollment.value)
-    return RunningServer(server, ctx, port)
+    return RunningServer(server, ctx, port, feed)
 
 
 async def _serve(cfg: KbsConfig, ready_file: Path | None) -> None:

@@ -3,13 +3,18 @@
 This is the one place where broker errors become gRPC status codes: a ``KbsError`` answers with its
 ``grpc_code`` and operator-readable text; anything else is logged and answered INTERNAL without
 details. Refusals and denials are written to the audit log here.
+
+``Watch`` streams hints from the change feed (``kbs.changefeed``) to one node: subscribe first,
+then look the node up, so that nothing between the two is missed; REVOKED at once for a revoked
+node, otherwise a first HEARTBEAT, then the node's notices and a HEARTBEAT every
+``HEARTBEAT_INTERVAL`` seconds. The stream ends (OK) when the feed closes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -18,9 +23,11 @@ from kbs import attest as attest_step
 from kbs import enroll as enroll_step
 from kbs.api.v1 import keylease_pb2 as pb
 from kbs.api.v1 import keylease_pb2_grpc as pb_grpc
+from kbs.changefeed import ChangeFeed, FeedClosed, Notice, Subscription
 from kbs.context import BrokerContext
-from kbs.errors import AttestationFailed, EnrollmentRefused, InvalidRequest, KbsError
-from kbs.model import NodeState
+from kbs.errors import AttestationFailed, EnrollmentRefused, InvalidRequest, KbsError, UnknownNode
+from kbs.model import ChangeKind, NodeState
+from kbs.names import check_node_name
 
 __all__ = ["NodeService", "limits"]
 
@@ -39,6 +46,7 @@ MAX_EVENT_LOG = 1 << 20
 MAX_METADATA_ENTRIES = 32
 MAX_METADATA_TEXT = 256
 MAX_PROOF = 64
+HEARTBEAT_INTERVAL = 15.0
 
 
 def limits() -> dict[str, int]:
@@ -64,11 +72,16 @@ _STATES = {
     NodeState.APPROVED: pb.NODE_STATE_APPROVED,
     NodeState.REVOKED: pb.NODE_STATE_REVOKED,
 }
+_KINDS = {ChangeKind.REVOKED: pb.WATCH_KIND_REVOKED, ChangeKind.CHANGED: pb.WATCH_KIND_CHANGED}
 
 
 class NodeService(pb_grpc.NodeServiceServicer):
-    def __init__(self, ctx: BrokerContext) -> None:
+    def __init__(
+        self, ctx: BrokerContext, feed: ChangeFeed, heartbeat: float = HEARTBEAT_INTERVAL
+    ) -> None:
         self._ctx = ctx
+        self._feed = feed
+        self._heartbeat = heartbeat
 
     async def _run(
         self,
@@ -178,6 +191,56 @@ class NodeService(pb_grpc.NodeServiceServicer):
                 node_name=rel.node_name,
             ),
         )
+
+    async def Watch(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchEvent]:
+        name = request.node_name
+        try:
+            _bounded("node_name", name, MAX_NAME)
+            check_node_name(name)
+            sub = self._feed.subscribe(name)
+        except KbsError as exc:
+            log.info("watch node=%s result=refused reason=%s", _name(name) or "-", exc)
+            await _abort(context, exc.grpc_code, exc.diagnostics())
+        why = "the client went away"
+        started = False
+        try:
+            state = await self._run(context, "watch", name, lambda: self._node_state(name))
+            started = True
+            log.info("watch node=%s started (%s)", name, state.value)
+            if state is NodeState.REVOKED:
+                yield pb.WatchEvent(kind=pb.WATCH_KIND_REVOKED, reason="the node is revoked")
+            else:
+                yield pb.WatchEvent(kind=pb.WATCH_KIND_HEARTBEAT, reason="watching")
+            async for event in self._events(sub):
+                yield event
+            why = sub.closed_because
+        finally:
+            self._feed.unsubscribe(sub)
+            if started:
+                log.info("watch node=%s ended (%s)", name, why)
+
+    async def _events(self, sub: Subscription) -> AsyncIterator[pb.WatchEvent]:
+        """The subscription's notices, a heartbeat whenever it is quiet; ends when it closes."""
+        while True:
+            try:
+                notice = await sub.next(self._heartbeat)
+            except FeedClosed:
+                return
+            yield _watch_event(notice)
+
+    def _node_state(self, name: str) -> NodeState:
+        node = self._ctx.store.get_node(name)
+        if node is None:
+            raise UnknownNode(f"node {name!r} is not enrolled; enroll it before watching")
+        return node.state
+
+
+def _watch_event(notice: Notice | None) -> pb.WatchEvent:
+    if notice is None:
+        return pb.WatchEvent(kind=pb.WATCH_KIND_HEARTBEAT)
+    return pb.WatchEvent(kind=_KINDS[notice.kind], reason=notice.reason)
 
 
 def _evidence(request: pb.AttestRequest) -> attest_step.Evidence:

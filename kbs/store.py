@@ -1,9 +1,9 @@
 """The broker's database: SQLite (WAL), one transaction per method, rows in, frozen values out.
 
 ``Store`` is the one class the rest of the broker uses: nodes, nonces and enrollment challenges
-here; allowlist, keys, grants, policies and audit in ``kbs.store_catalog``; connection,
-migrations and transactions in ``kbs.store_db``. Thread-safe; every ``sqlite3.Error`` becomes
-``StoreError``. ``list_audit`` returns entries oldest first (newest last).
+here; allowlist, keys, grants, policies and audit in ``kbs.store_catalog``; the change feed in
+``kbs.store_changes``; connection, migrations and transactions in ``kbs.store_db``. Thread-safe;
+every ``sqlite3.Error`` becomes ``StoreError``. ``list_audit`` returns entries oldest first.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 from kbs.errors import ActivationFailed, NodeEkConflict, NonceExpired, NonceUnknown, NotFound
-from kbs.model import Node, NodeState, PendingEnrollment
+from kbs.model import ChangeKind, Node, NodeState, PendingEnrollment
 from kbs.store_catalog import Catalog
 from kbs.store_db import BUSY_TIMEOUT, dumps_map, dumps_pcrs, loads_map, node_from_row, ts
 
@@ -113,14 +113,21 @@ class Store(Catalog):
             if state is NodeState.REVOKED:
                 db.execute("DELETE FROM nonces WHERE node_name = ?", (name,))
                 db.execute("DELETE FROM enrollments WHERE node_name = ?", (name,))
+                self._record_change(db, name, ChangeKind.REVOKED, "revoked by the operator", now)
+            else:
+                self._record_change(
+                    db, name, ChangeKind.CHANGED, "state or labels changed by the operator", now
+                )
+            self._purge_changes(db, now)
             return self._node_or_raise(db, name)
 
     def approve_node(self, name: str, labels: Mapping[str, str], now: datetime) -> Node:
-        """Approve a node and replace its labels. NotFound if unknown."""
+        """Approve a node and replace its labels (a CHANGED row for it). NotFound if unknown."""
         return self._set_state(name, NodeState.APPROVED, labels, now)
 
     def revoke_node(self, name: str, now: datetime) -> Node:
-        """Revoke a node and drop its outstanding nonces and challenges. NotFound if unknown."""
+        """Revoke a node and drop its outstanding nonces and challenges (a REVOKED row for it).
+        NotFound if unknown."""
         return self._set_state(name, NodeState.REVOKED, None, now)
 
     def record_attestation(

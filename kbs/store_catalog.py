@@ -1,7 +1,9 @@
 """The broker database's catalogue tables: EK allowlist, keys, grants, policies, audit log.
 
 Part of ``kbs.store.Store`` (see ``kbs.store_db`` for storage conventions). Key ciphertext is
-sealed by the caller under the master key; ``list_audit`` returns entries oldest first.
+sealed by the caller under the master key; ``list_audit`` returns entries oldest first. A new key
+version, a grant added or removed and a policy set or assigned record a CHANGED row for every
+node they concern (``kbs.store_changes``) in the same transaction.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from typing import Any
 
 from kbs.errors import NotFound, OperatorError
 from kbs.model import AuditEntry, Grant, Policy, StoredKey, format_selector, selector_matches
-from kbs.store_db import Database, dumps_map, dumps_pcrs, key_from_row, loads_map, loads_pcrs, ts
+from kbs.store_changes import Changes
+from kbs.store_db import dumps_map, dumps_pcrs, key_from_row, loads_map, loads_pcrs, ts
 
 __all__ = ["Catalog"]
 
 
-class Catalog(Database):
+class Catalog(Changes):
     """Allowlist, keys, grants, policies and audit; part of ``kbs.store.Store``."""
 
     # --- allowlist --------------------------------------------------------------------------
@@ -45,21 +48,48 @@ class Catalog(Database):
     # --- keys and grants --------------------------------------------------------------------
 
     def add_sealed_key(
-        self, name: str, algorithm: str, seal: Callable[[int], bytes], now: datetime
+        self,
+        name: str,
+        algorithm: str,
+        seal: Callable[[int], bytes],
+        now: datetime,
+        *,
+        must_exist: bool | None = None,
     ) -> StoredKey:
         """Store the next version of key ``name``; ``seal(version)`` returns its ciphertext (it
-        is called inside the transaction, so the version bound into the AAD is the stored one)."""
+        is called inside the transaction, so the version bound into the AAD is the stored one).
+
+        ``must_exist=False`` refuses a name that exists (``key import``), ``True`` one that does
+        not (``key rotate``). A second or later version records CHANGED for the nodes the key is
+        granted to."""
         with self._tx() as db:
             row = db.execute(
                 "SELECT COALESCE(MAX(version), 0) AS v FROM keys WHERE name = ?", (name,)
             ).fetchone()
-            version = int(row["v"]) + 1
+            current = int(row["v"])
+            if must_exist is False and current:
+                raise OperatorError(
+                    f"key {name!r} already exists (version {current}); to release a new version "
+                    f"use `keylease-kbs key rotate {name} --private-key FILE`"
+                )
+            if must_exist and not current:
+                raise NotFound(
+                    f"no key named {name!r} to rotate; import it first with `keylease-kbs key "
+                    f"import {name} --private-key FILE`"
+                )
+            version = current + 1
             db.execute(
                 "INSERT INTO keys (name, version, algorithm, encrypted_private, created_at) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (name, version, algorithm, seal(version), ts(now)),
             )
+            if version > 1:
+                self._notify_matching(db, self._grant_selectors(db, name), "a key was rotated", now)
         return StoredKey(name, version, algorithm, b"", now)
+
+    def _grant_selectors(self, db: sqlite3.Connection, key_name: str) -> list[dict[str, str]]:
+        rows = db.execute("SELECT selector FROM grants WHERE key_name = ?", (key_name,))
+        return [loads_map(r["selector"]) for r in rows]
 
     def add_key(
         self, name: str, algorithm: str, encrypted_private: bytes, now: datetime
@@ -120,7 +150,22 @@ class Catalog(Database):
                 raise OperatorError(
                     f"key {key_name!r} is already granted to {format_selector(selector)}"
                 )
+            self._notify_matching(db, [selector], "a key was granted", now)
         return Grant(key_name, dict(selector), now)
+
+    def remove_grant(self, key_name: str, selector: Mapping[str, str], now: datetime) -> None:
+        """Remove exactly this grant (same key, same selector). NotFound if there is none."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "DELETE FROM grants WHERE key_name = ? AND selector = ?",
+                (key_name, dumps_map(selector)),
+            )
+            if cursor.rowcount != 1:
+                raise NotFound(
+                    f"key {key_name!r} is not granted to {format_selector(selector) or '-'}; "
+                    "`keylease-kbs grant list` shows the grants and their exact selectors"
+                )
+            self._notify_matching(db, [selector], "a key grant was removed", now)
 
     def list_grants(self) -> list[Grant]:
         with self._tx(write=False) as db:
@@ -156,7 +201,9 @@ class Catalog(Database):
                 (name, bank, dumps_pcrs(pcrs), ts(now)),
             )
             row = db.execute("SELECT * FROM policies WHERE name = ?", (name,)).fetchone()
-            return self._policy(db, row)
+            policy = self._policy(db, row)
+            self._notify_matching(db, policy.selectors, "an attestation policy changed", now)
+            return policy
 
     def assign_policy(self, name: str, selector: Mapping[str, str], now: datetime) -> Policy:
         if not selector:
@@ -177,6 +224,7 @@ class Catalog(Database):
                 raise OperatorError(
                     f"policy {name!r} is already assigned to {format_selector(selector)}"
                 )
+            self._notify_matching(db, [selector], "an attestation policy was assigned", now)
             return self._policy(db, row)
 
     def list_policies(self) -> list[Policy]:

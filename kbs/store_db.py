@@ -112,6 +112,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             detail TEXT NOT NULL)""",
         "CREATE INDEX audit_node ON audit (node, id)",
     ),
+    (  # 2: the change feed behind the Watch stream (kbs.store_changes)
+        """CREATE TABLE changes (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at TEXT NOT NULL,
+            node TEXT,
+            kind TEXT NOT NULL CHECK (kind IN ('revoked', 'changed')),
+            reason TEXT NOT NULL)""",
+        "CREATE INDEX changes_at ON changes (at)",
+    ),
 )
 
 

@@ -47,7 +47,10 @@ def main() -> int:
     parser.add_argument("--channel-runs", type=int, default=200)
     args = parser.parse_args()
     os.environ.setdefault("TSS2_LOG", "esys+none")  # ESYS prints expected TPM errors otherwise
-    with tempfile.TemporaryDirectory(prefix="keylease-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="keylease-bench-") as tmp,
+        tempfile.TemporaryDirectory(prefix="keylease-bench-", dir="/dev/shm") as keys,
+    ):
         work = Path(tmp)
         ca = SwtpmCa(work / "ca")
         (work / "roots.pem").write_bytes(ca.bundle_pem())
@@ -60,7 +63,7 @@ def main() -> int:
                 broker=broker,
                 tcti=tpm.tcti,
                 state_dir=work / "state",
-                key_dirs=[work / "keys"],
+                key_dirs=[Path(keys) / "keys"],
                 node_name="bench-1",
             )
             if agent(cfg_path, "attest", "--once").returncode != 3:

@@ -234,11 +234,38 @@ def test_key_import_refuses_bad_names_and_missing_files(kbs: Kbs, tmp_path: Path
     assert "invalid key name" in result.err
 
 
-def test_reimport_is_a_new_version_and_listing_parses(kbs: Kbs, tmp_path: Path) -> None:
-    path = tmp_path / "k.pem"
-    for curve in (ec.SECP256R1(), ec.SECP384R1()):
-        path.write_bytes(ec.generate_private_key(curve).private_bytes(PEM, PKCS8, PLAIN))
-        assert kbs("key", "import", "rotating", "--private-key", str(path)).code == 0
+def test_rotation_is_a_new_version_and_reimport_is_refused(
+    kbs: Kbs, config: Path, tmp_path: Path
+) -> None:
+    v1, v2 = tmp_path / "v1.pem", tmp_path / "v2.pem"
+    v1.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(PEM, PKCS8, PLAIN))
+    v2.write_bytes(ec.generate_private_key(ec.SECP384R1()).private_bytes(PEM, PKCS8, PLAIN))
+    ghost = kbs("key", "rotate", "rotating", "--private-key", str(v1))
+    assert ghost.code == 2
+    assert "no key named 'rotating' to rotate" in ghost.err
+    assert "key import rotating" in ghost.err
+    assert kbs("key", "import", "rotating", "--private-key", str(v1)).code == 0
+    again = kbs("key", "import", "rotating", "--private-key", str(v2))
+    assert again.code == 2
+    assert "already exists (version 1)" in again.err
+    assert "keylease-kbs key rotate rotating --private-key FILE" in again.err
+    same = kbs("key", "rotate", "rotating", "--private-key", str(v1))
+    assert same.code == 2
+    assert "already has (version 1)" in same.err
+    rotated = kbs("key", "rotate", "rotating", "--private-key", str(v2))
+    assert rotated.code == 0, rotated
+    assert "version 2 (EC-P384) is now released" in rotated.out
+    with open_store(config) as store:
+        latest = store.get_key("rotating")
+    assert latest is not None
+    assert latest.version == 2
+    master = MasterKey(read_master_key(load_config(config)).reveal())
+    pem = master.open(latest.encrypted_private, key_aad("rotating", 2)).reveal()
+    assert pem == v2.read_bytes()
+    assert [e for e in events(config) if e[1].startswith("key-")] == [
+        ("operator", "key-import", "ok"),
+        ("operator", "key-rotate", "ok"),
+    ]
     listing = kbs("key", "list", "--json")
     assert listing.code == 0
     assert [(k["name"], k["version"], k["algorithm"]) for k in json.loads(listing.out)] == [
@@ -289,6 +316,22 @@ def test_grant_add_and_list(kbs: Kbs, tmp_path: Path) -> None:
         ("k", {"cluster": "prod", "region": "eu"})
     ]
     assert "cluster=prod,region=eu" in kbs("grant", "list").out
+
+
+def test_grant_remove_takes_the_exact_selector(kbs: Kbs, config: Path, tmp_path: Path) -> None:
+    path = tmp_path / "k.pem"
+    path.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(PEM, PKCS8, PLAIN))
+    assert kbs("key", "import", "k", "--private-key", str(path)).code == 0
+    assert kbs("grant", "add", "k", "--selector", "cluster=prod,region=eu").code == 0
+    partial = kbs("grant", "remove", "k", "--selector", "cluster=prod")
+    assert partial.code == 2
+    assert "not granted to cluster=prod" in partial.err
+    assert "grant list" in partial.err
+    assert kbs("grant", "remove", "k", "--selector", "region=eu,cluster=prod").code == 0
+    assert kbs("grant", "list", "--json").out.strip() == "[]"
+    assert kbs("grant", "remove", "k", "--selector", "cluster=prod,region=eu").code == 2
+    assert kbs("grant", "remove", "k", "--selector", "cluster").code == 2
+    assert [e[1] for e in events(config)] == ["key-import", "grant-add", "grant-remove"]
 
 
 # --- nodes, allowlist, policies ---------------------------------------------------------------
@@ -441,6 +484,8 @@ def test_audit_shows_refusal_details(kbs: Kbs, config: Path) -> None:
         ["key", "import"],
         ["key", "list"],
         ["grant", "add"],
+        ["grant", "remove"],
+        ["key", "rotate"],
         ["grant", "list"],
         ["policy", "set"],
         ["policy", "assign"],
@@ -494,3 +539,50 @@ def test_serve_refuses_a_bad_setup_in_one_line(config: Path) -> None:
     assert proc.stderr.startswith("keylease-kbs: master_key ")
     assert f"chmod 600 {config.parent / 'master.key'}" in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+# --- the change feed behind the Watch stream -----------------------------------------------------
+
+
+def test_operator_changes_notify_exactly_the_nodes_they_concern(
+    kbs: Kbs, config: Path, tmp_path: Path
+) -> None:
+    """Each change row is written by the command's own transaction, for the nodes it concerns
+    (revoked nodes are only ever told they are revoked); a refused command writes none."""
+    with open_store(config) as store:
+        for i, name in enumerate(("a", "b", "c")):
+            store.enroll_node(name=name, ek_hash=f"{i:064x}", ek_public=b"ek",
+                              ek_certificate=b"cert", ak_public=b"ak", state=NodeState.PENDING,
+                              metadata={}, now=datetime.now(UTC))  # fmt: skip
+        store.record_attestation("a", bank="sha256", pcrs={0: b"\0" * 32}, reset_count=1,
+                                 restart_count=0, now=datetime.now(UTC))  # fmt: skip
+        start = store.last_change_id()
+    keys = []
+    for i in range(2):
+        keys.append(tmp_path / f"k{i}.pem")
+        keys[-1].write_bytes(
+            ec.generate_private_key(ec.SECP256R1()).private_bytes(PEM, PKCS8, PLAIN)
+        )
+    steps: list[tuple[tuple[str, ...], list[tuple[str | None, str]]]] = [
+        (("node", "approve", "a", "--label", "cluster=prod"), [("a", "changed")]),
+        (("node", "approve", "b", "--label", "cluster=dev"), [("b", "changed")]),
+        (("node", "approve", "c", "--label", "cluster=prod"), [("c", "changed")]),
+        (("node", "revoke", "c"), [("c", "revoked")]),
+        (("key", "import", "k", "--private-key", str(keys[0])), []),
+        (("grant", "add", "k", "--selector", "cluster=prod"), [("a", "changed")]),
+        (("grant", "add", "k", "--selector", "cluster=prod"), []),  # refused: already granted
+        (("key", "rotate", "k", "--private-key", str(keys[1])), [("a", "changed")]),
+        (("policy", "set", "boot", "--pcrs", "0", "--from-node", "a"), []),  # assigned to none
+        (("policy", "assign", "boot", "--selector", "cluster=dev"), [("b", "changed")]),
+        (("policy", "set", "boot", "--pcrs", "0", "--from-node", "a"), [("b", "changed")]),
+        (("grant", "remove", "k", "--selector", "cluster=prod"), [("a", "changed")]),
+        (("grant", "remove", "k", "--selector", "cluster=prod"), []),  # refused: no such grant
+    ]
+    last = start
+    for argv, expected in steps:
+        kbs(*argv)
+        with open_store(config) as store:
+            changes = store.changes_since(last)
+        assert [(c.node, c.kind.value) for c in changes] == expected, argv
+        assert all(c.reason and "k" not in c.reason.split() for c in changes)
+        last = changes[-1].id if changes else last

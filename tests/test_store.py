@@ -21,7 +21,7 @@ from kbs.errors import (
     OperatorError,
     StoreError,
 )
-from kbs.model import Node, NodeState, PendingEnrollment
+from kbs.model import ChangeKind, Node, NodeState, PendingEnrollment
 from kbs.store import Store
 from kbs.store_db import MIGRATIONS
 
@@ -355,3 +355,70 @@ def test_threads_and_a_second_process_handle_share_the_database(tmp_path: Path) 
             t.join()
         assert errors == []
         assert len(server.list_audit(limit=100)) == 10
+
+
+# --- the change feed --------------------------------------------------------------------------
+
+
+def test_upgrades_a_version_1_database_in_place(tmp_path: Path) -> None:
+    """A database written before the change feed existed gains the table; nothing is lost."""
+    path = tmp_path / "kbs.db"
+    with sqlite3.connect(path) as raw:
+        raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        raw.execute("INSERT INTO schema_version (version) VALUES (1)")
+        for statement in MIGRATIONS[0]:
+            raw.execute(statement)
+        raw.execute(
+            "INSERT INTO nodes (name, state, labels, ek_hash, ek_public, ek_certificate, "
+            "ak_public, enrolled_at, updated_at) "
+            "VALUES ('n1', 'approved', ?, ?, x'00', x'00', x'00', ?, ?)",
+            ('{"cluster":"prod"}', EK_A, T0.isoformat(), T0.isoformat()),
+        )
+    raw.close()
+    with Store.open(path) as store:
+        assert store.schema_version() == len(MIGRATIONS) == 2
+        node = store.get_node("n1")
+        assert node is not None
+        assert node.labels == {"cluster": "prod"}
+        assert store.last_change_id() == 0
+        store.revoke_node("n1", T0)
+        assert [(c.node, c.kind) for c in store.changes_since(0)] == [("n1", ChangeKind.REVOKED)]
+    with Store.open(path) as store:  # and opens again unchanged
+        assert store.schema_version() == 2
+        assert len(store.changes_since(0)) == 1
+
+
+def test_changes_are_ordered_purged_after_a_day_and_ids_never_reused(store: Store) -> None:
+    first = store.add_change("n1", ChangeKind.CHANGED, "labels", T0)
+    second = store.add_change(None, ChangeKind.CHANGED, "everyone", T0 + timedelta(hours=1))
+    assert second > first
+    assert [(c.id, c.node, c.reason) for c in store.changes_since(0)] == [
+        (first, "n1", "labels"),
+        (second, None, "everyone"),
+    ]
+    assert store.changes_since(second) == []
+    assert [c.id for c in store.changes_since(0, limit=1)] == [first]
+    third = store.add_change("n2", ChangeKind.REVOKED, "revoked", T0 + timedelta(days=2))
+    assert [c.id for c in store.changes_since(0)] == [third]  # the first two are purged
+    assert store.changes_since(0)[0].at == T0 + timedelta(days=2)
+    fourth = store.add_change("n2", ChangeKind.CHANGED, "x", T0 + timedelta(days=4))
+    assert [c.id for c in store.changes_since(0)] == [fourth]
+    assert store.last_change_id() == fourth > third
+
+
+def test_a_refused_change_records_no_notification(store: Store) -> None:
+    enroll(store, "n1", EK_A)
+    store.approve_node("n1", {"cluster": "prod"}, T0)
+    store.add_key("k", "EC-P256", b"c", T0)
+    store.add_grant("k", {"cluster": "prod"}, T0)
+    last = store.last_change_id()
+    with pytest.raises(OperatorError, match="already granted"):
+        store.add_grant("k", {"cluster": "prod"}, T0)
+    with pytest.raises(NotFound, match="not granted"):
+        store.remove_grant("k", {"cluster": "dev"}, T0)
+    with pytest.raises(OperatorError, match="key rotate k"):
+        store.add_sealed_key("k", "EC-P256", lambda v: b"c", T0, must_exist=False)
+    with pytest.raises(NotFound, match="import it first"):
+        store.add_sealed_key("new", "EC-P256", lambda v: b"c", T0, must_exist=True)
+    assert store.changes_since(last) == []
+    assert [k.version for k in store.list_keys()] == [1]

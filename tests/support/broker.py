@@ -105,6 +105,22 @@ class Broker:
                 self._proc.wait()
         self._proc = None
 
+    def set(self, **settings: int | str) -> None:
+        """Rewrite top-level kbs.toml settings (the broker reads them at start)."""
+        lines = self.config.read_text().splitlines()
+        for key, value in settings.items():
+            text = f'"{value}"' if isinstance(value, str) else str(value)
+            lines = [ln for ln in lines if not ln.startswith(f"{key} ")] + [f"{key} = {text}"]
+        self.config.write_text("\n".join([*lines, ""]))
+
+    def restart(self, **settings: int | str) -> None:
+        """Stop, change settings, start again on the same port (agents keep their config)."""
+        if self.address:
+            self.set(listen=self.address)
+        self.stop()
+        self.set(**settings)
+        self.start()
+
     @property
     def pid(self) -> int:
         if self._proc is None:
@@ -138,6 +154,7 @@ def write_agent_config(
     state_dir: Path,
     key_dirs: Sequence[Path],
     node_name: str,
+    extra_lines: Sequence[str] = (),
 ) -> Path:
     path.write_text(
         "\n".join(
@@ -149,6 +166,7 @@ def write_agent_config(
                 f'node_name = "{node_name}"',
                 "key_dirs = [" + ", ".join(f'"{d}"' for d in key_dirs) + "]",
                 'event_log = ""',
+                *extra_lines,
                 "",
             ]
         )

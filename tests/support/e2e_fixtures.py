@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,14 +35,30 @@ def foreign_ca(tmp_path_factory: pytest.TempPathFactory) -> SwtpmCa:
 
 
 @pytest.fixture
+def shm_path(tmp_path: Path) -> Iterator[Path]:
+    """A per-test directory on tmpfs (/dev/shm), for key directories."""
+    path = Path(tempfile.mkdtemp(prefix=f"keylease-{tmp_path.name[:40]}-", dir="/dev/shm"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def make_node(
-    broker: Broker, tpm_factory: Callable[..., Any], tmp_path: Path
+    broker: Broker, tpm_factory: Callable[..., Any], tmp_path: Path, shm_path: Path
 ) -> Callable[..., Node]:
     counter = iter(range(1000))
 
     def make(name: str, *, distinct: bool = False, ca: SwtpmCa | None = None) -> Node:
         root = tmp_path / f"node-{next(counter)}-{name}"
         root.mkdir()
-        return Node(name=name, tpm=tpm_factory(distinct=distinct, ca=ca), root=root, broker=broker)
+        keys_root = shm_path / root.name
+        keys_root.mkdir()
+        return Node(
+            name=name,
+            tpm=tpm_factory(distinct=distinct, ca=ca),
+            root=root,
+            keys_root=keys_root,
+            broker=broker,
+        )
 
     return make

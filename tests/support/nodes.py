@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import AgentConfig, load_config
@@ -17,7 +17,9 @@ class Node:
     name: str
     tpm: Swtpm
     root: Path
+    keys_root: Path  # on a tmpfs: the agent refuses key directories that would reach a disk
     broker: Broker
+    config_extra: list[str] = field(default_factory=list)  # more agent.toml lines
 
     @property
     def config_path(self) -> Path:
@@ -25,7 +27,7 @@ class Node:
 
     @property
     def key_dirs(self) -> tuple[Path, Path]:
-        return (self.root / "crio-keys", self.root / "containerd-keys")
+        return (self.keys_root / "crio-keys", self.keys_root / "containerd-keys")
 
     def key_file(self, key: str, key_dir: int = 0) -> Path:
         return self.key_dirs[key_dir] / "keylease" / f"{key}.pem"
@@ -38,6 +40,7 @@ class Node:
             state_dir=self.root / "state",
             key_dirs=self.key_dirs,
             node_name=self.name,
+            extra_lines=self.config_extra,
         )
 
     def config(self) -> AgentConfig:

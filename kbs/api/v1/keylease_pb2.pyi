@@ -19,6 +19,13 @@ class AttestOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ATTEST_OUTCOME_UNSPECIFIED: _ClassVar[AttestOutcome]
     ATTEST_OUTCOME_PENDING_APPROVAL: _ClassVar[AttestOutcome]
     ATTEST_OUTCOME_RELEASED: _ClassVar[AttestOutcome]
+
+class WatchKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WATCH_KIND_UNSPECIFIED: _ClassVar[WatchKind]
+    WATCH_KIND_REVOKED: _ClassVar[WatchKind]
+    WATCH_KIND_CHANGED: _ClassVar[WatchKind]
+    WATCH_KIND_HEARTBEAT: _ClassVar[WatchKind]
 NODE_STATE_UNSPECIFIED: NodeState
 NODE_STATE_PENDING: NodeState
 NODE_STATE_APPROVED: NodeState
@@ -26,6 +33,10 @@ NODE_STATE_REVOKED: NodeState
 ATTEST_OUTCOME_UNSPECIFIED: AttestOutcome
 ATTEST_OUTCOME_PENDING_APPROVAL: AttestOutcome
 ATTEST_OUTCOME_RELEASED: AttestOutcome
+WATCH_KIND_UNSPECIFIED: WatchKind
+WATCH_KIND_REVOKED: WatchKind
+WATCH_KIND_CHANGED: WatchKind
+WATCH_KIND_HEARTBEAT: WatchKind
 
 class StartEnrollmentRequest(_message.Message):
     __slots__ = ("node_name", "ek_certificate", "ek_public", "ak_public", "metadata")
@@ -163,3 +174,17 @@ class BundledKey(_message.Message):
     version: int
     private_key_pem: bytes
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., private_key_pem: _Optional[bytes] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("node_name",)
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    def __init__(self, node_name: _Optional[str] = ...) -> None: ...
+
+class WatchEvent(_message.Message):
+    __slots__ = ("kind", "reason")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    kind: WatchKind
+    reason: str
+    def __init__(self, kind: _Optional[_Union[WatchKind, str]] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -54,6 +54,11 @@ class NodeServiceStub:
                 request_serializer=kbs_dot_api_dot_v1_dot_keylease__pb2.AttestRequest.SerializeToString,
                 response_deserializer=kbs_dot_api_dot_v1_dot_keylease__pb2.AttestResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/keylease.v1.NodeService/Watch',
+                request_serializer=kbs_dot_api_dot_v1_dot_keylease__pb2.WatchRequest.SerializeToString,
+                response_deserializer=kbs_dot_api_dot_v1_dot_keylease__pb2.WatchEvent.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -88,6 +93,19 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """A long-lived stream of hints about this node: revocation, and changes to its labels, grants,
+        keys or policies. Events are hints, never trust: the agent acts on REVOKED by removing its
+        keys and on CHANGED by attesting again; keys still come only from a successful Attest.
+        The first event is sent once the subscription is in place: REVOKED if the node is already
+        revoked, HEARTBEAT otherwise (attest after it to miss nothing). Then HEARTBEAT every 15 s.
+        Unknown node: NOT_FOUND; malformed name: INVALID_ARGUMENT. The stream ends with OK when the
+        broker stops (reconnect with backoff) or when a newer stream for the same node displaces it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +128,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Attest,
                     request_deserializer=kbs_dot_api_dot_v1_dot_keylease__pb2.AttestRequest.FromString,
                     response_serializer=kbs_dot_api_dot_v1_dot_keylease__pb2.AttestResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=kbs_dot_api_dot_v1_dot_keylease__pb2.WatchRequest.FromString,
+                    response_serializer=kbs_dot_api_dot_v1_dot_keylease__pb2.WatchEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +243,33 @@ class NodeService:
             '/keylease.v1.NodeService/Attest',
             kbs_dot_api_dot_v1_dot_keylease__pb2.AttestRequest.SerializeToString,
             kbs_dot_api_dot_v1_dot_keylease__pb2.AttestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/keylease.v1.NodeService/Watch',
+            kbs_dot_api_dot_v1_dot_keylease__pb2.WatchRequest.SerializeToString,
+            kbs_dot_api_dot_v1_dot_keylease__pb2.WatchEvent.FromString,
             options,
             channel_credentials,
             insecure,
