@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test check lint pytest proto proto-check
+.PHONY: setup demo test check lint pytest proto proto-check vm-image vm-test
 
 setup:
 	@bash scripts/setup.sh
@@ -11,8 +11,9 @@ setup:
 demo: setup
 	$(PY) -m demo
 
-## Install what is missing, then lint, type-check and run the whole test suite.
-test: setup check pytest
+## Install what is missing (including the VM test's cached guest image, the only step that
+## downloads: Debian packages and wheels), then lint, type-check and run the whole test suite offline.
+test: setup vm-image check pytest
 
 check: lint proto-check
 
@@ -29,3 +30,12 @@ proto:
 
 proto-check:
 	PATH=$(VENV)/bin:$$PATH scripts/gen_proto.sh --check
+
+## Issue 5's acceptance test: a Debian 12 VM (qemu, OVMF, swtpm) with the agent as its systemd unit.
+## The guest image is cached in /var/cache/keylease-vm (KEYLEASE_VM_CACHE); logs in VM_WORK.
+VM_WORK ?= /tmp/keylease-vm-run
+vm-image: setup
+	$(PY) -m tests.vm.image
+
+vm-test: setup
+	rm -rf $(VM_WORK) && $(PY) -m tests.vm.scenario $(VM_WORK)

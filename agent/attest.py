@@ -174,7 +174,12 @@ def attest_once(cfg: AgentConfig, tpm: Tpm, client: BrokerClient, state: StateDi
         )
     bundle = open_release(tpm, reply.release, cfg.node_name)
     installed, removed = install_keys(cfg, bundle)
-    state.save_release(reply.release.serialize())
+    sealed = reply.release.sealed
+    state.save_release(
+        reply.release.serialize(),
+        sealed.pcr_bank,
+        {i: quote.pcrs[i] for i in sealed.pcr_indices if i in quote.pcrs},
+    )
     log.info(
         "attest node=%s result=ok keys=%s until=%s",
         cfg.node_name,

@@ -24,6 +24,7 @@ from agent.config import AgentConfig
 from agent.errors import (
     AgentError,
     AttestationDenied,
+    BrokerBusy,
     BrokerError,
     BrokerUnreachable,
     ConfigError,
@@ -168,6 +169,15 @@ def _status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     )
 
 
+def _retry_after(exc: grpc.RpcError) -> float | None:
+    """The broker's ``retry-after-ms`` hint (trailing metadata), in seconds."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == "retry-after-ms" and isinstance(value, str) and value.isdigit():
+            return int(value) / 1000
+    return None
+
+
 class BrokerClient:
     def __init__(self, cfg: AgentConfig) -> None:
         try:
@@ -201,6 +211,8 @@ class BrokerClient:
     def _error(self, rpc: str, exc: grpc.RpcError, denied: type[AgentError]) -> AgentError:
         """The agent error for a failed call (the one translation of gRPC status codes)."""
         code, text = _status(exc)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return BrokerBusy(f"broker {self._target} busy, retry later: {text}", _retry_after(exc))
         if code in _UNREACHABLE:
             return BrokerUnreachable(
                 f"broker {self._target} unreachable ({code.name.lower()}: {text})"

@@ -271,7 +271,7 @@ class Daemon:
             install_keys(cfg, bundle)
         except AgentError as exc:
             drop = isinstance(exc, ReleaseInvalid | InvalidKey)
-            self._drop_stale_keys(cache=drop, reason=exc.diagnostics())
+            self._drop_stale_keys(cache=drop, reason=exc.diagnostics() + self._changed_pcrs())
             return
         self._lease = bundle.not_after
         keys = tuple((k.name, k.version) for k in bundle.keys)
@@ -285,6 +285,22 @@ class Daemon:
             state="keys installed", keys=keys, lease_not_after=bundle.not_after, source="cache"
         )
         self._notifier.ready(describe(self._status))
+
+    def _changed_pcrs(self) -> str:
+        """ "; PCR 7 changed since the release was sealed" — or "" when that cannot be told."""
+        recorded = self._state.load_release_pcrs()
+        if recorded is None:
+            return ""
+        bank, sealed = recorded
+        try:
+            with Tpm.open(self._cfg.tcti) as tpm:
+                now = tpm.read_pcrs(bank, sorted(sealed))
+        except AgentError:
+            return ""
+        changed = [i for i in sorted(sealed) if now.get(i) != sealed[i]]
+        if not changed:
+            return ""
+        return f"; PCR {','.join(map(str, changed))} ({bank}) changed since the release was sealed"
 
     def _drop_stale_keys(self, *, cache: bool, reason: str) -> None:
         """Nothing may stay installed that a valid cache or release does not back."""

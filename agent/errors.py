@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "AgentError",
     "AttestationDenied",
+    "BrokerBusy",
     "BrokerError",
     "BrokerUnreachable",
     "ConfigError",
@@ -55,6 +56,14 @@ class BrokerUnreachable(AgentError):
     """No answer from the broker (network, TLS, timeout)."""
 
     exit_code = 6
+
+
+class BrokerBusy(BrokerUnreachable):
+    """The broker refused for now (rate limit, overload: RESOURCE_EXHAUSTED); retry later."""
+
+    def __init__(self, message: str, retry_after_seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
 
 
 class BrokerError(AgentError):

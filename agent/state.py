@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ AK_PRIVATE = "ak.priv"
 ENROLLMENT = "enrollment.json"
 RELEASE = "release.bin"
 STATUS = "status.json"
+RELEASE_PCRS = "release-pcrs.json"
 MAX_FILE = 4 << 20
 
 
@@ -136,11 +138,26 @@ class StateDir:
     def load_release(self) -> bytes | None:
         return self._read(RELEASE)
 
-    def save_release(self, blob: bytes) -> None:
+    def save_release(self, blob: bytes, pcr_bank: str, pcrs: Mapping[int, bytes]) -> None:
+        """The release, and the PCR values it was sealed to (public: they are in every quote),
+        so that a cache that no longer opens can say which PCR changed."""
+        record = {"bank": pcr_bank, "pcrs": {str(i): v.hex() for i, v in sorted(pcrs.items())}}
+        self._write(RELEASE_PCRS, json.dumps(record, sort_keys=True).encode())
         self._write(RELEASE, blob)
+
+    def load_release_pcrs(self) -> tuple[str, dict[int, bytes]] | None:
+        data = self._read(RELEASE_PCRS)
+        if data is None:
+            return None
+        try:
+            raw = json.loads(data)
+            return str(raw["bank"]), {int(i): bytes.fromhex(v) for i, v in raw["pcrs"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
 
     def drop_release(self) -> None:
         self._remove(RELEASE)
+        self._remove(RELEASE_PCRS)
 
     # --- daemon status (read by `keylease-agent status`) -------------------------------------
 

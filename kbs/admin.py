@@ -14,7 +14,7 @@ from datetime import datetime
 
 from kbs.errors import NotFound, OperatorError
 from kbs.keyimport import load_private_key
-from kbs.masterkey import MasterKey, key_aad
+from kbs.masterkey import MasterKey, blob_key_id, key_aad
 from kbs.model import (
     Grant,
     Node,
@@ -25,8 +25,11 @@ from kbs.model import (
     format_selector,
 )
 from kbs.store import Store
+from kbs.store_admin import DeletedKey, delete_key, replace_sealed_key, sealed_key_rows
 
-__all__ = ["SUPPORTED_BANKS", "Admin", "check_ek_hash", "parse_pcr_list"]
+__all__ = ["SUPPORTED_BANKS", "Admin", "DeletedKey", "check_ek_hash", "parse_pcr_list"]
+
+_RESEAL_PASSES = 5
 
 SUPPORTED_BANKS = ("sha256",)
 _EK_HASH = re.compile(r"[0-9a-f]{64}")
@@ -138,6 +141,45 @@ class Admin:
         )
         self._audit("key-rotate", f"key {name} v{current.version} -> v{key.version} {algorithm}")
         return key
+
+    def delete_key(self, name: str) -> DeletedKey:
+        """Remove every version of key ``name`` and its grants; the nodes those grants covered
+        are told to attest again (and drop the key)."""
+        check_name(name, "key")
+        deleted = delete_key(self.store, name, self.clock())
+        self._audit(
+            "key-delete",
+            f"key {name}: {deleted.versions} version(s), {deleted.grants} grant(s) removed; "
+            f"{len(deleted.nodes_notified)} node(s) told to attest again",
+        )
+        return deleted
+
+    def reseal_keys(self, master: MasterKey) -> int:
+        """Re-encrypt every stored key version not yet sealed under ``master``'s current key
+        (opening it with any key ``master`` holds); returns how many were re-encrypted. Rows
+        written meanwhile by another process are picked up by the next pass."""
+        count = 0
+        for _ in range(_RESEAL_PASSES):
+            pending = [
+                row
+                for row in sealed_key_rows(self.store)
+                if blob_key_id(row.encrypted_private) != master.current_id
+            ]
+            if not pending:
+                break
+            for row in pending:
+                aad = key_aad(row.name, row.version)
+                blob = master.seal(master.open(row.encrypted_private, aad), aad)
+                count += replace_sealed_key(self.store, row, blob)
+        else:
+            raise OperatorError(
+                "stored keys kept changing during the master-key rotation; run it again"
+            )
+        self._audit(
+            "master-key-rotate",
+            f"{count} key version(s) re-encrypted under master key {master.current_id}",
+        )
+        return count
 
     def add_grant(self, key_name: str, selector: Mapping[str, str]) -> Grant:
         check_name(key_name, "key")

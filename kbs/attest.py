@@ -7,30 +7,33 @@ grants -> release. Anything that fails raises a specific ``AttestationFailed``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 
 from kbs.api.v1 import EPHEMERAL_PUBLIC_BYTES, NONCE_BYTES, qualifying_data
 from kbs.context import BrokerContext
-from kbs.errors import InvalidRequest, NodeRevoked, NotGranted, UnknownNode
+from kbs.errors import InvalidRequest, KbsError, NodeRevoked, NotGranted, UnknownNode
 from kbs.eventlog import check_event_log
 from kbs.masterkey import key_aad
-from kbs.model import Node, NodeState
+from kbs.model import Node, NodeState, Policy
 from kbs.names import check_node_name
 from kbs.policy import evaluate, required_pcrs
-from kbs.quote import verify_quote
+from kbs.quote import VerifiedQuote, verify_quote
 from kbs.release import GrantedKey, SealedRelease, build_release
-from kbs.tpm_objects import parse_public
+from kbs.store import AuditEvent
+from kbs.tpm_objects import TpmPublic, parse_public
 
 __all__ = ["AttestOutcome", "AttestResult", "Evidence", "attest", "issue_nonce"]
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_BANKS = frozenset({"sha256"})
+PENDING_DETAIL = "quote verified; node awaits operator approval"
 
 
 class AttestOutcome(Enum):
@@ -109,7 +112,8 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
     )
     if ev.event_log:
         check_event_log(ev.event_log, quote.pcr_bank, quote.pcrs)
-    ctx.store.record_attestation(
+    record = functools.partial(
+        ctx.store.record_attestation,
         node.name,
         bank=quote.pcr_bank,
         pcrs=quote.pcrs,
@@ -117,17 +121,42 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
         restart_count=quote.restart_count,
         now=now,
     )
+    actor = f"node:{node.name}"
     if node.state is NodeState.PENDING:
-        ctx.store.audit(
-            actor=f"node:{node.name}",
-            event="attest",
-            node=node.name,
-            result="pending",
-            detail="quote verified; node awaits operator approval",
-            now=now,
-        )
+        record(events=[AuditEvent(actor, "attest", node.name, "pending", PENDING_DETAIL)])
         log.info("attest node=%s result=pending", node.name)
         return AttestResult(AttestOutcome.PENDING_APPROVAL, None)
+    try:
+        sealed_pcrs, release = _release(ctx, node, ek, quote, policies, now)
+    except KbsError:
+        record()  # refused after a verified quote: its PCRs are kept (`policy set --from-node`)
+        raise
+    names = ",".join(f"{n}@v{v}" for n, v in release.keys)
+    record(
+        events=[
+            AuditEvent(
+                actor, "attest", node.name, "ok",
+                f"pcrs {','.join(str(i) for i in sorted(sealed_pcrs))} match policy",
+            ),
+            AuditEvent(
+                actor, "release", node.name, "ok",
+                f"keys {names} until {release.not_after.isoformat()}",
+            ),
+        ]
+    )  # fmt: skip
+    log.info("attest node=%s result=released keys=%s", node.name, names)
+    return AttestResult(AttestOutcome.RELEASED, release)
+
+
+def _release(
+    ctx: BrokerContext,
+    node: Node,
+    ek: TpmPublic,
+    quote: VerifiedQuote,
+    policies: Sequence[Policy],
+    now: datetime,
+) -> tuple[Mapping[int, bytes], SealedRelease]:
+    """The policy decision and the sealed release for an approved node's verified quote."""
     sealed_pcrs = evaluate(policies, quote.pcr_bank, quote.pcrs)
     stored = ctx.store.keys_for_labels(node.labels)
     if not stored:
@@ -153,22 +182,4 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
         issued_at=now,
         not_after=now + timedelta(seconds=ctx.config.lease_seconds),
     )
-    names = ",".join(f"{n}@v{v}" for n, v in release.keys)
-    ctx.store.audit(
-        actor=f"node:{node.name}",
-        event="attest",
-        node=node.name,
-        result="ok",
-        detail=f"pcrs {','.join(str(i) for i in sorted(sealed_pcrs))} match policy",
-        now=now,
-    )
-    ctx.store.audit(
-        actor=f"node:{node.name}",
-        event="release",
-        node=node.name,
-        result="ok",
-        detail=f"keys {names} until {release.not_after.isoformat()}",
-        now=now,
-    )
-    log.info("attest node=%s result=released keys=%s", node.name, names)
-    return AttestResult(AttestOutcome.RELEASED, release)
+    return sealed_pcrs, release

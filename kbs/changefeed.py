@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.5
 QUEUE_SIZE = 16
-MAX_WATCHERS = 4096
+MAX_WATCHERS = 16384  # a 10,000-node fleet keeps one watch stream per node
 MAX_PER_NODE = 4
 _STOP_WAIT = 2.0
 

@@ -1,5 +1,8 @@
 """keylease-kbs command line: the broker daemon (``serve``) and the operators' tool.
 
+Operator commands run on the local database, or on a remote broker's admin API with
+--server HOST:PORT --admin-cert DIR (or --profile NAME from ~/.config/keylease/kbs-client.toml).
+
 Exit codes: 0 ok; 2 usage, configuration or an operator argument that cannot be carried out
 (bad selector, unknown node/key/policy, unusable key file); 1 any other broker error (e.g. the
 database). Errors print one line "keylease-kbs: <what is wrong and what to do>".
@@ -11,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kbs.cli_admin import LOCAL_COMMANDS
 from kbs.cli_commands import COMMANDS
 from kbs.config import DEFAULT_CONFIG, EnrollmentMode
 from kbs.errors import ConfigError, KbsError, OperatorError
@@ -40,6 +45,7 @@ _GROUPS: dict[str, tuple[str, dict[str, str]]] = {
         {
             "import": "import a new key as version 1 (an existing NAME is refused)",
             "rotate": "make a new private key the next, released version of key NAME",
+            "delete": "delete key NAME: every version and its grants; nodes drop it",
             "list": "stored keys, every version",
         },
     ),
@@ -59,7 +65,28 @@ _GROUPS: dict[str, tuple[str, dict[str, str]]] = {
             "list": "policies, their PCRs and assignments",
         },
     ),
+    "admin-cert": (
+        "operator client certificates for the admin API (on the broker host)",
+        {
+            "issue": "issue an admin certificate from the broker's CA",
+            "revoke": "revoke every admin certificate issued to NAME (takes effect at once)",
+            "list": "issued admin certificates and their state",
+        },
+    ),
+    "master-key": (
+        "the master key that encrypts stored image keys (on the broker host)",
+        {
+            "rotate": "make a new master key current and re-encrypt every stored key under it",
+            "status": "configured master keys and how many key versions each still seals",
+        },
+    ),
 }
+_LOCAL_ONLY = ("init", "check-config", "serve", "admin-cert", "master-key")
+
+
+def _profiles_file() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "keylease" / "kbs-client.toml"
 
 
 def _json_flag(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +111,18 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=DEFAULT_CONFIG, help=f"kbs.toml (default {DEFAULT_CONFIG})"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    parser.add_argument(
+        "--server", metavar="HOST:PORT", help="a remote broker's admin API (its admin_listen)"
+    )
+    parser.add_argument(
+        "--admin-cert", type=Path, metavar="DIR",
+        help="admin certificate directory from `admin-cert issue` (with --server)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", metavar="NAME",
+        help="[profile.NAME] (server, admin_cert) from ~/.config/keylease/kbs-client.toml",
+    )  # fmt: skip
+    parser.set_defaults(profiles_file=_profiles_file())
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     init = _add(sub, "init", "create a broker directory: kbs.toml, TLS, master key", "init")
@@ -116,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         actions = group_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
         for action, action_text in commands.items():
             p = _add(actions, action, action_text, f"{group} {action}")
-            if action in ("list", "show"):
+            if action in ("list", "show") and group != "master-key":
                 _json_flag(p)
         _group_arguments(group, actions)
     return parser
@@ -135,6 +174,7 @@ def _group_arguments(
     elif group == "allowlist":
         parsers["add"].add_argument("ek_hash", metavar="EK_HASH", help="SHA-256 hex of the EK")
     elif group == "key":
+        parsers["delete"].add_argument("name", metavar="NAME")
         for action in ("import", "rotate"):
             parsers[action].add_argument("name", metavar="NAME")
             parsers[action].add_argument(
@@ -145,6 +185,21 @@ def _group_arguments(
         for action in ("add", "remove"):
             parsers[action].add_argument("key", metavar="KEY")
             parsers[action].add_argument("--selector", required=True, metavar="k=v[,k=v]")
+    elif group == "admin-cert":
+        for action in ("issue", "revoke"):
+            parsers[action].add_argument("name", metavar="NAME", help="the operator's name (CN)")
+        parsers["issue"].add_argument(
+            "--days", type=int, default=90, help="validity in days (default 90)"
+        )
+        parsers["issue"].add_argument(
+            "--out", type=Path, required=True, metavar="DIR", help="directory to write to"
+        )
+    elif group == "master-key":
+        how = parsers["rotate"].add_mutually_exclusive_group(required=True)
+        how.add_argument(
+            "--new-key", type=Path, metavar="FILE", help="32 random bytes, mode 0600 or 0400"
+        )
+        how.add_argument("--generate", action="store_true", help="write a new key next to kbs.toml")
     elif group == "policy":
         parsers["set"].add_argument("name", metavar="NAME")
         parsers["set"].add_argument(
@@ -166,6 +221,8 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
         force=True,
     )
+    # Alembic reports every migration check at INFO; only its warnings are worth a line.
+    logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,8 +232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     _setup_logging(args.verbose)
     command: str = args.command
+    remote = args.server is not None or args.admin_cert is not None or args.profile is not None
     try:
-        return COMMANDS[command](args)
+        if remote and command.split()[0] in _LOCAL_ONLY:
+            raise OperatorError(
+                f"`{command}` runs on the broker host only; drop --server/--admin-cert/--profile"
+            )
+        return {**COMMANDS, **LOCAL_COMMANDS}[command](args)
     except (ConfigError, OperatorError) as exc:
         print(f"keylease-kbs: {exc.diagnostics()}", file=sys.stderr)
         return 2

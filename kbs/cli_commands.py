@@ -1,7 +1,10 @@
 """The ``keylease-kbs`` subcommands: each reads parsed arguments, calls the domain, prints.
 
-Operator commands open the database directly (the broker may be running: SQLite WAL handles
-concurrent use) and read the master key only for ``key import`` and ``key rotate``.
+Operator commands go through ``kbs.operator.Operator``: by default ``LocalOperator`` on the
+database the config names (the broker may be running; the database handles concurrent use,
+and the master key is read only for ``key import`` and ``key rotate``); with ``--server`` /
+``--admin-cert`` or ``--profile``, ``kbs.admin_client.RemoteOperator`` on a broker's admin API.
+Both return the same values, so the output is the same.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kbs.admin import Admin, parse_pcr_list
+from kbs.admin_client import AdminCredentials, RemoteOperator, load_profile
 from kbs.cli_init import init_broker
 from kbs.cli_output import (
     audit_json,
@@ -29,25 +33,26 @@ from kbs.cli_output import (
     policy_json,
     render_table,
 )
-from kbs.config import EnrollmentMode, KbsConfig, check_files, load_config, read_master_key
-from kbs.errors import NotFound, OperatorError
+from kbs.config import EnrollmentMode, check_files, load_config, master_keyring
+from kbs.errors import OperatorError
 from kbs.keyimport import MAX_KEY_FILE_BYTES
-from kbs.masterkey import MasterKey
 from kbs.model import format_selector, parse_labels, parse_selector
+from kbs.operator import LocalOperator, Operator
 from kbs.store import Store
 
-__all__ = ["COMMANDS", "Handler"]
+__all__ = ["COMMANDS", "Handler", "actor", "now"]
 
 log = logging.getLogger("kbs.cli")
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _now() -> datetime:
+def now() -> datetime:
     return datetime.now(UTC)
 
 
-def _actor() -> str:
+def actor() -> str:
+    """The audit actor of a local operator command: ``operator:<unix user>``."""
     uid = os.geteuid()
     try:
         return f"operator:{pwd.getpwuid(uid).pw_name}"
@@ -56,10 +61,25 @@ def _actor() -> str:
 
 
 @contextmanager
-def _admin(args: argparse.Namespace) -> Iterator[tuple[KbsConfig, Admin]]:
+def _admin(args: argparse.Namespace) -> Iterator[Operator]:
+    """The operator interface: remote with --server/--admin-cert or --profile, else local."""
+    server, cert_dir = args.server, args.admin_cert
+    if args.profile is not None:
+        if server is not None or cert_dir is not None:
+            raise OperatorError("give either --profile or --server with --admin-cert, not both")
+        server, cert_dir = load_profile(args.profiles_file, args.profile)
+    if server is not None or cert_dir is not None:
+        if server is None or cert_dir is None:
+            raise OperatorError(
+                "a remote broker needs both --server HOST:PORT and --admin-cert DIR"
+            )
+        with RemoteOperator(server, AdminCredentials.load(cert_dir, now())) as remote:
+            yield remote
+        return
     cfg = load_config(args.config)
     with Store.open(cfg.database) as store:
-        yield cfg, Admin(store=store, actor=_actor(), clock=_now)
+        admin = Admin(store=store, actor=actor(), clock=now)
+        yield LocalOperator(admin, master=lambda: master_keyring(cfg))
 
 
 def _print_json_or(args: argparse.Namespace, value: object, text: str) -> int:
@@ -116,22 +136,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_node_list(args: argparse.Namespace) -> int:
-    with _admin(args) as (_, admin):
-        nodes = admin.store.list_nodes()
+    with _admin(args) as admin:
+        nodes = admin.list_nodes()
     return _print_json_or(args, [node_json(n) for n in nodes], node_rows(nodes))
 
 
 def cmd_node_show(args: argparse.Namespace) -> int:
-    with _admin(args) as (_, admin):
-        node = admin.store.get_node(args.node)
-    if node is None:
-        raise NotFound(f"no node named {args.node!r}; `keylease-kbs node list` shows the nodes")
+    with _admin(args) as admin:
+        node = admin.get_node(args.node)
     return _print_json_or(args, node_json(node), node_details(node))
 
 
 def cmd_node_approve(args: argparse.Namespace) -> int:
     labels = parse_labels(args.label or [])
-    with _admin(args) as (_, admin):
+    with _admin(args) as admin:
         node = admin.approve_node(args.node, labels)
     print(f"node {node.name}: approved, labels {format_selector(node.labels) or 'none'}")
     if not node.labels:
@@ -140,7 +158,7 @@ def cmd_node_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_node_revoke(args: argparse.Namespace) -> int:
-    with _admin(args) as (_, admin):
+    with _admin(args) as admin:
         node = admin.revoke_node(args.node)
     print(
         f"node {node.name}: revoked; its next attestation is denied and its agent removes its keys"
@@ -149,15 +167,15 @@ def cmd_node_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_allowlist_add(args: argparse.Namespace) -> int:
-    with _admin(args) as (_, admin):
+    with _admin(args) as admin:
         added = admin.allow_ek(args.ek_hash)
     print(f"EK {args.ek_hash.strip().lower()}: {'added' if added else 'already on the allowlist'}")
     return 0
 
 
 def cmd_allowlist_list(args: argparse.Namespace) -> int:
-    with _admin(args) as (_, admin):
-        entries = admin.store.list_allowlist()
+    with _admin(args) as admin:
+        entries = admin.list_allowlist()
     rows = [[h, at.isoformat(timespec="seconds")] for h, at in entries]
     return _print_json_or(
         args,
@@ -179,18 +197,16 @@ def _read_key_file(path: Path) -> bytes:
 
 def cmd_key_import(args: argparse.Namespace) -> int:
     data = _read_key_file(args.private_key)
-    with _admin(args) as (cfg, admin):
-        master = MasterKey(read_master_key(cfg).reveal())
-        key = admin.import_key(args.name, data, str(args.private_key), master)
+    with _admin(args) as admin:
+        key = admin.import_key(args.name, data, str(args.private_key))
     print(f"key {key.name}: imported version {key.version} ({key.algorithm})")
     return 0
 
 
 def cmd_key_rotate(args: argparse.Namespace) -> int:
     data = _read_key_file(args.private_key)
-    with _admin(args) as (cfg, admin):
-        master = MasterKey(read_master_key(cfg).reveal())
-        key = admin.rotate_key(args.name, data, str(args.private_key), master)
+    with _admin(args) as admin:
+        key = admin.rotate_key(args.name, data, str(args.private_key))
     print(
         f"key {key.name}: version {key.version} ({key.algorithm}) is now released; granted "
         "nodes are told to attest again (older versions stay listed)"
@@ -198,9 +214,19 @@ def cmd_key_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_key_delete(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        deleted = admin.delete_key(args.name)
+    print(
+        f"key {deleted.name}: deleted ({deleted.versions} version(s), {deleted.grants} grant(s)); "
+        f"{len(deleted.nodes_notified)} node(s) told to attest again and drop it"
+    )
+    return 0
+
+
 def cmd_key_list(args: argparse.Namespace) -> int:
-    with _admin(args) as (_, admin):
-        keys = admin.store.list_keys()
+    with _admin(args) as admin:
+        keys = admin.list_keys()
     rows = [[k.name, str(k.version), k.algorithm, k.created_at.isoformat(timespec="seconds")]
             for k in keys]  # fmt: skip
     return _print_json_or(
@@ -212,7 +238,7 @@ def cmd_key_list(args: argparse.Namespace) -> int:
 
 def cmd_grant_add(args: argparse.Namespace) -> int:
     selector = parse_selector(args.selector)
-    with _admin(args) as (_, admin):
+    with _admin(args) as admin:
         grant = admin.add_grant(args.key, selector)
     print(f"key {grant.key_name}: granted to nodes labelled {format_selector(grant.selector)}")
     return 0
@@ -220,7 +246,7 @@ def cmd_grant_add(args: argparse.Namespace) -> int:
 
 def cmd_grant_remove(args: argparse.Namespace) -> int:
     selector = parse_selector(args.selector)
-    with _admin(args) as (_, admin):
+    with _admin(args) as admin:
         admin.remove_grant(args.key, selector)
     print(
         f"key {args.key}: grant to {format_selector(selector)} removed; matching nodes are told "
@@ -230,8 +256,8 @@ def cmd_grant_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_grant_list(args: argparse.Namespace) -> int:
-    with _admin(args) as (_, admin):
-        grants = admin.store.list_grants()
+    with _admin(args) as admin:
+        grants = admin.list_grants()
     rows = [[g.key_name, format_selector(g.selector), g.created_at.isoformat(timespec="seconds")]
             for g in grants]  # fmt: skip
     return _print_json_or(
@@ -246,8 +272,8 @@ def cmd_grant_list(args: argparse.Namespace) -> int:
 
 def cmd_policy_set(args: argparse.Namespace) -> int:
     pcrs = parse_pcr_list(args.pcrs)
-    with _admin(args) as (_, admin):
-        policy = admin.set_policy_from_node(args.name, pcrs, args.from_node, args.bank)
+    with _admin(args) as admin:
+        policy = admin.set_policy(args.name, pcrs, args.from_node, args.bank)
     indices = ",".join(str(i) for i in sorted(policy.pcrs))
     print(f"policy {policy.name}: {policy.pcr_bank} PCRs {indices} from node {args.from_node}")
     if not policy.selectors:
@@ -257,15 +283,15 @@ def cmd_policy_set(args: argparse.Namespace) -> int:
 
 def cmd_policy_assign(args: argparse.Namespace) -> int:
     selector = parse_selector(args.selector)
-    with _admin(args) as (_, admin):
+    with _admin(args) as admin:
         policy = admin.assign_policy(args.name, selector)
     print(f"policy {policy.name}: assigned to nodes labelled {format_selector(selector)}")
     return 0
 
 
 def cmd_policy_list(args: argparse.Namespace) -> int:
-    with _admin(args) as (_, admin):
-        policies = admin.store.list_policies()
+    with _admin(args) as admin:
+        policies = admin.list_policies()
     rows = [
         [
             p.name,
@@ -285,8 +311,8 @@ def cmd_policy_list(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise OperatorError("--limit must be at least 1")
-    with _admin(args) as (_, admin):
-        entries = admin.store.list_audit(node=args.node, limit=args.limit)
+    with _admin(args) as admin:
+        entries = admin.list_audit(args.node, args.limit)
     return _print_json_or(args, [audit_json(e) for e in entries], audit_rows(entries))
 
 
@@ -302,6 +328,7 @@ COMMANDS: dict[str, Handler] = {
     "allowlist list": cmd_allowlist_list,
     "key import": cmd_key_import,
     "key rotate": cmd_key_rotate,
+    "key delete": cmd_key_delete,
     "key list": cmd_key_list,
     "grant add": cmd_grant_add,
     "grant remove": cmd_grant_remove,

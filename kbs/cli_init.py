@@ -47,6 +47,9 @@ def _config_text(listen: str, enrollment: EnrollmentMode) -> str:
             "nonce_ttl_seconds = 60",
             "lease_seconds = 3600",
             "enrollment_ttl_seconds = 300",
+            *(['metrics_listen = "127.0.0.1:0"'] if listen.endswith(":0") else []),
+            # The admin API (mutual TLS; `keylease-kbs admin-cert issue`); "" turns it off.
+            f'admin_listen = "127.0.0.1:{0 if listen.endswith(":0") else 8444}"',
             "",
         ]
     )

@@ -4,7 +4,8 @@ value. Nothing below the CLI reads a config file or the environment.
 Keys (all optional; README "kbs.toml" is the reference)::
 
     listen = "127.0.0.1:8443"          # HOST:PORT; "[::]:8443" for IPv6; port 0 picks one
-    database = "kbs.db"                # SQLite file (WAL), created and migrated at start
+    database = "kbs.db"                # SQLite file (WAL) or sqlite:///FILE, or a PostgreSQL URL
+                                       # "postgresql://user@host/db" (or ?host=/socket/dir)
     tls_cert = "tls/server.pem"        # server certificate chain (PEM)
     tls_key = "tls/server-key.pem"     # its private key (PEM, mode 0600)
     master_key = "master.key"          # 32 random bytes, mode 0600 or 0400
@@ -13,6 +14,13 @@ Keys (all optional; README "kbs.toml" is the reference)::
     nonce_ttl_seconds = 60
     lease_seconds = 3600
     enrollment_ttl_seconds = 300
+    admin_listen = "127.0.0.1:8444"    # the admin API (mutual TLS); "" turns it off
+    admin_ca = "tls/ca.pem"            # CA that issues admin client certificates
+    admin_ca_key = "tls/ca-key.pem"    # its key (read only by `admin-cert issue`)
+    admin_certs = "admin-certs.json"   # issued admin certificates and their revocations
+    previous_master_keys = []          # older master keys, still read during a rotation
+    metrics_listen = "127.0.0.1:9464"  # Prometheus /metrics over HTTP; "" turns it off
+    # deadlines, rate limits and concurrency: see kbs.limit_settings
 
 Relative paths resolve against the config file's directory. ``check_files`` (``check-config``)
 opens every file and says exactly what is wrong.
@@ -35,8 +43,10 @@ from cryptography import x509
 
 from kbs.api.secret import Secret
 from kbs.errors import ConfigError
-from kbs.masterkey import MASTER_KEY_BYTES
+from kbs.limit_settings import DEFAULT_LIMITS, LIMIT_DEFAULTS, LimitSettings, parse_limit_settings
+from kbs.masterkey import MASTER_KEY_BYTES, MasterKey
 from kbs.pki import load_credentials
+from kbs.store_db import redact_url
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -45,6 +55,7 @@ __all__ = [
     "check_ek_roots",
     "check_files",
     "load_config",
+    "master_keyring",
     "parse_config",
     "parse_listen",
     "read_master_key",
@@ -64,7 +75,14 @@ _DEFAULTS: dict[str, str | int] = {
     "nonce_ttl_seconds": 60,
     "lease_seconds": 3600,
     "enrollment_ttl_seconds": 300,
+    "admin_listen": "127.0.0.1:8444",
+    "admin_ca": "tls/ca.pem",
+    "admin_ca_key": "tls/ca-key.pem",
+    "admin_certs": "admin-certs.json",
 }
+_LISTS = ("previous_master_keys",)
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
+_OPS_KEYS = ("metrics_listen", *LIMIT_DEFAULTS)  # parsed apart from _DEFAULTS
 # (minimum, maximum) for each integer key
 _RANGES = {
     "nonce_ttl_seconds": (1, 3600),
@@ -84,7 +102,7 @@ class KbsConfig:
     path: Path
     listen_host: str
     listen_port: int
-    database: Path
+    database: Path | str  # a SQLite file, or a postgresql:// URL
     tls_cert: Path
     tls_key: Path
     master_key: Path
@@ -93,6 +111,13 @@ class KbsConfig:
     nonce_ttl_seconds: int
     lease_seconds: int
     enrollment_ttl_seconds: int
+    admin_listen: tuple[str, int] | None = None  # None: the admin API is off
+    admin_ca: Path = Path("tls/ca.pem")
+    admin_ca_key: Path = Path("tls/ca-key.pem")
+    admin_certs: Path = Path("admin-certs.json")
+    previous_master_keys: tuple[Path, ...] = ()
+    metrics_listen: tuple[str, int] | None = None  # None: no metrics endpoint
+    limits: LimitSettings = DEFAULT_LIMITS
 
 
 def parse_listen(value: str, where: str = "listen") -> tuple[str, int]:
@@ -133,11 +158,10 @@ def load_config(path: Path) -> KbsConfig:
 
 
 def parse_config(raw: dict[str, Any], path: Path) -> KbsConfig:
-    unknown = sorted(set(raw) - set(_DEFAULTS))
+    unknown = sorted(set(raw) - set(_DEFAULTS) - set(_LISTS) - set(_OPS_KEYS))
     if unknown:
-        raise ConfigError(
-            f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_DEFAULTS))}"
-        )
+        allowed = ", ".join(sorted([*_DEFAULTS, *_LISTS, *_OPS_KEYS]))
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {allowed}")
     base = path.parent
 
     def text(key: str) -> str:
@@ -160,6 +184,19 @@ def parse_config(raw: dict[str, Any], path: Path) -> KbsConfig:
         return value
 
     host, port = parse_listen(text("listen"), f"{path}: `listen`")
+    admin_text = raw.get("admin_listen", _DEFAULTS["admin_listen"])
+    if not isinstance(admin_text, str):
+        raise ConfigError(f'{path}: `admin_listen` must be a string such as "127.0.0.1:8444"')
+    admin = parse_listen(admin_text, f"{path}: `admin_listen`") if admin_text else None
+    metrics_text = raw.get("metrics_listen", DEFAULT_METRICS_LISTEN)
+    if not isinstance(metrics_text, str):
+        raise ConfigError(f'{path}: `metrics_listen` must be a string such as "127.0.0.1:9464"')
+    metrics = parse_listen(metrics_text, f"{path}: `metrics_listen`") if metrics_text else None
+    previous = raw.get("previous_master_keys", [])
+    if not isinstance(previous, list) or not all(isinstance(p, str) and p for p in previous):
+        raise ConfigError(
+            f'{path}: `previous_master_keys` must be a list of file names, e.g. ["master.key"]'
+        )
     enrollment = text("enrollment")
     try:
         mode = EnrollmentMode(enrollment)
@@ -172,7 +209,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> KbsConfig:
         path=path,
         listen_host=host,
         listen_port=port,
-        database=file_path("database"),
+        database=_database(text("database"), base),
         tls_cert=file_path("tls_cert"),
         tls_key=file_path("tls_key"),
         master_key=file_path("master_key"),
@@ -181,12 +218,32 @@ def parse_config(raw: dict[str, Any], path: Path) -> KbsConfig:
         nonce_ttl_seconds=integer("nonce_ttl_seconds"),
         lease_seconds=integer("lease_seconds"),
         enrollment_ttl_seconds=integer("enrollment_ttl_seconds"),
+        admin_listen=admin,
+        admin_ca=file_path("admin_ca"),
+        admin_ca_key=file_path("admin_ca_key"),
+        admin_certs=file_path("admin_certs"),
+        previous_master_keys=tuple(p if p.is_absolute() else base / p for p in map(Path, previous)),
+        metrics_listen=metrics,
+        limits=parse_limit_settings(raw, path),
     )
 
 
-def read_master_key(cfg: KbsConfig) -> Secret:
-    """The 32-byte master key; refuses a file that other users can read (with the chmod fix)."""
-    path = cfg.master_key
+def master_keyring(cfg: KbsConfig) -> MasterKey:
+    """``master_key`` plus ``previous_master_keys``; when it meets a blob sealed under a key it
+    does not hold (a rotation by another process), it re-reads the config file's keys."""
+
+    def keys(config: KbsConfig) -> tuple[bytes, list[bytes]]:
+        previous = [read_master_key(config, p).reveal() for p in config.previous_master_keys]
+        return read_master_key(config).reveal(), previous
+
+    current, previous = keys(cfg)
+    return MasterKey(current, previous, reload=lambda: keys(load_config(cfg.path)))
+
+
+def read_master_key(cfg: KbsConfig, path: Path | None = None) -> Secret:
+    """The 32-byte master key (or the one at ``path``); refuses a file that other users can read
+    (with the chmod fix)."""
+    path = cfg.master_key if path is None else path
     try:
         with path.open("rb") as f:
             mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
@@ -256,7 +313,22 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-def _check_database(path: Path) -> str:
+def _database(value: str, base: Path) -> Path | str:
+    """``postgresql://...`` stays a URL; ``sqlite:///FILE`` or a plain path becomes a Path."""
+    if value.startswith(("postgresql://", "postgresql+psycopg://")):
+        return value
+    if "://" in value and not value.startswith("sqlite:///"):
+        raise ConfigError(
+            f"`database` must be a SQLite file, sqlite:///FILE or a postgresql:// URL, got "
+            f"{value.split('://')[0]}://..."
+        )
+    path = Path(value.removeprefix("sqlite:///"))
+    return path if path.is_absolute() else base / path
+
+
+def _check_database(path: Path | str) -> str:
+    if isinstance(path, str):
+        return f"database {redact_url(path)}: PostgreSQL, connected and migrated at start"
     directory = path.parent
     if not directory.is_dir():
         raise ConfigError(f"database directory {directory} does not exist; create it")
@@ -277,12 +349,15 @@ def check_files(cfg: KbsConfig) -> list[str]:
     """Open every file the config names; one summary line per file, or raise ConfigError."""
     creds = load_credentials(cfg.tls_cert, cfg.tls_key)
     read_master_key(cfg)
+    for old in cfg.previous_master_keys:
+        read_master_key(cfg, old)
+    olds = f"; {len(cfg.previous_master_keys)} previous" if cfg.previous_master_keys else ""
     return [
         f"config {cfg.path}: ok (listen {cfg.listen_host}:{cfg.listen_port}, "
         f"enrollment {cfg.enrollment.value})",
         f"tls_cert {cfg.tls_cert}: valid until {creds.not_after:%Y-%m-%d} for "
         f"{', '.join(creds.names) or 'no subject alternative name'}; key matches",
-        f"master_key {cfg.master_key}: {MASTER_KEY_BYTES} bytes, private",
+        f"master_key {cfg.master_key}: {MASTER_KEY_BYTES} bytes, private{olds}",
         check_ek_roots(cfg.ek_roots),
         _check_database(cfg.database),
     ]

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from kbs.config import KbsConfig, read_master_key
+from kbs.config import KbsConfig, master_keyring
 from kbs.ekcert import EkTrustBundle, load_ek_roots
 from kbs.masterkey import MasterKey
 from kbs.store import Store
@@ -30,7 +30,7 @@ class BrokerContext:
     def load(cls, config: KbsConfig, clock: Callable[[], datetime] = utc_now) -> BrokerContext:
         """Open the database and read the trust bundle and master key; raises KbsError."""
         ek_roots = load_ek_roots(config.ek_roots)
-        master_key = MasterKey(read_master_key(config).reveal())
+        master_key = master_keyring(config)
         store = Store.open(config.database)
         return cls(
             config=config, store=store, ek_roots=ek_roots, master_key=master_key, clock=clock

@@ -9,13 +9,18 @@
    covers every PCR policy requires (``PcrSelectionMismatch``)
 6. the PCR values sent hash to the signed digest (``PcrDigestMismatch``)
 
-Nothing in the attestation is interpreted before its signature has been checked.
+Nothing in the attestation is interpreted before its signature has been checked. A quote's
+TPMS_ATTEST and an ECDSA/RSA TPMT_SIGNATURE are parsed here with ``struct`` (TPM 2.0 Part 2,
+10.12 and 11.3.4): through tpm2-pytss's types the two unmarshals cost more than the signature
+check itself. Other attestation types and signature algorithms still go through tpm2-pytss, so
+garbage is refused as garbage.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import struct
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 
@@ -23,14 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from tpm2_pytss import (
-    TPM2_ALG,
-    TPM2_GENERATED,
-    TPM2_ST,
-    TPMS_ATTEST,
-    TPMT_SIGNATURE,
-    TSS2_Exception,
-)
+from tpm2_pytss import TPM2_ALG, TPM2_GENERATED, TPMS_ATTEST, TPMT_SIGNATURE, TSS2_Exception
 
 from kbs.errors import (
     IncorrectSignature,
@@ -46,6 +44,8 @@ __all__ = ["BANKS", "VerifiedQuote", "verify_quote"]
 
 BANKS = {"sha256": (TPM2_ALG.SHA256, hashlib.sha256)}
 TPM_RH_ENDORSEMENT = 0x4000000B
+TPM_ST_ATTEST_QUOTE = 0x8018
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
 @dataclass(frozen=True)
@@ -57,49 +57,162 @@ class VerifiedQuote:
     clock: int
 
 
-def _unmarshal_attest(quote: bytes) -> tuple[TPMS_ATTEST, bytes]:
-    """TPM2B_ATTEST -> (parsed TPMS_ATTEST, the signed bytes). Exactly one encoding accepted."""
+class _Reader:
+    """Big-endian TPM wire reader over one byte string; reading past the end raises _Truncated."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise _Truncated
+        out = self.data[self.pos : end]
+        self.pos = end
+        return out
+
+    def u16(self) -> int:
+        return int.from_bytes(self.take(2), "big")
+
+    def u32(self) -> int:
+        return int.from_bytes(self.take(4), "big")
+
+    def tpm2b(self) -> bytes:
+        return self.take(self.u16())
+
+
+class _Truncated(Exception):
+    """Internal: the structure ended early (becomes InvalidRequest at the boundary)."""
+
+
+@dataclass(frozen=True)
+class _Attest:
+    """TPMS_ATTEST of a quote, parsed by hand (TPM 2.0 Part 2, 10.12.12)."""
+
+    magic: int
+    type: int
+    qualified_signer: bytes
+    extra_data: bytes
+    clock: int
+    reset_count: int
+    restart_count: int
+    selections: tuple[tuple[int, bytes], ...]  # (hash alg, pcrSelect bitmap)
+    pcr_digest: bytes
+
+
+@dataclass(frozen=True)
+class _Signature:
+    alg: int
+    hash: int
+    parts: tuple[bytes, ...]  # (R, S) for ECDSA, (sig,) for RSA
+
+
+def _parse_quote_attest(body: bytes) -> _Attest | None:
+    """A TPMS_ATTEST whose type is TPM_ST_ATTEST_QUOTE; None for other types."""
+    r = _Reader(body)
+    magic = r.u32()
+    st = r.u16()
+    if st != TPM_ST_ATTEST_QUOTE:
+        return None
+    signer = r.tpm2b()
+    extra = r.tpm2b()
+    clock, reset_count, restart_count, _safe = struct.unpack(">QIIB", r.take(17))
+    r.take(8)  # firmwareVersion
+    count = r.u32()
+    if count > 16:  # TPM_NUM_PCR_BANKS bound, as the TSS unmarshaller applies
+        raise _Truncated
+    selections = []
+    for _ in range(count):
+        alg = r.u16()
+        size = r.take(1)[0]
+        if size > 4:  # PCR_SELECT_MAX
+            raise _Truncated
+        selections.append((alg, r.take(size)))
+    digest = r.tpm2b()
+    if r.pos != len(body):
+        raise _Trailing
+    return _Attest(
+        magic, st, signer, extra, clock, reset_count, restart_count, tuple(selections), digest
+    )
+
+
+class _Trailing(Exception):
+    """Internal: bytes after the structure."""
+
+
+def _unmarshal_attest(quote: bytes) -> tuple[_Attest | None, bytes]:
+    """TPM2B_ATTEST -> (parsed quote TPMS_ATTEST or None for another type, the signed bytes).
+
+    Exactly one encoding accepted. An attestation of another type is still unmarshalled (with
+    the TSS) so that garbage is refused as garbage before the signature is looked at.
+    """
     if len(quote) < 2 or int.from_bytes(quote[:2], "big") != len(quote) - 2:
         raise InvalidRequest("quote is not a TPM2B_ATTEST (size prefix does not match)")
     body = quote[2:]
     try:
-        attest, used = TPMS_ATTEST.unmarshal(body)
-    except TSS2_Exception:
+        parsed = _parse_quote_attest(body)
+    except _Truncated:
         raise InvalidRequest("quote is not a TPMS_ATTEST (truncated or garbage)") from None
-    if used != len(body):
-        raise InvalidRequest("quote has trailing bytes after the TPMS_ATTEST")
-    return attest, body
+    except _Trailing:
+        raise InvalidRequest("quote has trailing bytes after the TPMS_ATTEST") from None
+    if parsed is None:
+        try:
+            _, used = TPMS_ATTEST.unmarshal(body)
+        except TSS2_Exception:
+            raise InvalidRequest("quote is not a TPMS_ATTEST (truncated or garbage)") from None
+        if used != len(body):
+            raise InvalidRequest("quote has trailing bytes after the TPMS_ATTEST")
+    return parsed, body
 
 
-def _unmarshal_signature(signature: bytes) -> TPMT_SIGNATURE:
+def _unmarshal_signature(signature: bytes) -> _Signature:
+    r = _Reader(signature)
+    try:
+        alg = r.u16()
+        if alg == TPM2_ALG.ECDSA:
+            sig = _Signature(alg, r.u16(), (r.tpm2b(), r.tpm2b()))
+        elif alg in (TPM2_ALG.RSASSA, TPM2_ALG.RSAPSS):
+            sig = _Signature(alg, r.u16(), (r.tpm2b(),))
+        else:
+            sig = _tss_signature(signature)
+            r.pos = len(signature)
+    except _Truncated:
+        raise InvalidRequest("signature is not a TPMT_SIGNATURE (truncated or garbage)") from None
+    if r.pos != len(signature):
+        raise InvalidRequest("signature has trailing bytes after the TPMT_SIGNATURE")
+    return sig
+
+
+def _tss_signature(signature: bytes) -> _Signature:
+    """Any other signature algorithm: unmarshal with the TSS (refused later as the wrong kind)."""
     try:
         sig, used = TPMT_SIGNATURE.unmarshal(signature)
     except TSS2_Exception:
         raise InvalidRequest("signature is not a TPMT_SIGNATURE (truncated or garbage)") from None
     if used != len(signature):
         raise InvalidRequest("signature has trailing bytes after the TPMT_SIGNATURE")
-    return sig
+    return _Signature(int(sig.sigAlg), 0, ())
 
 
-def _check_signature(ak: TpmPublic, sig: TPMT_SIGNATURE, signed: bytes) -> None:
+def _check_signature(ak: TpmPublic, sig: _Signature, signed: bytes) -> None:
     key = ak.key
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
-            if sig.sigAlg != TPM2_ALG.ECDSA or sig.signature.ecdsa.hash != TPM2_ALG.SHA256:
+            if sig.alg != TPM2_ALG.ECDSA or sig.hash != TPM2_ALG.SHA256:
                 raise IncorrectSignature("the quote signature is not ECDSA-SHA256 as the AK needs")
             der = encode_dss_signature(
-                int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big"),
-                int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big"),
+                int.from_bytes(sig.parts[0], "big"), int.from_bytes(sig.parts[1], "big")
             )
-            key.verify(der, signed, ec.ECDSA(hashes.SHA256()))
+            key.verify(der, signed, _ECDSA_SHA256)
         elif isinstance(key, rsa.RSAPublicKey):
-            if sig.sigAlg == TPM2_ALG.RSASSA and sig.signature.rsassa.hash == TPM2_ALG.SHA256:
+            if sig.alg == TPM2_ALG.RSASSA and sig.hash == TPM2_ALG.SHA256:
+                key.verify(sig.parts[0], signed, padding.PKCS1v15(), hashes.SHA256())
+            elif sig.alg == TPM2_ALG.RSAPSS and sig.hash == TPM2_ALG.SHA256:
                 key.verify(
-                    bytes(sig.signature.rsassa.sig), signed, padding.PKCS1v15(), hashes.SHA256()
-                )
-            elif sig.sigAlg == TPM2_ALG.RSAPSS and sig.signature.rsapss.hash == TPM2_ALG.SHA256:
-                key.verify(
-                    bytes(sig.signature.rsapss.sig),
+                    sig.parts[0],
                     signed,
                     padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.AUTO),
                     hashes.SHA256(),
@@ -120,16 +233,14 @@ def qualified_name(ek: TpmPublic, ak: TpmPublic) -> bytes:
     return ak.name[:2] + digest(ek_qn + ak.name).digest()
 
 
-def _selection(attest: TPMS_ATTEST, bank: str) -> set[int]:
-    selections = attest.attested.quote.pcrSelect
-    if selections.count != 1:
+def _selection(attest: _Attest, bank: str) -> set[int]:
+    if len(attest.selections) != 1:
         raise PcrSelectionMismatch(
-            f"the quote must select PCRs of exactly one bank, it selects {selections.count}"
+            f"the quote must select PCRs of exactly one bank, it selects {len(attest.selections)}"
         )
-    sel = selections.pcrSelections[0]
-    if sel.hash != BANKS[bank][0]:
+    alg, bitmap = attest.selections[0]
+    if alg != BANKS[bank][0]:
         raise PcrSelectionMismatch(f"the quote is not over the {bank} bank")
-    bitmap = bytes(sel.pcrSelect)[: sel.sizeofSelect]
     return {8 * i + b for i, byte in enumerate(bitmap) for b in range(8) if byte >> b & 1}
 
 
@@ -150,14 +261,14 @@ def verify_quote(
     attest, signed = _unmarshal_attest(quote)
     sig = _unmarshal_signature(signature)
     _check_signature(ak, sig, signed)
-    if attest.magic != TPM2_GENERATED.VALUE or attest.type != TPM2_ST.ATTEST_QUOTE:
+    if attest is None or attest.magic != TPM2_GENERATED.VALUE:
         raise QuoteStructureInvalid(
             "the signed structure is not a TPM-generated quote (magic/type); the AK signed "
             "data that did not come from TPM2_Quote"
         )
-    if ek is not None and bytes(attest.qualifiedSigner) != qualified_name(ek, ak):
+    if ek is not None and attest.qualified_signer != qualified_name(ek, ak):
         raise QuoteStructureInvalid("the quote's signer is not the enrolled AK under this EK")
-    if not hmac.compare_digest(bytes(attest.extraData), qualifying_data):
+    if not hmac.compare_digest(attest.extra_data, qualifying_data):
         raise QualifyingDataMismatch(
             "the quote was made over another nonce or ephemeral key (qualifyingData differs); "
             "request a new nonce and quote again"
@@ -175,17 +286,16 @@ def verify_quote(
     if any(len(v) != size for v in pcrs.values()):
         raise InvalidRequest(f"every {bank} PCR value must be {size} bytes")
     digest = hash_fn(b"".join(pcrs[i] for i in sorted(pcrs))).digest()
-    if not hmac.compare_digest(digest, bytes(attest.attested.quote.pcrDigest)):
+    if not hmac.compare_digest(digest, attest.pcr_digest):
         raise PcrDigestMismatch(
             "the PCR values sent do not hash to the digest the TPM signed: they were altered"
         )
-    clock = attest.clockInfo
     return VerifiedQuote(
         pcr_bank=bank,
         pcrs={i: pcrs[i] for i in sorted(pcrs)},
-        reset_count=int(clock.resetCount),
-        restart_count=int(clock.restartCount),
-        clock=int(clock.clock),
+        reset_count=attest.reset_count,
+        restart_count=attest.restart_count,
+        clock=attest.clock,
     )
 
 

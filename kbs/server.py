@@ -18,11 +18,15 @@ from pathlib import Path
 
 import grpc
 
+from kbs.admin_service import AdminServer, start_admin_server
 from kbs.api.v1 import keylease_pb2_grpc as pb_grpc
 from kbs.changefeed import MAX_WATCHERS, ChangeFeed
 from kbs.config import KbsConfig
 from kbs.context import BrokerContext
 from kbs.errors import ConfigError, KbsError
+from kbs.health import HealthMonitor
+from kbs.limits import LimitInterceptor
+from kbs.metrics import BrokerMetrics, MetricsServer
 from kbs.pki import load_server_credentials
 from kbs.service import NodeService
 
@@ -39,15 +43,32 @@ KEEPALIVE_MS = 30_000
 class RunningServer:
     """A started broker: ``port`` is the bound port (useful with ``listen = "host:0"``)."""
 
+    health: HealthMonitor | None = None  # grpc.health.v1 on the node listener
+
     def __init__(
-        self, server: grpc.aio.Server, ctx: BrokerContext, port: int, feed: ChangeFeed
+        self,
+        server: grpc.aio.Server,
+        ctx: BrokerContext,
+        port: int,
+        feed: ChangeFeed,
+        metrics: BrokerMetrics | None = None,
+        metrics_server: MetricsServer | None = None,
     ) -> None:
         self.server = server
         self.ctx = ctx
         self.port = port
         self.feed = feed
+        self.admin_server: AdminServer | None = None  # None: `admin_listen = ""`
+        self.metrics = metrics or BrokerMetrics()
+        self.metrics_server = metrics_server  # None: `metrics_listen = ""`
 
     async def stop(self, grace: float | None = SHUTDOWN_GRACE) -> None:
+        if self.health is not None:
+            await self.health.stop()
+        if self.admin_server is not None:
+            await self.admin_server.stop(grace)
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         await self.feed.stop()
         await self.server.stop(grace)
         self.ctx.store.close()
@@ -56,6 +77,7 @@ class RunningServer:
 async def start_server(cfg: KbsConfig, ctx: BrokerContext | None = None) -> RunningServer:
     ctx = ctx or BrokerContext.load(cfg)
     key_pem, chain_pem = load_server_credentials(cfg)
+    metrics = BrokerMetrics()
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -67,9 +89,12 @@ async def start_server(cfg: KbsConfig, ctx: BrokerContext | None = None) -> Runn
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ],
         maximum_concurrent_rpcs=MAX_UNARY_RPCS + MAX_WATCHERS,
+        interceptors=[LimitInterceptor(cfg.limits, metrics)],
     )
     feed = ChangeFeed(ctx.store)
-    pb_grpc.add_NodeServiceServicer_to_server(NodeService(ctx, feed), server)
+    pb_grpc.add_NodeServiceServicer_to_server(NodeService(ctx, feed, metrics=metrics), server)
+    health = HealthMonitor(ctx.store)
+    health.add_to_server(server)
     host = cfg.listen_host
     address = f"[{host}]:{cfg.listen_port}" if ":" in host else f"{host}:{cfg.listen_port}"
     creds = grpc.ssl_server_credentials([(key_pem, chain_pem)])
@@ -83,9 +108,28 @@ async def start_server(cfg: KbsConfig, ctx: BrokerContext | None = None) -> Runn
     except KbsError:
         ctx.store.close()
         raise
+    await health.start()
     await server.start()
     log.info("keylease-kbs serving on %s:%d (enrollment=%s)", host, port, cfg.enrollment.value)
-    return RunningServer(server, ctx, port, feed)
+    running = RunningServer(server, ctx, port, feed, metrics)
+    running.health = health
+    if cfg.metrics_listen is not None:
+        try:
+            running.metrics_server = await MetricsServer.start(
+                metrics, *cfg.metrics_listen, ctx.store
+            )
+        except KbsError:
+            await running.stop(0)
+            raise
+        log.info(
+            "metrics on http://%s:%d/metrics", cfg.metrics_listen[0], running.metrics_server.port
+        )
+    try:
+        running.admin_server = await start_admin_server(cfg, ctx)
+    except KbsError:
+        await running.stop(0)
+        raise
+    return running
 
 
 async def _serve(cfg: KbsConfig, ready_file: Path | None) -> None:

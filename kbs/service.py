@@ -26,6 +26,7 @@ from kbs.api.v1 import keylease_pb2_grpc as pb_grpc
 from kbs.changefeed import ChangeFeed, FeedClosed, Notice, Subscription
 from kbs.context import BrokerContext
 from kbs.errors import AttestationFailed, EnrollmentRefused, InvalidRequest, KbsError, UnknownNode
+from kbs.metrics import BrokerMetrics
 from kbs.model import ChangeKind, NodeState
 from kbs.names import check_node_name
 
@@ -77,11 +78,16 @@ _KINDS = {ChangeKind.REVOKED: pb.WATCH_KIND_REVOKED, ChangeKind.CHANGED: pb.WATC
 
 class NodeService(pb_grpc.NodeServiceServicer):
     def __init__(
-        self, ctx: BrokerContext, feed: ChangeFeed, heartbeat: float = HEARTBEAT_INTERVAL
+        self,
+        ctx: BrokerContext,
+        feed: ChangeFeed,
+        heartbeat: float = HEARTBEAT_INTERVAL,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self._ctx = ctx
         self._feed = feed
         self._heartbeat = heartbeat
+        self._metrics = metrics or BrokerMetrics()
 
     async def _run(
         self,
@@ -93,10 +99,12 @@ class NodeService(pb_grpc.NodeServiceServicer):
         try:
             return await asyncio.to_thread(fn)
         except KbsError as exc:
+            self._metrics.failed(event, _result(exc), exc)
             self._audit_refusal(event, node, exc)
             log.info("%s node=%s result=%s reason=%s", event, node or "-", _result(exc), exc)
             await _abort(context, exc.grpc_code, exc.diagnostics())
         except Exception:  # the service's top-level guard: never leak internals to the peer
+            self._metrics.outcome(event, "error", "internal")
             log.exception("%s node=%s failed with an internal error", event, node or "-")
             await _abort(context, grpc.StatusCode.INTERNAL, "internal error; see the broker log")
 
@@ -112,8 +120,9 @@ class NodeService(pb_grpc.NodeServiceServicer):
                 detail=f"{type(exc).__name__}: {exc}"[:1000],
                 now=self._ctx.clock(),
             )
-        except KbsError:
-            log.exception("could not write the audit record for %s node=%s", event, node)
+        except KbsError as db_exc:
+            self._metrics.db_errors.inc()
+            log.warning("could not write the audit record for %s node=%s: %s", event, node, db_exc)
 
     async def StartEnrollment(
         self, request: pb.StartEnrollmentRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -155,6 +164,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
             return enroll_step.finish(self._ctx, request.enrollment_id, request.secret)
 
         _, state = await self._run(context, "enroll", "", run)
+        self._metrics.outcome("enroll", "ok")
         return pb.FinishEnrollmentResponse(state=_STATES[state])
 
     async def GetNonce(
@@ -176,8 +186,11 @@ class NodeService(pb_grpc.NodeServiceServicer):
 
         result = await self._run(context, "attest", _name(request.node_name), run)
         if result.release is None:
+            self._metrics.outcome("attest", "pending")
             return pb.AttestResponse(outcome=pb.ATTEST_OUTCOME_PENDING_APPROVAL)
         rel = result.release
+        self._metrics.outcome("attest", "released")
+        self._metrics.released(rel.keys)
         return pb.AttestResponse(
             outcome=pb.ATTEST_OUTCOME_RELEASED,
             release=pb.Release(

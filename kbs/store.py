@@ -1,52 +1,114 @@
-"""The broker's database: SQLite (WAL), one transaction per method, rows in, frozen values out.
+"""The broker's database: SQLite (WAL) or PostgreSQL, one transaction per method, frozen values out.
 
 ``Store`` is the one class the rest of the broker uses: nodes, nonces and enrollment challenges
 here; allowlist, keys, grants, policies and audit in ``kbs.store_catalog``; the change feed in
-``kbs.store_changes``; connection, migrations and transactions in ``kbs.store_db``. Thread-safe;
-every ``sqlite3.Error`` becomes ``StoreError``. ``list_audit`` returns entries oldest first.
+``kbs.store_changes``; engine, migrations and transactions in ``kbs.store_db``. Thread-safe;
+every database error becomes ``StoreError``. ``list_audit`` returns entries oldest first.
+
+Several brokers may share one PostgreSQL database. What is atomic, per call:
+``consume_nonce`` is one ``DELETE ... RETURNING`` (a nonce is accepted once, by one replica);
+``take_enrollment`` likewise; ``enroll_node`` is one transaction under the ``nodes`` unique
+constraints, retried once on a race, so one name or EK never yields two nodes; operator changes
+and their change-feed rows commit together. An attestation is several calls (nonce, then
+``record_attestation`` with the audit rows of its outcome, one transaction): a broker killed
+between them leaves the nonce used and no record of that attempt, which is by design (the nonce
+is spent either way, nothing released).
 """
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
+
+import sqlalchemy as sa
 
 from kbs.errors import ActivationFailed, NodeEkConflict, NonceExpired, NonceUnknown, NotFound
 from kbs.model import ChangeKind, Node, NodeState, PendingEnrollment
-from kbs.store_catalog import Catalog
-from kbs.store_db import BUSY_TIMEOUT, dumps_map, dumps_pcrs, loads_map, node_from_row, ts
+from kbs.store_catalog import AuditEvent, Catalog
+from kbs.store_db import (
+    BUSY_TIMEOUT,
+    StoreConflict,
+    dumps_map,
+    dumps_pcrs,
+    enrollments,
+    loads_map,
+    node_from_row,
+    nodes,
+    nonces,
+    ts,
+)
 
-__all__ = ["BUSY_TIMEOUT", "Store"]
+__all__ = ["BUSY_TIMEOUT", "AuditEvent", "Store"]
 
 MAX_NONCES_PER_NODE = 32
 MAX_ENROLLMENTS_PER_NODE = 16
 PURGE_GRACE = timedelta(hours=1)  # expired rows stay this long so the error says "expired"
+PURGE_EVERY = 10.0  # seconds between purges of expired nonces, and of challenges (per process)
+ENROLL_ATTEMPTS = 3
+
+P = sa.bindparam
+# The attestation path's statements, compiled once per dialect (``Database._run``).
+GET_NODE = sa.select(nodes).where(nodes.c.name == P("p_name"))
+ADD_NONCE = nonces.insert().values(nonce=P("p_nonce"), node_name=P("p_node"), expires_at=P("p_exp"))
+CAP_NONCES = nonces.delete().where(
+    nonces.c.node_name == P("p_node"),
+    nonces.c.nonce.not_in(
+        sa.select(nonces.c.nonce)
+        .where(nonces.c.node_name == P("p_node"))
+        .order_by(nonces.c.expires_at.desc())
+        .limit(MAX_NONCES_PER_NODE)
+    ),
+)
+PURGE_NONCES = nonces.delete().where(nonces.c.expires_at < P("p_cutoff"))
+CONSUME_NONCE = (
+    nonces.delete()
+    .where(nonces.c.node_name == P("p_node"), nonces.c.nonce == P("p_nonce"))
+    .returning(nonces.c.expires_at)
+)
+RECORD_ATTESTATION = (
+    nodes.update()
+    .where(nodes.c.name == P("p_name"))
+    .values(last_attested_at=P("p_at"), pcr_bank=P("p_bank"), pcrs=P("p_pcrs"),
+            reset_count=P("p_reset"), restart_count=P("p_restart"))
+)  # fmt: skip
 
 
 class Store(Catalog):
-    """The database. Open with ``Store.open(path)``; use as a context manager or ``close()``."""
+    """The database. Open with ``Store.open(path_or_url)``; a context manager, or ``close()``."""
+
+    _next_purge: dict[str, float] = {}  # replaced per instance on first purge
+
+    def _purge_due(self, table: str) -> bool:
+        """True at most once per ``PURGE_EVERY`` per table (and process): expired rows are
+        purged now and then, not on every request (the ``expires_at`` indexes keep it cheap)."""
+        now = time.monotonic()
+        if now < self._next_purge.get(table, 0.0):
+            return False
+        self._next_purge = {**self._next_purge, table: now + PURGE_EVERY}
+        return True
 
     # --- nodes ------------------------------------------------------------------------------
 
     def get_node(self, name: str) -> Node | None:
-        with self._tx(write=False) as db:
-            row = db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
+        with self._tx(write=False, single=True) as db:
+            row = self._run(db, GET_NODE, {"p_name": name}).mappings().first()
         return None if row is None else node_from_row(row)
 
-    def _node_or_raise(self, db: sqlite3.Connection, name: str) -> Node:
-        row = db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
+    def _node_or_raise(self, db: sa.Connection, name: str) -> Node:
+        row = db.execute(sa.select(nodes).where(nodes.c.name == name)).mappings().first()
         if row is None:
             raise NotFound(f"no node named {name!r}; `keylease-kbs node list` shows the nodes")
         return node_from_row(row)
 
     def list_nodes(self) -> list[Node]:
-        with self._tx(write=False) as db:
-            return [node_from_row(r) for r in db.execute("SELECT * FROM nodes ORDER BY name")]
+        with self._tx(write=False, single=True) as db:
+            rows = db.execute(sa.select(nodes).order_by(nodes.c.name)).mappings().all()
+        return [node_from_row(r) for r in rows]
 
     def node_by_ek(self, ek_hash: str) -> Node | None:
-        with self._tx(write=False) as db:
-            row = db.execute("SELECT * FROM nodes WHERE ek_hash = ?", (ek_hash,)).fetchone()
+        with self._tx(write=False, single=True) as db:
+            row = db.execute(sa.select(nodes).where(nodes.c.ek_hash == ek_hash)).mappings().first()
         return None if row is None else node_from_row(row)
 
     def enroll_node(
@@ -62,57 +124,78 @@ class Store(Catalog):
         now: datetime,
     ) -> Node:
         """Record a new node, or re-key the AK of a known node with the same EK (state and labels
-        kept). A name bound to another EK, or this EK under another name: NodeEkConflict."""
-        with self._tx() as db:
-            by_name = db.execute("SELECT ek_hash FROM nodes WHERE name = ?", (name,)).fetchone()
-            by_ek = db.execute("SELECT name FROM nodes WHERE ek_hash = ?", (ek_hash,)).fetchone()
-            if by_name is not None and by_name["ek_hash"] != ek_hash:
+        kept). A name bound to another EK, or this EK under another name: NodeEkConflict. A race
+        with another writer (another replica) is retried, so its loser sees the winner's row."""
+        for attempt in range(ENROLL_ATTEMPTS):
+            try:
+                return self._enroll_once(
+                    name, ek_hash, ek_public, ek_certificate, ak_public, state, metadata, now
+                )
+            except StoreConflict:
+                if attempt == ENROLL_ATTEMPTS - 1:
+                    break
+        raise NodeEkConflict(f"node {name!r} or EK {ek_hash} keeps being enrolled concurrently")
+
+    def _enroll_once(
+        self,
+        name: str,
+        ek_hash: str,
+        ek_public: bytes,
+        ek_certificate: bytes,
+        ak_public: bytes,
+        state: NodeState,
+        metadata: Mapping[str, str],
+        now: datetime,
+    ) -> Node:
+        with self._tx(catalog=False) as db:
+            found = db.execute(
+                sa.select(nodes.c.name, nodes.c.ek_hash).where(
+                    sa.or_(nodes.c.name == name, nodes.c.ek_hash == ek_hash)
+                )
+            ).all()
+            by_name = next((ek for n, ek in found if n == name), None)
+            by_ek = next((n for n, ek in found if ek == ek_hash), None)
+            if by_name is not None and by_name != ek_hash:
                 raise NodeEkConflict(
-                    f"node {name!r} is enrolled with another EK (sha256 {by_name['ek_hash']}); "
+                    f"node {name!r} is enrolled with another EK (sha256 {by_name}); "
                     f"this EK is {ek_hash}. If the node's TPM was replaced, revoke the old node "
                     "and enroll the new one under a new name"
                 )
-            if by_ek is not None and by_ek["name"] != name:
+            if by_ek is not None and by_ek != name:
                 raise NodeEkConflict(
-                    f"this EK ({ek_hash}) is already enrolled as node {by_ek['name']!r}; a TPM "
-                    f'enrolls under one name: set node_name = "{by_ek["name"]}" in the agent '
-                    "config"
+                    f"this EK ({ek_hash}) is already enrolled as node {by_ek!r}; a TPM "
+                    f'enrolls under one name: set node_name = "{by_ek}" in the agent config'
                 )
-            try:
-                if by_name is None:
-                    db.execute(
-                        "INSERT INTO nodes (name, state, ek_hash, ek_public, ek_certificate, "
-                        "ak_public, metadata, enrolled_at, updated_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (name, state.value, ek_hash, ek_public, ek_certificate, ak_public,
-                         dumps_map(metadata), ts(now), ts(now)),
-                    )  # fmt: skip
-                else:
-                    db.execute(
-                        "UPDATE nodes SET ek_certificate = ?, ak_public = ?, metadata = ?, "
-                        "updated_at = ? WHERE name = ?",
-                        (ek_certificate, ak_public, dumps_map(metadata), ts(now), name),
+            if by_name is None:
+                db.execute(
+                    nodes.insert().values(
+                        name=name, state=state.value, labels="{}", ek_hash=ek_hash,
+                        ek_public=ek_public, ek_certificate=ek_certificate, ak_public=ak_public,
+                        metadata=dumps_map(metadata), enrolled_at=ts(now), updated_at=ts(now),
+                        pcrs="{}",
                     )
-            except sqlite3.IntegrityError:
-                raise NodeEkConflict(
-                    f"node {name!r} or EK {ek_hash} was enrolled concurrently; retry"
-                ) from None
+                )  # fmt: skip
+            else:
+                db.execute(
+                    nodes.update()
+                    .where(nodes.c.name == name)
+                    .values(ek_certificate=ek_certificate, ak_public=ak_public,
+                            metadata=dumps_map(metadata), updated_at=ts(now))
+                )  # fmt: skip
             return self._node_or_raise(db, name)
 
     def _set_state(
         self, name: str, state: NodeState, labels: Mapping[str, str] | None, now: datetime
     ) -> Node:
+        values: dict[str, str] = {"state": state.value, "updated_at": ts(now)}
+        if labels is not None:
+            values["labels"] = dumps_map(labels)
         with self._tx() as db:
-            self._node_or_raise(db, name)
-            db.execute(
-                "UPDATE nodes SET state = ?, updated_at = ? WHERE name = ?",
-                (state.value, ts(now), name),
-            )
-            if labels is not None:
-                db.execute("UPDATE nodes SET labels = ? WHERE name = ?", (dumps_map(labels), name))
+            if db.execute(nodes.update().where(nodes.c.name == name).values(values)).rowcount != 1:
+                raise NotFound(f"no node named {name!r}; `keylease-kbs node list` shows the nodes")
             if state is NodeState.REVOKED:
-                db.execute("DELETE FROM nonces WHERE node_name = ?", (name,))
-                db.execute("DELETE FROM enrollments WHERE node_name = ?", (name,))
+                db.execute(nonces.delete().where(nonces.c.node_name == name))
+                db.execute(enrollments.delete().where(enrollments.c.node_name == name))
                 self._record_change(db, name, ChangeKind.REVOKED, "revoked by the operator", now)
             else:
                 self._record_change(
@@ -139,72 +222,72 @@ class Store(Catalog):
         reset_count: int | None,
         restart_count: int | None,
         now: datetime,
+        events: Sequence[AuditEvent] = (),
     ) -> None:
-        """Store the PCR values and counters of a verified quote."""
-        with self._tx() as db:
-            cursor = db.execute(
-                "UPDATE nodes SET last_attested_at = ?, pcr_bank = ?, pcrs = ?, reset_count = ?, "
-                "restart_count = ? WHERE name = ?",
-                (ts(now), bank, dumps_pcrs(pcrs), reset_count, restart_count, name),
-            )
-            if cursor.rowcount != 1:
+        """Store the PCR values and counters of a verified quote, and the audit rows of its
+        outcome (``events``: e.g. "attest ok" and "release"), in one transaction."""
+        params = {"p_name": name, "p_at": ts(now), "p_bank": bank, "p_pcrs": dumps_pcrs(pcrs),
+                  "p_reset": reset_count, "p_restart": restart_count}  # fmt: skip
+        with self._tx(single=not events, catalog=False) as db:
+            if self._run(db, RECORD_ATTESTATION, params).rowcount != 1:
                 raise NotFound(f"no node named {name!r}")
+            self._write_audit(db, events, now)
 
     # --- nonces and enrollment challenges -------------------------------------------------------
 
     def add_nonce(self, node_name: str, nonce: bytes, expires_at: datetime) -> None:
         """Record an issued nonce; only the newest ``MAX_NONCES_PER_NODE`` per node are kept."""
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO nonces (nonce, node_name, expires_at) VALUES (?, ?, ?)",
-                (nonce, node_name, ts(expires_at)),
-            )
-            db.execute(
-                "DELETE FROM nonces WHERE node_name = ? AND nonce NOT IN (SELECT nonce FROM "
-                "nonces WHERE node_name = ? ORDER BY expires_at DESC LIMIT ?)",
-                (node_name, node_name, MAX_NONCES_PER_NODE),
-            )
+        with self._tx(catalog=False) as db:
+            self._run(db, ADD_NONCE, {"p_nonce": nonce, "p_node": node_name,
+                                      "p_exp": ts(expires_at)})  # fmt: skip
+            self._run(db, CAP_NONCES, {"p_node": node_name})
+            if self._purge_due("nonces"):
+                cutoff = ts(expires_at - PURGE_GRACE - timedelta(hours=1))
+                self._run(db, PURGE_NONCES, {"p_cutoff": cutoff})
 
     def consume_nonce(self, node_name: str, nonce: bytes, now: datetime) -> None:
-        """Use a nonce up. The deletion is committed before any error is raised, so a nonce is
-        single-use even if the attestation fails later. NonceUnknown / NonceExpired."""
-        with self._tx() as db:
-            row = db.execute(
-                "SELECT expires_at FROM nonces WHERE node_name = ? AND nonce = ?",
-                (node_name, nonce),
-            ).fetchone()
-            if row is not None:
-                db.execute("DELETE FROM nonces WHERE nonce = ?", (nonce,))
-            db.execute("DELETE FROM nonces WHERE expires_at < ?", (ts(now - PURGE_GRACE),))
-        if row is None:
+        """Use a nonce up: one ``DELETE ... RETURNING``, so exactly one caller (of any replica)
+        gets it, and it is gone even if the attestation fails later. NonceUnknown / NonceExpired."""
+        with self._tx(single=True, catalog=False) as db:
+            expires = self._run(db, CONSUME_NONCE, {"p_node": node_name, "p_nonce": nonce}).scalar()
+        if expires is None:
             raise NonceUnknown("nonce was not issued to this node or was already used")
-        expires_at = datetime.fromisoformat(row["expires_at"])
+        expires_at = datetime.fromisoformat(expires)
         if now >= expires_at:
             raise NonceExpired(f"nonce expired at {expires_at.isoformat()}; get a new one")
 
     def add_enrollment(self, pending: PendingEnrollment) -> None:
         """Record a credential-activation challenge (the newest few per node name are kept)."""
-        with self._tx() as db:
+        newest = (
+            sa.select(enrollments.c.id)
+            .where(enrollments.c.node_name == pending.node_name)
+            .order_by(enrollments.c.expires_at.desc())
+            .limit(MAX_ENROLLMENTS_PER_NODE)
+        )
+        with self._tx(catalog=False) as db:
             db.execute(
-                "INSERT INTO enrollments (id, node_name, ek_public, ek_certificate, ak_public, "
-                "ek_hash, secret_sha256, metadata, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (pending.id, pending.node_name, pending.ek_public, pending.ek_certificate,
-                 pending.ak_public, pending.ek_hash, pending.secret_sha256,
-                 dumps_map(pending.metadata), ts(pending.expires_at)),
+                enrollments.insert().values(
+                    id=pending.id, node_name=pending.node_name, ek_public=pending.ek_public,
+                    ek_certificate=pending.ek_certificate, ak_public=pending.ak_public,
+                    ek_hash=pending.ek_hash, secret_sha256=pending.secret_sha256,
+                    metadata=dumps_map(pending.metadata), expires_at=ts(pending.expires_at),
+                )
             )  # fmt: skip
             db.execute(
-                "DELETE FROM enrollments WHERE node_name = ? AND id NOT IN (SELECT id FROM "
-                "enrollments WHERE node_name = ? ORDER BY expires_at DESC LIMIT ?)",
-                (pending.node_name, pending.node_name, MAX_ENROLLMENTS_PER_NODE),
+                enrollments.delete().where(
+                    enrollments.c.node_name == pending.node_name, enrollments.c.id.not_in(newest)
+                )
             )
+            if self._purge_due("enrollments"):
+                cutoff = ts(pending.expires_at - PURGE_GRACE - timedelta(hours=1))
+                db.execute(enrollments.delete().where(enrollments.c.expires_at < cutoff))
 
     def take_enrollment(self, enrollment_id: str, now: datetime) -> PendingEnrollment:
-        """Remove and return a challenge (single use). ActivationFailed if unknown or expired."""
-        with self._tx() as db:
-            row = db.execute("SELECT * FROM enrollments WHERE id = ?", (enrollment_id,)).fetchone()
-            if row is not None:
-                db.execute("DELETE FROM enrollments WHERE id = ?", (enrollment_id,))
-            db.execute("DELETE FROM enrollments WHERE expires_at < ?", (ts(now - PURGE_GRACE),))
+        """Remove and return a challenge (single use, one ``DELETE ... RETURNING``).
+        ActivationFailed if unknown or expired."""
+        stmt = enrollments.delete().where(enrollments.c.id == enrollment_id).returning(enrollments)
+        with self._tx(single=True, catalog=False) as db:
+            row = db.execute(stmt).mappings().first()
         if row is None:
             raise ActivationFailed(
                 "unknown or already used enrollment id; the agent must start enrollment again"
@@ -212,11 +295,11 @@ class Store(Catalog):
         pending = PendingEnrollment(
             id=row["id"],
             node_name=row["node_name"],
-            ek_public=row["ek_public"],
-            ek_certificate=row["ek_certificate"],
-            ak_public=row["ak_public"],
+            ek_public=bytes(row["ek_public"]),
+            ek_certificate=bytes(row["ek_certificate"]),
+            ak_public=bytes(row["ak_public"]),
             ek_hash=row["ek_hash"],
-            secret_sha256=row["secret_sha256"],
+            secret_sha256=bytes(row["secret_sha256"]),
             metadata=loads_map(row["metadata"]),
             expires_at=datetime.fromisoformat(row["expires_at"]),
         )

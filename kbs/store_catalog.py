@@ -8,42 +8,108 @@ node they concern (``kbs.store_changes``) in the same transaction.
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
 from kbs.errors import NotFound, OperatorError
 from kbs.model import AuditEntry, Grant, Policy, StoredKey, format_selector, selector_matches
+from kbs.store_cache import LabelCache
 from kbs.store_changes import Changes
-from kbs.store_db import dumps_map, dumps_pcrs, key_from_row, loads_map, loads_pcrs, ts
+from kbs.store_db import (
+    allowlist,
+    audit_log,
+    dumps_map,
+    dumps_pcrs,
+    grants,
+    key_from_row,
+    keys,
+    loads_map,
+    loads_pcrs,
+    policies,
+    policy_assignments,
+    ts,
+)
 
-__all__ = ["Catalog"]
+__all__ = ["AuditEvent", "Catalog"]
+
+P = sa.bindparam
+# The attestation path's statements, compiled once per dialect (``Database._run``).
+AUDIT = audit_log.insert().values(
+    at=P("p_at"), actor=P("p_actor"), event=P("p_event"), node=P("p_node"),
+    result=P("p_result"), detail=P("p_detail"),
+)  # fmt: skip
+_LATEST = (
+    sa.select(keys.c.name, sa.func.max(keys.c.version).label("version"))
+    .group_by(keys.c.name)
+    .subquery()
+)
+GRANTED_LATEST_KEYS = (
+    sa.select(keys, grants.c.selector)
+    .join(_LATEST, sa.and_(keys.c.name == _LATEST.c.name, keys.c.version == _LATEST.c.version))
+    .join(grants, grants.c.key_name == keys.c.name)
+    .order_by(keys.c.name)
+)
+ALL_POLICIES = (
+    sa.select(policies, policy_assignments.c.selector)
+    .outerjoin(policy_assignments, policy_assignments.c.policy_name == policies.c.name)
+    .order_by(policies.c.name, policy_assignments.c.selector)
+)
+ONE_POLICY = ALL_POLICIES.where(policies.c.name == P("p_name"))
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One audit row to write (its time is the transaction's ``now``)."""
+
+    actor: str
+    event: str
+    node: str | None
+    result: str
+    detail: str
 
 
 class Catalog(Changes):
     """Allowlist, keys, grants, policies and audit; part of ``kbs.store.Store``."""
 
+    def __init__(self, engine: sa.Engine, where: str) -> None:
+        super().__init__(engine, where)
+        self._policy_cache: LabelCache[tuple[Policy, ...]] = LabelCache(self.last_change_id)
+        self._key_cache: LabelCache[tuple[StoredKey, ...]] = LabelCache(self.last_change_id)
+
+    def _catalog_changed(self) -> None:
+        self._policy_cache.clear()
+        self._key_cache.clear()
+
+    def _upsert(self, table: sa.Table) -> Any:
+        """``INSERT ... ON CONFLICT`` for this dialect (``on_conflict_do_nothing``/``_update``)."""
+        return (sqlite.insert if self.is_sqlite else postgresql.insert)(table)
+
     # --- allowlist --------------------------------------------------------------------------
 
     def is_ek_allowed(self, ek_hash: str) -> bool:
-        with self._tx(write=False) as db:
-            row = db.execute("SELECT 1 FROM allowlist WHERE ek_hash = ?", (ek_hash,)).fetchone()
+        with self._tx(write=False, single=True) as db:
+            row = db.execute(sa.select(sa.literal(1)).where(allowlist.c.ek_hash == ek_hash)).first()
         return row is not None
 
     def allow_ek(self, ek_hash: str, now: datetime) -> bool:
         """Register an EK hash; False if it was already registered."""
-        with self._tx() as db:
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO allowlist (ek_hash, added_at) VALUES (?, ?)",
-                (ek_hash, ts(now)),
+        stmt = self._upsert(allowlist).values(ek_hash=ek_hash, added_at=ts(now))
+        with self._tx(single=True) as db:
+            return (
+                db.execute(stmt.on_conflict_do_nothing().returning(sa.literal(1))).first()
+                is not None
             )
-            return cursor.rowcount == 1
 
     def list_allowlist(self) -> list[tuple[str, datetime]]:
-        with self._tx(write=False) as db:
-            rows = db.execute("SELECT ek_hash, added_at FROM allowlist ORDER BY added_at, ek_hash")
-            return [(r["ek_hash"], datetime.fromisoformat(r["added_at"])) for r in rows]
+        query = sa.select(allowlist).order_by(allowlist.c.added_at, allowlist.c.ek_hash)
+        with self._tx(write=False, single=True) as db:
+            rows = db.execute(query).all()
+        return [(ek, datetime.fromisoformat(at)) for ek, at in rows]
 
     # --- keys and grants --------------------------------------------------------------------
 
@@ -61,12 +127,15 @@ class Catalog(Changes):
 
         ``must_exist=False`` refuses a name that exists (``key import``), ``True`` one that does
         not (``key rotate``). A second or later version records CHANGED for the nodes the key is
-        granted to."""
+        granted to. Two writers racing for one version: the loser gets StoreConflict."""
         with self._tx() as db:
-            row = db.execute(
-                "SELECT COALESCE(MAX(version), 0) AS v FROM keys WHERE name = ?", (name,)
-            ).fetchone()
-            current = int(row["v"])
+            current = int(
+                db.execute(
+                    sa.select(sa.func.coalesce(sa.func.max(keys.c.version), 0)).where(
+                        keys.c.name == name
+                    )
+                ).scalar_one()
+            )
             if must_exist is False and current:
                 raise OperatorError(
                     f"key {name!r} already exists (version {current}); to release a new version "
@@ -79,17 +148,18 @@ class Catalog(Changes):
                 )
             version = current + 1
             db.execute(
-                "INSERT INTO keys (name, version, algorithm, encrypted_private, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (name, version, algorithm, seal(version), ts(now)),
-            )
+                keys.insert().values(
+                    name=name, version=version, algorithm=algorithm,
+                    encrypted_private=seal(version), created_at=ts(now),
+                )
+            )  # fmt: skip
             if version > 1:
                 self._notify_matching(db, self._grant_selectors(db, name), "a key was rotated", now)
         return StoredKey(name, version, algorithm, b"", now)
 
-    def _grant_selectors(self, db: sqlite3.Connection, key_name: str) -> list[dict[str, str]]:
-        rows = db.execute("SELECT selector FROM grants WHERE key_name = ?", (key_name,))
-        return [loads_map(r["selector"]) for r in rows]
+    def _grant_selectors(self, db: sa.Connection, key_name: str) -> list[dict[str, str]]:
+        rows = db.execute(sa.select(grants.c.selector).where(grants.c.key_name == key_name))
+        return [loads_map(selector) for (selector,) in rows]
 
     def add_key(
         self, name: str, algorithm: str, encrypted_private: bytes, now: datetime
@@ -100,53 +170,49 @@ class Catalog(Changes):
 
     def list_keys(self) -> list[StoredKey]:
         """Every version of every key, by name then version (ciphertext left out)."""
-        with self._tx(write=False) as db:
-            rows = db.execute("SELECT * FROM keys ORDER BY name, version")
-            return [key_from_row(r, with_secret=False) for r in rows]
+        query = sa.select(keys).order_by(keys.c.name, keys.c.version)
+        with self._tx(write=False, single=True) as db:
+            rows = db.execute(query).mappings().all()
+        return [key_from_row(r, with_secret=False) for r in rows]
 
     def get_key(self, name: str) -> StoredKey | None:
         """The latest version of ``name``, with its ciphertext."""
-        with self._tx(write=False) as db:
-            row = db.execute(
-                "SELECT * FROM keys WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
-            ).fetchone()
+        query = sa.select(keys).where(keys.c.name == name).order_by(keys.c.version.desc()).limit(1)
+        with self._tx(write=False, single=True) as db:
+            row = db.execute(query).mappings().first()
         return None if row is None else key_from_row(row)
 
     def keys_for_labels(self, labels: Mapping[str, str]) -> list[StoredKey]:
-        """Latest version of every key with a grant whose selector is within ``labels``."""
+        """Latest version of every key with a grant whose selector is within ``labels``.
+
+        One statement: every grant joined to its key's latest version, filtered here; cached
+        per label set (``kbs.store_cache``)."""
         if not labels:
             return []
-        with self._tx(write=False) as db:
-            names = sorted(
-                {
-                    r["key_name"]
-                    for r in db.execute("SELECT key_name, selector FROM grants")
-                    if selector_matches(loads_map(r["selector"]), labels)
-                }
-            )
-            keys = []
-            for name in names:
-                row = db.execute(
-                    "SELECT * FROM keys WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
-                ).fetchone()
-                if row is not None:
-                    keys.append(key_from_row(row))
-            return keys
+        return list(self._key_cache.get(labels, lambda: self._keys_for_labels(labels)))
+
+    def _keys_for_labels(self, labels: Mapping[str, str]) -> tuple[StoredKey, ...]:
+        with self._tx(write=False, single=True) as db:
+            rows = self._run(db, GRANTED_LATEST_KEYS, {}).mappings().all()
+        found: dict[str, StoredKey] = {}
+        for row in rows:
+            if row["name"] not in found and selector_matches(loads_map(row["selector"]), labels):
+                found[row["name"]] = key_from_row(row)
+        return tuple(found.values())
 
     def add_grant(self, key_name: str, selector: Mapping[str, str], now: datetime) -> Grant:
         if not selector:
             raise OperatorError("a grant needs a non-empty selector")
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM keys WHERE name = ?", (key_name,)).fetchone() is None:
+            if db.execute(sa.select(keys.c.name).where(keys.c.name == key_name)).first() is None:
                 raise NotFound(
                     f"no key named {key_name!r}; import it first with `keylease-kbs key import "
                     f"{key_name} --private-key FILE`"
                 )
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO grants (key_name, selector, created_at) VALUES (?, ?, ?)",
-                (key_name, dumps_map(selector), ts(now)),
+            stmt = self._upsert(grants).values(
+                key_name=key_name, selector=dumps_map(selector), created_at=ts(now)
             )
-            if cursor.rowcount != 1:
+            if db.execute(stmt.on_conflict_do_nothing().returning(sa.literal(1))).first() is None:
                 raise OperatorError(
                     f"key {key_name!r} is already granted to {format_selector(selector)}"
                 )
@@ -155,12 +221,11 @@ class Catalog(Changes):
 
     def remove_grant(self, key_name: str, selector: Mapping[str, str], now: datetime) -> None:
         """Remove exactly this grant (same key, same selector). NotFound if there is none."""
+        stmt = grants.delete().where(
+            grants.c.key_name == key_name, grants.c.selector == dumps_map(selector)
+        )
         with self._tx() as db:
-            cursor = db.execute(
-                "DELETE FROM grants WHERE key_name = ? AND selector = ?",
-                (key_name, dumps_map(selector)),
-            )
-            if cursor.rowcount != 1:
+            if db.execute(stmt).rowcount != 1:
                 raise NotFound(
                     f"key {key_name!r} is not granted to {format_selector(selector) or '-'}; "
                     "`keylease-kbs grant list` shows the grants and their exact selectors"
@@ -168,75 +233,78 @@ class Catalog(Changes):
             self._notify_matching(db, [selector], "a key grant was removed", now)
 
     def list_grants(self) -> list[Grant]:
-        with self._tx(write=False) as db:
-            rows = db.execute("SELECT * FROM grants ORDER BY key_name, selector")
-            return [
-                Grant(
-                    r["key_name"], loads_map(r["selector"]), datetime.fromisoformat(r["created_at"])
-                )
-                for r in rows
-            ]
+        query = sa.select(grants).order_by(grants.c.key_name, grants.c.selector)
+        with self._tx(write=False, single=True) as db:
+            rows = db.execute(query).all()
+        return [Grant(k, loads_map(s), datetime.fromisoformat(at)) for k, s, at in rows]
 
     # --- policies ---------------------------------------------------------------------------
 
-    def _policy(self, db: sqlite3.Connection, row: sqlite3.Row) -> Policy:
-        selectors = tuple(
-            loads_map(r["selector"])
-            for r in db.execute(
-                "SELECT selector FROM policy_assignments WHERE policy_name = ? ORDER BY selector",
-                (row["name"],),
-            )
-        )
-        return Policy(row["name"], row["pcr_bank"], loads_pcrs(row["pcrs"]), selectors)
+    def _policies(self, db: sa.Connection, name: str | None = None) -> list[Policy]:
+        """Policies (all, or the one named) with their assignments: one statement."""
+        if name is None:
+            result = self._run(db, ALL_POLICIES, {})
+        else:
+            result = self._run(db, ONE_POLICY, {"p_name": name})
+        rows: dict[str, tuple[sa.RowMapping, list[dict[str, str]]]] = {}
+        for row in result.mappings():
+            entry = rows.setdefault(row["name"], (row, []))
+            if row["selector"] is not None:
+                entry[1].append(loads_map(row["selector"]))
+        return [
+            Policy(n, r["pcr_bank"], loads_pcrs(r["pcrs"]), tuple(sels))
+            for n, (r, sels) in rows.items()
+        ]
 
     def set_policy(self, name: str, bank: str, pcrs: Mapping[int, bytes], now: datetime) -> Policy:
         """Create or replace a policy's reference values (its assignments are kept)."""
         if not pcrs:
             raise OperatorError("a policy needs at least one PCR; empty policy means deny")
+        stmt = self._upsert(policies).values(
+            name=name, pcr_bank=bank, pcrs=dumps_pcrs(pcrs), updated_at=ts(now)
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[policies.c.name],
+            set_={c: stmt.excluded[c] for c in ("pcr_bank", "pcrs", "updated_at")},
+        )
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO policies (name, pcr_bank, pcrs, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET pcr_bank = excluded.pcr_bank, "
-                "pcrs = excluded.pcrs, updated_at = excluded.updated_at",
-                (name, bank, dumps_pcrs(pcrs), ts(now)),
-            )
-            row = db.execute("SELECT * FROM policies WHERE name = ?", (name,)).fetchone()
-            policy = self._policy(db, row)
+            db.execute(stmt)
+            policy = self._policies(db, name)[0]
             self._notify_matching(db, policy.selectors, "an attestation policy changed", now)
             return policy
 
     def assign_policy(self, name: str, selector: Mapping[str, str], now: datetime) -> Policy:
         if not selector:
             raise OperatorError("a policy assignment needs a non-empty selector")
+        stmt = self._upsert(policy_assignments).values(
+            policy_name=name, selector=dumps_map(selector), created_at=ts(now)
+        )
         with self._tx() as db:
-            row = db.execute("SELECT * FROM policies WHERE name = ?", (name,)).fetchone()
-            if row is None:
+            if not self._policies(db, name):
                 raise NotFound(
                     f"no policy named {name!r}; create it with `keylease-kbs policy set {name} "
                     "--pcrs 0,1,... --from-node NODE`"
                 )
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO policy_assignments (policy_name, selector, created_at) "
-                "VALUES (?, ?, ?)",
-                (name, dumps_map(selector), ts(now)),
-            )
-            if cursor.rowcount != 1:
+            if db.execute(stmt.on_conflict_do_nothing().returning(sa.literal(1))).first() is None:
                 raise OperatorError(
                     f"policy {name!r} is already assigned to {format_selector(selector)}"
                 )
             self._notify_matching(db, [selector], "an attestation policy was assigned", now)
-            return self._policy(db, row)
+            return self._policies(db, name)[0]
 
     def list_policies(self) -> list[Policy]:
-        with self._tx(write=False) as db:
-            rows = db.execute("SELECT * FROM policies ORDER BY name").fetchall()
-            return [self._policy(db, r) for r in rows]
+        with self._tx(write=False, single=True) as db:
+            return self._policies(db)
 
     def policies_for_labels(self, labels: Mapping[str, str]) -> list[Policy]:
-        """Policies with an assignment whose selector is within ``labels``, by name."""
-        return [
+        """Policies with an assignment whose selector is within ``labels``, by name; cached per
+        label set (``kbs.store_cache``)."""
+        return list(self._policy_cache.get(labels, lambda: self._policies_for_labels(labels)))
+
+    def _policies_for_labels(self, labels: Mapping[str, str]) -> tuple[Policy, ...]:
+        return tuple(
             p for p in self.list_policies() if any(selector_matches(s, labels) for s in p.selectors)
-        ]
+        )
 
     # --- audit ------------------------------------------------------------------------------
 
@@ -250,27 +318,26 @@ class Catalog(Changes):
         detail: str,
         now: datetime,
     ) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO audit (at, actor, event, node, result, detail) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (ts(now), actor, event, node, result, detail),
-            )
+        with self._tx(single=True, catalog=False) as db:
+            self._write_audit(db, [AuditEvent(actor, event, node, result, detail)], now)
+
+    def _write_audit(self, db: sa.Connection, events: Sequence[AuditEvent], now: datetime) -> None:
+        at = ts(now)
+        for e in events:
+            params = {"p_at": at, "p_actor": e.actor, "p_event": e.event, "p_node": e.node,
+                      "p_result": e.result, "p_detail": e.detail}  # fmt: skip
+            self._run(db, AUDIT, params)
 
     def list_audit(self, node: str | None = None, limit: int = 100) -> list[AuditEntry]:
         """The ``limit`` most recent entries (for ``node`` if given), oldest first."""
-        query = "SELECT * FROM audit"
-        params: list[Any] = []
+        query = sa.select(audit_log).order_by(audit_log.c.id.desc()).limit(max(limit, 0))
         if node is not None:
-            query += " WHERE node = ?"
-            params.append(node)
-        query += " ORDER BY id DESC LIMIT ?"
-        params.append(max(limit, 0))
-        with self._tx(write=False) as db:
-            rows = db.execute(query, params).fetchall()
+            query = query.where(audit_log.c.node == node)
+        with self._tx(write=False, single=True) as db:
+            rows = db.execute(query).mappings().all()
         return [
             AuditEntry(
-                id=r["id"],
+                id=int(r["id"]),
                 at=datetime.fromisoformat(r["at"]),
                 actor=r["actor"],
                 event=r["event"],

@@ -2,24 +2,28 @@
 
 Part of ``kbs.store.Store`` (see ``kbs.store_db`` for storage conventions). Operator actions
 record their rows here *in the same transaction* as the change itself, so a change is never
-visible without its notification (or the reverse). Ids only grow (``AUTOINCREMENT``) and writers
-are serialised (``BEGIN IMMEDIATE``), so a reader that remembers the last id it saw misses
-nothing. Rows older than ``CHANGE_RETENTION`` are purged whenever a change is recorded.
+visible without its notification (or the reverse). A reader remembers the last id it saw, so ids
+must become visible in order: SQLite serialises writers (``BEGIN IMMEDIATE``); on PostgreSQL a
+transaction takes an advisory lock before it draws an id and holds it to commit, so an id is
+never committed after a larger one. Rows older than ``CHANGE_RETENTION`` are purged whenever a
+change is recorded.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
-from kbs.model import Change, ChangeKind, NodeState, selector_matches
-from kbs.store_db import Database, loads_map, ts
+import sqlalchemy as sa
 
-__all__ = ["CHANGE_RETENTION", "MAX_CHANGES_PER_READ", "Changes"]
+from kbs.model import Change, ChangeKind, NodeState, selector_matches
+from kbs.store_db import Database, changes, loads_map, nodes, ts
+
+__all__ = ["CHANGES_LOCK", "CHANGE_RETENTION", "MAX_CHANGES_PER_READ", "Changes"]
 
 CHANGE_RETENTION = timedelta(days=1)
 MAX_CHANGES_PER_READ = 1000
+CHANGES_LOCK = 0x6B6C6368  # pg advisory lock id: "klch"
 
 
 class Changes(Database):
@@ -34,13 +38,15 @@ class Changes(Database):
 
     def changes_since(self, last_id: int, limit: int = MAX_CHANGES_PER_READ) -> list[Change]:
         """Changes with an id above ``last_id``, oldest first, at most ``limit``."""
-        with self._tx(write=False) as db:
-            rows = db.execute(
-                "SELECT * FROM changes WHERE id > ? ORDER BY id LIMIT ?", (last_id, max(limit, 0))
-            ).fetchall()
+        query = (
+            sa.select(changes).where(changes.c.id > last_id).order_by(changes.c.id)
+            .limit(max(limit, 0))
+        )  # fmt: skip
+        with self._tx(write=False, single=True) as db:
+            rows = db.execute(query).mappings().all()
         return [
             Change(
-                id=r["id"],
+                id=int(r["id"]),
                 at=datetime.fromisoformat(r["at"]),
                 node=r["node"],
                 kind=ChangeKind(r["kind"]),
@@ -50,28 +56,37 @@ class Changes(Database):
         ]
 
     def last_change_id(self) -> int:
-        """The id of the newest change ever recorded (0 if none), purged rows included."""
-        with self._tx(write=False) as db:
-            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
-        return 0 if row is None else int(row["seq"])
+        """The id of the newest change recorded (0 if none); on SQLite purged rows included.
+        Every later change has a larger id."""
+        query: sa.Executable
+        if self.is_sqlite:
+            query = sa.text("SELECT seq FROM sqlite_sequence WHERE name = 'changes'")
+        else:
+            query = sa.select(sa.func.max(changes.c.id))
+        with self._tx(write=False, single=True) as db:
+            value = db.execute(query).scalar()
+        return 0 if value is None else int(value)
 
     # --- used inside other methods' transactions ------------------------------------------------
 
     def _record_change(
-        self, db: sqlite3.Connection, node: str | None, kind: ChangeKind, reason: str, now: datetime
+        self, db: sa.Connection, node: str | None, kind: ChangeKind, reason: str, now: datetime
     ) -> int:
-        cursor = db.execute(
-            "INSERT INTO changes (at, node, kind, reason) VALUES (?, ?, ?, ?)",
-            (ts(now), node, kind.value, reason),
-        )
-        return int(cursor.lastrowid or 0)
+        if not self.is_sqlite:
+            db.execute(sa.select(sa.func.pg_advisory_xact_lock(CHANGES_LOCK)))
+        row = db.execute(
+            changes.insert()
+            .values(at=ts(now), node=node, kind=kind.value, reason=reason)
+            .returning(changes.c.id)
+        ).scalar_one()
+        return int(row)
 
-    def _purge_changes(self, db: sqlite3.Connection, now: datetime) -> None:
-        db.execute("DELETE FROM changes WHERE at < ?", (ts(now - CHANGE_RETENTION),))
+    def _purge_changes(self, db: sa.Connection, now: datetime) -> None:
+        db.execute(changes.delete().where(changes.c.at < ts(now - CHANGE_RETENTION)))
 
     def _notify_matching(
         self,
-        db: sqlite3.Connection,
+        db: sa.Connection,
         selectors: Iterable[Mapping[str, str]],
         reason: str,
         now: datetime,
@@ -79,14 +94,15 @@ class Changes(Database):
         """Record CHANGED for every node that is not revoked and whose labels match any of
         ``selectors``; returns their names."""
         wanted = list(selectors)
+        rows = db.execute(
+            sa.select(nodes.c.name, nodes.c.labels)
+            .where(nodes.c.state != NodeState.REVOKED.value)
+            .order_by(nodes.c.name)
+        ).all()
         names = [
-            row["name"]
-            for row in db.execute(
-                "SELECT name, labels FROM nodes WHERE state != ? ORDER BY name",
-                (NodeState.REVOKED.value,),
-            ).fetchall()
-            if any(selector_matches(s, loads_map(row["labels"])) for s in wanted)
-        ]
+            name for name, labels in rows
+            if any(selector_matches(s, loads_map(labels)) for s in wanted)
+        ]  # fmt: skip
         for name in names:
             self._record_change(db, name, ChangeKind.CHANGED, reason, now)
         if names:

@@ -1,37 +1,52 @@
-"""The broker database's foundation: schema and migrations, row conversions, transactions.
+"""The broker database's foundation: engine, tables, migrations, transactions, error translation.
 
-One SQLite connection (WAL, ``check_same_thread=False``) behind a lock, since the gRPC service
-calls in from worker threads; other processes (operator commands while ``serve`` runs) are
-serialised by SQLite itself (writes use ``BEGIN IMMEDIATE`` and wait up to ``BUSY_TIMEOUT``).
-The schema is created and migrated at open (``schema_version`` table, ``MIGRATIONS`` in order).
-Every ``sqlite3.Error`` becomes ``StoreError`` here. Timestamps are stored as UTC ISO-8601 text
+SQLAlchemy Core over SQLite (the embedded default, WAL) or PostgreSQL (``postgresql://`` URL,
+psycopg 3). Every connection runs in driver autocommit; ``_tx`` issues ``BEGIN`` (SQLite: ``BEGIN
+IMMEDIATE`` for writes, serialised in-process by a lock so threads never spin on SQLite's busy
+handler) and ``COMMIT`` itself, so a single-statement call (``single=True``) costs one round trip
+and a multi-statement change is one transaction that a killed process leaves rolled back.
+
+The schema is created and upgraded by Alembic at open (``kbs/migrations``, run programmatically,
+under ``BEGIN IMMEDIATE`` on SQLite and a transaction-scoped advisory lock on PostgreSQL, so
+replicas starting together migrate once). Every SQLAlchemy/driver error becomes ``StoreError``
+here: ``DatabaseUnavailable`` (gRPC UNAVAILABLE) when the server cannot be reached,
+``StoreConflict`` for a unique-constraint race. Timestamps are stored as UTC ISO-8601 text
 (fixed width, so they compare as text), PCR maps as JSON ``{"index": "hex"}``, labels and
-selectors as canonical JSON (sorted keys, so equal selectors are equal text).
-
-``kbs.store.Store`` is the public class; this module and ``kbs.store_catalog`` hold its parts.
+selectors as canonical JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-import sqlite3
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
+import grpc
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import exc as sa_exc
+
+from kbs import migrations
 from kbs.errors import StoreError
 from kbs.model import Node, NodeState, StoredKey
 
 __all__ = [
     "BUSY_TIMEOUT",
-    "MIGRATIONS",
+    "HEAD_REVISION",
     "Database",
+    "DatabaseUnavailable",
+    "StoreConflict",
     "dumps_map",
     "dumps_pcrs",
     "key_from_row",
@@ -39,89 +54,30 @@ __all__ = [
     "loads_pcrs",
     "node_from_row",
     "opt_dt",
+    "redact_url",
     "ts",
 ]
 
+log = logging.getLogger(__name__)
+logging.getLogger("alembic").setLevel(logging.WARNING)  # our own line per upgrade instead
 
 BUSY_TIMEOUT = 10.0
+HEAD_REVISION = "0002"
+CONNECT_TIMEOUT = 5  # seconds, PostgreSQL
+MIGRATION_LOCK = 0x6B6C6D67  # pg advisory lock id: "klmg"
+POOL_SIZE = 8
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE nodes (
-            name TEXT PRIMARY KEY,
-            state TEXT NOT NULL CHECK (state IN ('pending', 'approved', 'revoked')),
-            labels TEXT NOT NULL DEFAULT '{}',
-            ek_hash TEXT NOT NULL UNIQUE,
-            ek_public BLOB NOT NULL,
-            ek_certificate BLOB NOT NULL,
-            ak_public BLOB NOT NULL,
-            metadata TEXT NOT NULL DEFAULT '{}',
-            enrolled_at TEXT NOT NULL,
-            updated_at TEXT NOT NULL,
-            last_attested_at TEXT,
-            pcr_bank TEXT,
-            pcrs TEXT NOT NULL DEFAULT '{}',
-            reset_count INTEGER,
-            restart_count INTEGER)""",
-        """CREATE TABLE nonces (
-            nonce BLOB PRIMARY KEY,
-            node_name TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
-            expires_at TEXT NOT NULL)""",
-        "CREATE INDEX nonces_node ON nonces (node_name, expires_at)",
-        """CREATE TABLE enrollments (
-            id TEXT PRIMARY KEY,
-            node_name TEXT NOT NULL,
-            ek_public BLOB NOT NULL,
-            ek_certificate BLOB NOT NULL,
-            ak_public BLOB NOT NULL,
-            ek_hash TEXT NOT NULL,
-            secret_sha256 BLOB NOT NULL,
-            metadata TEXT NOT NULL,
-            expires_at TEXT NOT NULL)""",
-        "CREATE INDEX enrollments_node ON enrollments (node_name, expires_at)",
-        "CREATE TABLE allowlist (ek_hash TEXT PRIMARY KEY, added_at TEXT NOT NULL)",
-        """CREATE TABLE keys (
-            name TEXT NOT NULL,
-            version INTEGER NOT NULL CHECK (version >= 1),
-            algorithm TEXT NOT NULL,
-            encrypted_private BLOB NOT NULL,
-            created_at TEXT NOT NULL,
-            PRIMARY KEY (name, version))""",
-        """CREATE TABLE grants (
-            key_name TEXT NOT NULL,
-            selector TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            PRIMARY KEY (key_name, selector))""",
-        """CREATE TABLE policies (
-            name TEXT PRIMARY KEY,
-            pcr_bank TEXT NOT NULL,
-            pcrs TEXT NOT NULL,
-            updated_at TEXT NOT NULL)""",
-        """CREATE TABLE policy_assignments (
-            policy_name TEXT NOT NULL REFERENCES policies(name) ON DELETE CASCADE,
-            selector TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            PRIMARY KEY (policy_name, selector))""",
-        """CREATE TABLE audit (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            at TEXT NOT NULL,
-            actor TEXT NOT NULL,
-            event TEXT NOT NULL,
-            node TEXT,
-            result TEXT NOT NULL,
-            detail TEXT NOT NULL)""",
-        "CREATE INDEX audit_node ON audit (node, id)",
-    ),
-    (  # 2: the change feed behind the Watch stream (kbs.store_changes)
-        """CREATE TABLE changes (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            at TEXT NOT NULL,
-            node TEXT,
-            kind TEXT NOT NULL CHECK (kind IN ('revoked', 'changed')),
-            reason TEXT NOT NULL)""",
-        "CREATE INDEX changes_at ON changes (at)",
-    ),
-)
+Row = sa.RowMapping
+
+
+class DatabaseUnavailable(StoreError):
+    """The database server cannot be reached (or SQLite stayed locked); retry later."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class StoreConflict(StoreError):
+    """A unique constraint refused a write: another writer got there first."""
 
 
 def ts(when: datetime) -> str:
@@ -153,15 +109,15 @@ def loads_pcrs(text: str) -> dict[int, bytes]:
     return {int(i): bytes.fromhex(v) for i, v in loads_map(text).items()}
 
 
-def node_from_row(row: sqlite3.Row) -> Node:
+def node_from_row(row: Row) -> Node:
     return Node(
         name=row["name"],
         state=NodeState(row["state"]),
         labels=loads_map(row["labels"]),
         ek_hash=row["ek_hash"],
-        ek_public=row["ek_public"],
-        ek_certificate=row["ek_certificate"],
-        ak_public=row["ak_public"],
+        ek_public=bytes(row["ek_public"]),
+        ek_certificate=bytes(row["ek_certificate"]),
+        ak_public=bytes(row["ak_public"]),
         metadata=loads_map(row["metadata"]),
         enrolled_at=datetime.fromisoformat(row["enrolled_at"]),
         last_attested_at=opt_dt(row["last_attested_at"]),
@@ -172,98 +128,220 @@ def node_from_row(row: sqlite3.Row) -> Node:
     )
 
 
-def key_from_row(row: sqlite3.Row, with_secret: bool = True) -> StoredKey:
+def key_from_row(row: Row, with_secret: bool = True) -> StoredKey:
     return StoredKey(
         name=row["name"],
         version=row["version"],
         algorithm=row["algorithm"],
-        encrypted_private=row["encrypted_private"] if with_secret else b"",
+        encrypted_private=bytes(row["encrypted_private"]) if with_secret else b"",
         created_at=datetime.fromisoformat(row["created_at"]),
     )
 
 
-class Database:
-    """Connection, migrations and transactions; see ``kbs.store.Store`` for the tables."""
+def redact_url(url: str) -> str:
+    """``url`` without its password (for messages and logs)."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self._conn = conn
-        self._path = path
-        self._lock = threading.RLock()
+
+# --- tables (Core) --------------------------------------------------------------------------
+
+META = sa.MetaData()
+BIGID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # INTEGER: SQLite's rowid alias
+
+
+def _table(name: str, *cols: sa.Column[Any]) -> sa.Table:
+    return sa.Table(name, META, *cols, sqlite_autoincrement=name in ("audit", "changes"))
+
+
+def _c(name: str, kind: Any, **kw: Any) -> sa.Column[Any]:
+    return sa.Column(name, kind, nullable=kw.pop("nullable", False), **kw)
+
+
+T, B, I = sa.Text(), sa.LargeBinary(), sa.Integer()  # noqa: E741
+nodes = _table(
+    "nodes", _c("name", T, primary_key=True), _c("state", T), _c("labels", T),
+    _c("ek_hash", T, unique=True), _c("ek_public", B), _c("ek_certificate", B),
+    _c("ak_public", B), _c("metadata", T), _c("enrolled_at", T), _c("updated_at", T),
+    _c("last_attested_at", T, nullable=True), _c("pcr_bank", T, nullable=True), _c("pcrs", T),
+    _c("reset_count", I, nullable=True), _c("restart_count", I, nullable=True),
+)  # fmt: skip
+nonces = _table("nonces", _c("nonce", B, primary_key=True), _c("node_name", T),
+                _c("expires_at", T))  # fmt: skip
+enrollments = _table(
+    "enrollments", _c("id", T, primary_key=True), _c("node_name", T), _c("ek_public", B),
+    _c("ek_certificate", B), _c("ak_public", B), _c("ek_hash", T), _c("secret_sha256", B),
+    _c("metadata", T), _c("expires_at", T),
+)  # fmt: skip
+allowlist = _table("allowlist", _c("ek_hash", T, primary_key=True), _c("added_at", T))
+keys = _table(
+    "keys", _c("name", T, primary_key=True), _c("version", I, primary_key=True),
+    _c("algorithm", T), _c("encrypted_private", B), _c("created_at", T),
+)  # fmt: skip
+grants = _table("grants", _c("key_name", T, primary_key=True),
+                _c("selector", T, primary_key=True), _c("created_at", T))  # fmt: skip
+policies = _table("policies", _c("name", T, primary_key=True), _c("pcr_bank", T),
+                  _c("pcrs", T), _c("updated_at", T))  # fmt: skip
+policy_assignments = _table(
+    "policy_assignments", _c("policy_name", T, primary_key=True),
+    _c("selector", T, primary_key=True), _c("created_at", T),
+)  # fmt: skip
+audit_log = _table(
+    "audit", _c("id", BIGID, primary_key=True, autoincrement=True), _c("at", T), _c("actor", T),
+    _c("event", T), _c("node", T, nullable=True), _c("result", T), _c("detail", T),
+)  # fmt: skip
+changes = _table(
+    "changes", _c("id", BIGID, primary_key=True, autoincrement=True), _c("at", T),
+    _c("node", T, nullable=True), _c("kind", T), _c("reason", T),
+)  # fmt: skip
+
+
+# --- the database ---------------------------------------------------------------------------
+
+
+class Database:
+    """Engine, migrations and transactions; see ``kbs.store.Store`` for the tables."""
+
+    def __init__(self, engine: sa.Engine, where: str) -> None:
+        self._engine = engine
+        self._where = where
+        self.is_sqlite = engine.dialect.name == "sqlite"
+        self._write_lock: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        )
+        self._compiled: dict[int, tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {}
 
     @classmethod
-    def open(cls, path: Path) -> Self:
-        """Open (creating it 0600 if new) and migrate the database at ``path``."""
-        if not path.parent.is_dir():
-            raise StoreError(f"database directory {path.parent} does not exist; create it")
+    def open(cls, target: Path | str) -> Self:
+        """Open and migrate the database: a SQLite file path (created 0600 if new), or a
+        ``postgresql://`` / ``sqlite:///`` URL."""
+        if isinstance(target, str) and target.startswith("sqlite:///"):
+            target = Path(target.removeprefix("sqlite:///"))
+        if isinstance(target, Path):
+            engine, where = _sqlite_engine(target), str(target)
+        elif target.startswith(("postgresql://", "postgresql+psycopg://")):
+            where = redact_url(target)
+            url = sa.make_url(target).set(drivername="postgresql+psycopg")
+            engine = sa.create_engine(
+                url, isolation_level="AUTOCOMMIT", pool_size=POOL_SIZE, max_overflow=POOL_SIZE,
+                pool_reset_on_return=None, connect_args={"connect_timeout": CONNECT_TIMEOUT},
+            )  # fmt: skip
+        else:
+            raise StoreError(f"database {target!r}: expected a path or a postgresql:// URL")
+        store = cls(engine, where)
         try:
-            if not path.exists():
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-            conn = sqlite3.connect(
-                path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open database {path}: {exc}") from None
-        conn.row_factory = sqlite3.Row
-        store = cls(conn, path)
-        try:
-            store._setup()
+            store._migrate()
         except BaseException:
-            conn.close()
+            engine.dispose()
             raise
         return store
 
-    def _setup(self) -> None:
-        try:
-            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self._conn.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.Error as exc:
-            raise StoreError(f"database {self._path} is unusable: {exc}") from None
-        if mode != "wal":
-            raise StoreError(f"database {self._path} cannot use WAL mode (got {mode!r})")
-        with self._tx() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = db.execute("SELECT version FROM schema_version").fetchone()
-            version = 0 if row is None else int(row[0])
-            if version > len(MIGRATIONS):
+    def _migrate(self) -> None:
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", os.path.dirname(migrations.__file__))
+        with self._tx() as conn:
+            if self.is_sqlite:
+                mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+                if mode != "wal":
+                    raise StoreError(f"database {self._where} cannot use WAL mode ({mode!r})")
+            else:
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK)))
+            current = MigrationContext.configure(conn).get_current_revision()
+            if current is not None and current > HEAD_REVISION:
                 raise StoreError(
-                    f"database {self._path} has schema version {version}, newer than this "
-                    f"keylease-kbs understands ({len(MIGRATIONS)}); upgrade keylease-kbs"
+                    f"database {self._where} has schema revision {current}, newer than this "
+                    f"keylease-kbs understands ({HEAD_REVISION}); upgrade keylease-kbs"
                 )
-            for statements in MIGRATIONS[version:]:
-                for statement in statements:
-                    db.execute(statement)
-            db.execute("DELETE FROM schema_version")
-            db.execute("INSERT INTO schema_version (version) VALUES (?)", (len(MIGRATIONS),))
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+            if current != HEAD_REVISION:  # created (or adopted from before Alembic), or upgraded
+                level = logging.DEBUG if current is None else logging.INFO
+                log.log(level, "database %s: schema %s -> %s", self._where, current, HEAD_REVISION)
 
-    def schema_version(self) -> int:
-        with self._tx(write=False) as db:
-            return int(db.execute("SELECT version FROM schema_version").fetchone()[0])
+    def schema_version(self) -> str:
+        """The Alembic revision the database is at."""
+        with self._tx(write=False, single=True) as conn:
+            return str(MigrationContext.configure(conn).get_current_revision())
+
+    def ping(self) -> None:
+        """One cheap round trip; DatabaseUnavailable / StoreError if the database does not
+        answer."""
+        with self._tx(write=False, single=True) as conn:
+            conn.execute(sa.text("SELECT 1")).scalar()
+
+    def _run(
+        self, db: sa.Connection, stmt: sa.ClauseElement, params: Mapping[str, Any]
+    ) -> sa.CursorResult[Any]:
+        """Execute a module-level Core statement (with ``bindparam``s) compiled once for this
+        dialect: the hot paths skip SQLAlchemy's per-call statement building and cache lookup."""
+        compiled = self._compiled.get(id(stmt))
+        if compiled is None:
+            done = stmt.compile(dialect=self._engine.dialect)
+            positions = getattr(done, "positiontup", None)  # qmark dialects (SQLite)
+            order = tuple(positions) if positions is not None else None
+            compiled = (str(done), order, dict(done.params))
+            self._compiled[id(stmt)] = compiled
+        sql, order, defaults = compiled
+        values = {**defaults, **params}
+        if order is None:
+            return db.exec_driver_sql(sql, values)
+        return db.exec_driver_sql(sql, tuple(values[k] for k in order))
 
     @contextmanager
-    def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """One transaction; KbsErrors raised inside roll it back and propagate."""
-        with self._lock:
+    def _tx(
+        self, write: bool = True, single: bool = False, catalog: bool = True
+    ) -> Iterator[sa.Connection]:
+        """One transaction (``single``: one statement, run in autocommit); KbsErrors raised
+        inside roll it back and propagate; database errors become StoreError. A write that may
+        change what ``_catalog_changed`` caches (``catalog``, the default) drops those caches
+        once committed; only the attestation path's writes pass ``catalog=False``."""
+        with self._write_lock if write else contextlib.nullcontext(), self._translate():
+            conn = self._engine.connect()
             try:
-                self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            except sqlite3.Error as exc:
-                raise StoreError(f"database {self._path}: {exc}") from None
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise StoreError(f"database {self._path}: {exc}") from None
-            except BaseException:
-                self._rollback()
-                raise
+                if single:
+                    yield conn
+                else:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE" if write and self.is_sqlite else "BEGIN")
+                    try:
+                        yield conn
+                        conn.exec_driver_sql("COMMIT")
+                    except BaseException:
+                        self._rollback(conn)
+                        raise
+            finally:
+                conn.close()
+                if write and catalog:
+                    self._catalog_changed()
 
-    def _rollback(self) -> None:
-        with contextlib.suppress(sqlite3.Error):  # no transaction left to roll back
-            self._conn.execute("ROLLBACK")
+    def _catalog_changed(self) -> None:
+        """Hook: this process wrote something that in-process caches may hold (a subclass
+        drops them)."""
+
+    @staticmethod
+    def _rollback(conn: sa.Connection) -> None:
+        try:
+            conn.exec_driver_sql("ROLLBACK")
+        except sa_exc.SQLAlchemyError:  # the connection is gone: the server rolls back itself
+            with contextlib.suppress(sa_exc.SQLAlchemyError):
+                conn.invalidate()
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except sa_exc.IntegrityError as exc:
+            raise StoreConflict(f"database {self._where}: {_first_line(exc)}") from None
+        except sa_exc.DBAPIError as exc:
+            if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError):
+                raise DatabaseUnavailable(
+                    f"database {self._where} is unavailable ({_first_line(exc)}); the broker "
+                    "retries by itself: check that the database server is running and reachable"
+                ) from None
+            raise StoreError(f"database {self._where}: {_first_line(exc)}") from None
+        except sa_exc.SQLAlchemyError as exc:
+            raise StoreError(f"database {self._where}: {_first_line(exc)}") from None
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._engine.dispose()
 
     def __enter__(self) -> Self:
         return self
@@ -275,3 +353,45 @@ class Database:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _first_line(exc: sa_exc.SQLAlchemyError) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _sqlite_engine(path: Path) -> sa.Engine:
+    if not path.parent.is_dir():
+        raise StoreError(f"database directory {path.parent} does not exist; create it")
+    try:
+        if not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    except OSError as exc:
+        raise StoreError(f"cannot create database {path}: {exc.strerror}") from None
+    engine = sa.create_engine(
+        sa.URL.create("sqlite", database=str(path)),
+        isolation_level="AUTOCOMMIT",
+        pool_size=POOL_SIZE,
+        max_overflow=0,
+        pool_timeout=BUSY_TIMEOUT,
+        pool_reset_on_return=None,
+        connect_args={"timeout": BUSY_TIMEOUT, "check_same_thread": False},
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # NORMAL with WAL: a commit no longer waits for an fsync of the WAL (checkpoints
+            # still do), so a power loss (not a crash of the process) can roll back the last
+            # commits; the file stays consistent. What can come back is harmless: a consumed
+            # nonce cannot release anything again (a release is sealed to the node's TPM and a
+            # nonce expires in 60 s), and lost audit rows are the attestations of those seconds.
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    return engine

@@ -57,7 +57,10 @@ def main() -> int:
         tpm_dir = work / "tpm"
         tpm_dir.mkdir()
         (tpm_dir / "tpm2-00.permall").write_bytes((ca.golden / "tpm2-00.permall").read_bytes())
-        with Swtpm(tpm_dir) as tpm, Broker(work / "kbs", work / "roots.pem") as broker:
+        broker = Broker(work / "kbs", work / "roots.pem")
+        # One node attests back to back here: lift the per-node rate limit (5/s by default).
+        broker.set(rate_limit_node_per_second=0)
+        with Swtpm(tpm_dir) as tpm, broker:
             cfg_path = write_agent_config(
                 work / "agent.toml",
                 broker=broker,

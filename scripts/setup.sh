@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gnutls-bin skopeo
               build-essential python3-venv python3-dev ca-certificates
-              libsystemd-dev systemd)
+              libsystemd-dev systemd postgresql
+              qemu-system-x86 qemu-utils ovmf mmdebstrap netcat-openbsd e2fsprogs)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -142,6 +142,7 @@ def test_pcr_change_then_restart_restores_nothing(
     assert ready is not None, daemon.log()
     assert ready.fields["STATUS"].startswith("no keys"), ready.fields
     assert "nothing restored from the sealed cache" in daemon.log()
+    assert "PCR 7 (sha256) changed since the release was sealed" in daemon.log()
     assert key_files(granted) == [], "keys the cache no longer backs must go"
 
 

@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kbs.cli import main
 from kbs.config import load_config, read_master_key
-from kbs.masterkey import MasterKey, key_aad
+from kbs.errors import StoreError
+from kbs.masterkey import MasterKey, blob_key_id, key_aad
 from kbs.model import NodeState
 from kbs.store import Store
+from kbs.store_admin import sealed_key_rows
 from tests.test_kbs_config import KBS, init_broker
 
 EK = "c0ffee" + "0" * 58
@@ -586,3 +589,99 @@ def test_operator_changes_notify_exactly_the_nodes_they_concern(
         assert [(c.node, c.kind.value) for c in changes] == expected, argv
         assert all(c.reason and "k" not in c.reason.split() for c in changes)
         last = changes[-1].id if changes else last
+
+
+# --- key delete and master-key rotation (local) -------------------------------------------------
+
+
+def ec_key_file(path: Path) -> Path:
+    path.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(PEM, PKCS8, PLAIN))
+    return path
+
+
+def test_key_delete_removes_versions_and_grants_and_tells_the_nodes(
+    kbs: Kbs, config: Path, tmp_path: Path
+) -> None:
+    add_node(config)
+    assert kbs("node", "approve", "worker-1", "--label", "cluster=prod").code == 0
+    assert kbs("key", "import", "k", "--private-key", str(ec_key_file(tmp_path / "a"))).code == 0
+    assert kbs("key", "rotate", "k", "--private-key", str(ec_key_file(tmp_path / "b"))).code == 0
+    assert (
+        kbs("key", "import", "other", "--private-key", str(ec_key_file(tmp_path / "c"))).code == 0
+    )
+    assert kbs("grant", "add", "k", "--selector", "cluster=prod").code == 0
+    assert kbs("grant", "add", "other", "--selector", "cluster=prod").code == 0
+    with open_store(config) as store:
+        last = store.last_change_id()
+    result = kbs("key", "delete", "k")
+    assert result.code == 0, result
+    assert "2 version(s), 1 grant(s)); 1 node(s) told" in result.out
+    assert [k["name"] for k in json.loads(kbs("key", "list", "--json").out)] == ["other"]
+    assert [g["key"] for g in json.loads(kbs("grant", "list", "--json").out)] == ["other"]
+    with open_store(config) as store:
+        assert [(c.node, c.kind.value) for c in store.changes_since(last)] == [
+            ("worker-1", "changed")
+        ]
+    assert events(config)[-1] == ("operator", "key-delete", "ok")
+    missing = kbs("key", "delete", "k")
+    assert missing.code == 2
+    assert "no key named 'k'" in missing.err
+
+
+def test_master_key_rotation_reencrypts_every_version(
+    kbs: Kbs, config: Path, tmp_path: Path
+) -> None:
+    cfg = load_config(config)
+    old = MasterKey(read_master_key(cfg).reveal())
+    # a row sealed in the version-1 format (before key ids) is read and re-encrypted too
+    nonce = os.urandom(12)
+    v1 = (
+        b"\x01"
+        + nonce
+        + AESGCM(read_master_key(cfg).reveal()).encrypt(
+            nonce, b"legacy", b"\x01" + key_aad("legacy", 1)
+        )
+    )
+    with open_store(config) as store:
+        store.add_key("legacy", "EC-P256", v1, datetime.now(UTC))
+    assert kbs("key", "import", "k", "--private-key", str(ec_key_file(tmp_path / "a"))).code == 0
+    assert kbs("key", "rotate", "k", "--private-key", str(ec_key_file(tmp_path / "b"))).code == 0
+    new = tmp_path / "new.key"
+    new.write_bytes(os.urandom(32))
+    new.chmod(0o644)
+    loose = kbs("master-key", "rotate", "--new-key", str(new))
+    assert loose.code == 2
+    assert f"chmod 600 {new}" in loose.err
+    new.chmod(0o600)
+    same = kbs("master-key", "rotate", "--new-key", str(cfg.master_key))  # resumes: v1 row
+    assert same.code == 0, same
+    assert "already master_key" in same.out
+    assert "re-encrypted 1 key version(s)" in same.out
+    result = kbs("master-key", "rotate", "--new-key", str(new))
+    assert result.code == 0, result
+    assert "re-encrypted 3 key version(s)" in result.out
+    rotated = load_config(config)
+    assert rotated.master_key == new
+    assert rotated.previous_master_keys == (cfg.master_key,)
+    only_new = MasterKey(new.read_bytes())
+    with open_store(config) as store:
+        rows = sealed_key_rows(store)
+    assert [blob_key_id(r.encrypted_private) for r in rows] == [only_new.current_id] * 3
+    assert only_new.open(rows[0].encrypted_private, key_aad("k", 1)).reveal().startswith(b"-----")
+    assert only_new.open(rows[2].encrypted_private, key_aad("legacy", 1)).reveal() == b"legacy"
+    with pytest.raises(StoreError):
+        old.open(rows[0].encrypted_private, key_aad("k", 1))
+    status = kbs("master-key", "status").out.splitlines()
+    assert status[1].split()[2:] == ["current", "3"]
+    assert status[2].split()[2:] == ["previous", "0"]
+    assert events(config)[-1] == ("operator", "master-key-rotate", "ok")
+    # a second rotation (generated key) keeps both older keys until the operator drops them
+    assert kbs("master-key", "rotate", "--generate").code == 0
+    assert len(load_config(config).previous_master_keys) == 2
+
+
+def test_remote_broker_unreachable_exits_1(kbs: Kbs, tmp_path: Path) -> None:
+    assert kbs("admin-cert", "issue", "alice", "--out", str(tmp_path / "alice")).code == 0
+    result = kbs("--server", "127.0.0.1:1", "--admin-cert", str(tmp_path / "alice"), "node", "list")
+    assert result.code == 1
+    assert "cannot reach the admin API at 127.0.0.1:1" in result.err

@@ -1,16 +1,16 @@
-"""The SQLite store on real database files: single-use nonces and challenges, the EK binding,
-selector matching, migrations, persistence, concurrent use."""
+"""The store on real databases, each test on SQLite and on PostgreSQL: single-use nonces and
+challenges, the EK binding, selector matching, the change feed, concurrent use. Migrations and
+SQLite file handling: tests/test_migrations.py; several brokers on one database: test_replicas."""
 
 from __future__ import annotations
 
-import sqlite3
-import stat
-import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from kbs.errors import (
     ActivationFailed,
@@ -19,20 +19,35 @@ from kbs.errors import (
     NonceUnknown,
     NotFound,
     OperatorError,
-    StoreError,
 )
 from kbs.model import ChangeKind, Node, NodeState, PendingEnrollment
-from kbs.store import Store
-from kbs.store_db import MIGRATIONS
+from kbs.store import AuditEvent, Store
+from kbs.store_cache import CHECK_INTERVAL, MAX_AGE, LabelCache
+from tests.support.postgres import PostgresServer, postgres_fixture  # noqa: F401
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 EK_A, EK_B = "a" * 64, "b" * 64
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """A fresh database: a SQLite file path, or the URL of a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "kbs.db"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.create_database()
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store.open(tmp_path / "kbs.db") as s:
+def store(database: Path | str) -> Iterator[Store]:
+    with Store.open(database) as s:
         yield s
+
+
+def count_rows(store: Store, table: str) -> int:
+    with store._tx(write=False, single=True) as db:
+        query = sa.select(sa.func.count()).select_from(sa.table(table))
+        return int(db.execute(query).scalar_one())
 
 
 def enroll(
@@ -93,14 +108,13 @@ def test_expired_nonce_is_refused_and_used_up(store: Store) -> None:
         store.consume_nonce("n1", b"E" * 32, T0)
 
 
-def test_old_nonces_are_purged_and_capped(store: Store, tmp_path: Path) -> None:
+def test_old_nonces_are_purged_and_capped(store: Store) -> None:
     enroll(store, "n1", EK_A)
     store.add_nonce("n1", b"old", T0)
     for i in range(40):
         store.add_nonce("n1", bytes([i]) * 32, T0 + timedelta(seconds=100 + i))
     store.consume_nonce("n1", bytes([39]) * 32, T0)
-    with sqlite3.connect(tmp_path / "kbs.db") as raw:
-        assert raw.execute("SELECT COUNT(*) FROM nonces").fetchone()[0] == 31
+    assert count_rows(store, "nonces") == 31
     with pytest.raises(NonceUnknown):  # the oldest went when the cap was reached
         store.consume_nonce("n1", b"old", T0)
 
@@ -285,107 +299,7 @@ def test_audit_is_oldest_first_and_limited(store: Store) -> None:
     assert store.list_audit(node="n2")[0].at == T0 + timedelta(seconds=1)
 
 
-# --- the database itself ----------------------------------------------------------------------
-
-
-def test_migrates_an_empty_database_file(tmp_path: Path) -> None:
-    path = tmp_path / "kbs.db"
-    path.write_bytes(b"")
-    with Store.open(path) as store:
-        assert store.schema_version() == len(MIGRATIONS)
-        assert store.list_nodes() == []
-    with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"nodes", "nonces", "enrollments", "keys", "grants", "policies", "audit"} <= tables
-
-
-def test_newer_schema_and_garbage_are_refused(tmp_path: Path) -> None:
-    path = tmp_path / "kbs.db"
-    Store.open(path).close()
-    with sqlite3.connect(path) as raw:
-        raw.execute("UPDATE schema_version SET version = 99")
-    with pytest.raises(StoreError, match=r"schema version 99, newer.*upgrade keylease-kbs"):
-        Store.open(path)
-    junk = tmp_path / "junk.db"
-    junk.write_bytes(b"this is not a database file at all" * 200)
-    with pytest.raises(StoreError, match=r"junk\.db"):
-        Store.open(junk)
-    with pytest.raises(StoreError, match="does not exist"):
-        Store.open(tmp_path / "missing-dir" / "kbs.db")
-
-
-def test_persists_across_reopen_and_is_private(tmp_path: Path) -> None:
-    path = tmp_path / "kbs.db"
-    with Store.open(path) as store:
-        enroll(store, "n1", EK_A)
-        store.approve_node("n1", {"cluster": "prod"}, T0)
-        store.add_key("k", "EC-P256", b"ciphertext", T0)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    with Store.open(path) as store:
-        node = store.get_node("n1")
-        assert node is not None
-        assert node.labels == {"cluster": "prod"}
-        key = store.get_key("k")
-        assert key is not None
-        assert key.encrypted_private == b"ciphertext"
-
-
-def test_threads_and_a_second_process_handle_share_the_database(tmp_path: Path) -> None:
-    path = tmp_path / "kbs.db"
-    with Store.open(path) as server, Store.open(path) as operator:
-        enroll(server, "n1", EK_A)
-        errors: list[BaseException] = []
-
-        def issue(offset: int) -> None:
-            try:
-                for i in range(20):
-                    server.add_nonce("n1", bytes([offset, i]) * 16, T0 + timedelta(hours=1))
-                    server.consume_nonce("n1", bytes([offset, i]) * 16, T0)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=issue, args=(t,)) for t in range(8)]
-        for t in threads:
-            t.start()
-        for i in range(10):
-            operator.audit(actor="operator:t", event="e", node=None, result="ok", detail=str(i),
-                           now=T0)  # fmt: skip
-        for t in threads:
-            t.join()
-        assert errors == []
-        assert len(server.list_audit(limit=100)) == 10
-
-
 # --- the change feed --------------------------------------------------------------------------
-
-
-def test_upgrades_a_version_1_database_in_place(tmp_path: Path) -> None:
-    """A database written before the change feed existed gains the table; nothing is lost."""
-    path = tmp_path / "kbs.db"
-    with sqlite3.connect(path) as raw:
-        raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-        raw.execute("INSERT INTO schema_version (version) VALUES (1)")
-        for statement in MIGRATIONS[0]:
-            raw.execute(statement)
-        raw.execute(
-            "INSERT INTO nodes (name, state, labels, ek_hash, ek_public, ek_certificate, "
-            "ak_public, enrolled_at, updated_at) "
-            "VALUES ('n1', 'approved', ?, ?, x'00', x'00', x'00', ?, ?)",
-            ('{"cluster":"prod"}', EK_A, T0.isoformat(), T0.isoformat()),
-        )
-    raw.close()
-    with Store.open(path) as store:
-        assert store.schema_version() == len(MIGRATIONS) == 2
-        node = store.get_node("n1")
-        assert node is not None
-        assert node.labels == {"cluster": "prod"}
-        assert store.last_change_id() == 0
-        store.revoke_node("n1", T0)
-        assert [(c.node, c.kind) for c in store.changes_since(0)] == [("n1", ChangeKind.REVOKED)]
-    with Store.open(path) as store:  # and opens again unchanged
-        assert store.schema_version() == 2
-        assert len(store.changes_since(0)) == 1
 
 
 def test_changes_are_ordered_purged_after_a_day_and_ids_never_reused(store: Store) -> None:
@@ -422,3 +336,70 @@ def test_a_refused_change_records_no_notification(store: Store) -> None:
         store.add_sealed_key("new", "EC-P256", lambda v: b"c", T0, must_exist=True)
     assert store.changes_since(last) == []
     assert [k.version for k in store.list_keys()] == [1]
+
+
+# --- the attestation path: one transaction, caches ----------------------------------------------
+
+
+def test_record_attestation_writes_its_audit_rows_in_one_transaction(store: Store) -> None:
+    enroll(store, "n1", EK_A)
+    events = [AuditEvent("node:n1", "attest", "n1", "ok", "pcrs 0 match policy"),
+              AuditEvent("node:n1", "release", "n1", "ok", "keys k@v1")]  # fmt: skip
+    store.record_attestation("n1", bank="sha256", pcrs={0: b"\x00" * 32}, reset_count=1,
+                             restart_count=0, now=T0, events=events)  # fmt: skip
+    assert [(e.event, e.detail, e.at) for e in store.list_audit()] == [
+        ("attest", "pcrs 0 match policy", T0), ("release", "keys k@v1", T0)
+    ]  # fmt: skip
+    with pytest.raises(NotFound):  # nothing of a failed call is kept
+        store.record_attestation("nobody", bank="sha256", pcrs={}, reset_count=0,
+                                 restart_count=0, now=T0, events=events)  # fmt: skip
+    assert len(store.list_audit()) == 2
+
+
+def test_catalog_cache_follows_writes_of_this_and_other_processes(
+    database: Path | str, store: Store
+) -> None:
+    approved = enroll(store, "n1", EK_A)
+    store.approve_node(approved.name, {"cluster": "prod"}, T0)
+    labels = {"cluster": "prod"}
+    store.add_key("k", "EC-P256", b"k1", T0)
+    store.add_grant("k", labels, T0)
+    store.set_policy("boot", "sha256", {0: b"\x00" * 32}, T0)
+    store.assign_policy("boot", labels, T0)
+    assert [k.name for k in store.keys_for_labels(labels)] == ["k"]
+    assert [p.name for p in store.policies_for_labels(labels)] == ["boot"]
+    # A write by this store object is seen at once.
+    store.add_key("k", "EC-P256", b"k2", T0)
+    assert [k.encrypted_private for k in store.keys_for_labels(labels)] == [b"k2"]
+    # Another writer (the operator CLI, another replica): seen within CHECK_INTERVAL.
+    with Store.open(database) as other:
+        other.remove_grant("k", labels, T0)
+        other.set_policy("boot", "sha256", {7: b"\x07" * 32}, T0)
+    deadline = time.monotonic() + CHECK_INTERVAL + 0.5
+    while store.keys_for_labels(labels) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert store.keys_for_labels(labels) == []
+    assert store.policies_for_labels(labels)[0].pcrs == {7: b"\x07" * 32}
+
+
+def test_label_cache_bounds_the_age_of_what_it_serves() -> None:
+    clock = [0.0]
+    change_id = [1]
+    loads: list[int] = []
+    cache: LabelCache[int] = LabelCache(lambda: change_id[0], clock=lambda: clock[0])
+
+    def load() -> int:
+        loads.append(1)
+        return len(loads)
+
+    assert cache.get({"a": "b"}, load) == 1
+    assert cache.get({"a": "b"}, load) == 1  # cached
+    change_id[0] = 2  # another process changed something: noticed after CHECK_INTERVAL
+    clock[0] = CHECK_INTERVAL / 2
+    assert cache.get({"a": "b"}, load) == 1
+    clock[0] = CHECK_INTERVAL * 1.5
+    assert cache.get({"a": "b"}, load) == 2
+    clock[0] += MAX_AGE  # a write that recorded no change: the entry expires anyway
+    assert cache.get({"a": "b"}, load) == 3
+    cache.clear()
+    assert cache.get({"a": "b"}, load) == 4

@@ -1,0 +1,274 @@
+"""Operator client certificates for the admin API: issue, list, revoke, and the check every admin
+RPC makes.
+
+An admin certificate is issued by the broker's CA (``admin_ca`` / ``admin_ca_key``, the ``tls/``
+CA from ``init``) with subject ``CN=<name>, OU=keylease-admin``, extended key usage clientAuth
+only and a validity of ``--days``. ``admin-cert issue NAME --out DIR`` writes ``DIR/admin.pem``,
+``DIR/admin-key.pem`` (0600) and ``DIR/ca.pem`` (to verify the broker).
+
+Issued certificates and their revocations are kept in ``admin_certs`` (``admin-certs.json`` next
+to the config, not secret). The broker re-reads it on every admin RPC, so a revocation takes
+effect at once without a restart; a certificate that is not listed there (e.g. the broker's own
+server certificate, signed by the same CA) is refused. The file lives beside the CA key that
+issues the certificates rather than in the database: issuing is possible only on a host holding
+that key, the file is checked even while the database is down, and replicas receive it the way
+they receive ``tls/`` and the master key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kbs.config import KbsConfig
+from kbs.errors import ConfigError, KbsError, NotFound, OperatorError
+from kbs.model import check_name
+
+__all__ = [
+    "ADMIN_OU",
+    "AdminAccessDenied",
+    "AdminCertRecord",
+    "issue_admin_cert",
+    "list_admin_certs",
+    "load_admin_ca",
+    "revoke_admin_cert",
+    "verify_admin_cert",
+]
+
+ADMIN_OU = "keylease-admin"
+MAX_DAYS = 825
+CERT_FILE, KEY_FILE, CA_FILE = "admin.pem", "admin-key.pem", "ca.pem"
+
+
+class AdminAccessDenied(KbsError):
+    """A client certificate that may not use the admin API (or no certificate at all)."""
+
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+@dataclass(frozen=True)
+class AdminCertRecord:
+    name: str
+    serial: str  # hex
+    not_before: dt.datetime
+    not_after: dt.datetime
+    revoked_at: dt.datetime | None
+
+
+def _record_json(r: AdminCertRecord) -> dict[str, str | None]:
+    return {
+        "name": r.name,
+        "serial": r.serial,
+        "not_before": r.not_before.isoformat(),
+        "not_after": r.not_after.isoformat(),
+        "revoked_at": None if r.revoked_at is None else r.revoked_at.isoformat(),
+    }
+
+
+def _read_registry(path: Path) -> list[AdminCertRecord]:
+    try:
+        raw = json.loads(path.read_text())
+        return [
+            AdminCertRecord(
+                name=str(e["name"]),
+                serial=str(e["serial"]),
+                not_before=dt.datetime.fromisoformat(e["not_before"]),
+                not_after=dt.datetime.fromisoformat(e["not_after"]),
+                revoked_at=None
+                if e["revoked_at"] is None
+                else dt.datetime.fromisoformat(e["revoked_at"]),
+            )
+            for e in raw["certs"]
+        ]
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise ConfigError(f"cannot read admin_certs {path}: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(
+            f"admin_certs {path} is damaged (not the JSON `admin-cert` writes); restore it from "
+            "a backup: until then no admin certificate is accepted"
+        ) from None
+
+
+@contextmanager
+def _locked_registry(path: Path) -> Iterator[list[AdminCertRecord]]:
+    """Read, let the caller change, then atomically rewrite the registry (one writer at once)."""
+    try:
+        lock = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot lock admin_certs {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = _read_registry(path)
+        yield records
+        tmp = path.with_name(path.name + ".tmp")
+        text = json.dumps({"version": 1, "certs": [_record_json(r) for r in records]}, indent=2)
+        try:
+            tmp.write_text(text + "\n")
+            os.chmod(tmp, 0o644)
+            tmp.replace(path)
+        except OSError as exc:
+            raise ConfigError(f"cannot write admin_certs {path}: {exc.strerror}") from None
+    finally:
+        os.close(lock)
+
+
+def load_admin_ca(cfg: KbsConfig) -> bytes:
+    """The PEM of ``admin_ca`` (the trust anchor for admin client certificates)."""
+    try:
+        data = cfg.admin_ca.read_bytes()
+        x509.load_pem_x509_certificate(data)
+    except OSError as exc:
+        raise ConfigError(f"cannot read admin_ca {cfg.admin_ca}: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"admin_ca {cfg.admin_ca} is not a PEM certificate") from None
+    return data
+
+
+def _load_ca(cfg: KbsConfig) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca = x509.load_pem_x509_certificate(load_admin_ca(cfg))
+    try:
+        key = serialization.load_pem_private_key(cfg.admin_ca_key.read_bytes(), password=None)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read admin_ca_key {cfg.admin_ca_key}: {exc.strerror}; admin certificates "
+            "are issued on the host that holds the broker's CA key"
+        ) from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(
+            f"admin_ca_key {cfg.admin_ca_key} is not an unencrypted PEM key"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != ca.public_key():
+        raise ConfigError(
+            f"admin_ca_key {cfg.admin_ca_key} is not the key of admin_ca {cfg.admin_ca}"
+        )
+    return ca, key
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def issue_admin_cert(
+    cfg: KbsConfig, name: str, days: int, out: Path, now: dt.datetime
+) -> AdminCertRecord:
+    """Issue a certificate for operator ``name`` valid ``days`` days into directory ``out``."""
+    check_name(name, "admin certificate")
+    if not 1 <= days <= MAX_DAYS:
+        raise OperatorError(f"--days must be from 1 to {MAX_DAYS}, got {days}")
+    files = [out / CERT_FILE, out / KEY_FILE, out / CA_FILE]
+    existing = [str(f) for f in files if f.exists()]
+    if existing:
+        raise OperatorError(f"{', '.join(existing)} already exist; choose an empty --out directory")
+    ca, ca_key = _load_ca(cfg)
+    key = ec.generate_private_key(ec.SECP256R1())
+    start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ADMIN_OU),
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    record = AdminCertRecord(name, format(cert.serial_number, "x"), start, end, None)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with _locked_registry(cfg.admin_certs) as records:
+        try:
+            out.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _write_new(files[1], key_pem, 0o600)
+            _write_new(files[0], cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            _write_new(files[2], ca.public_bytes(serialization.Encoding.PEM), 0o644)
+        except OSError as exc:
+            raise OperatorError(f"cannot write {exc.filename or out}: {exc.strerror}") from None
+        records.append(record)
+    return record
+
+
+def revoke_admin_cert(cfg: KbsConfig, name: str, now: dt.datetime) -> list[AdminCertRecord]:
+    """Revoke every unrevoked certificate issued to ``name``; returns them. NotFound if none."""
+    with _locked_registry(cfg.admin_certs) as records:
+        hits = [i for i, r in enumerate(records) if r.name == name and r.revoked_at is None]
+        if not hits:
+            raise NotFound(
+                f"no unrevoked admin certificate named {name!r}; `keylease-kbs admin-cert list` "
+                "shows them"
+            )
+        for i in hits:
+            records[i] = replace(records[i], revoked_at=now)
+        return [records[i] for i in hits]
+
+
+def list_admin_certs(cfg: KbsConfig) -> list[AdminCertRecord]:
+    return _read_registry(cfg.admin_certs)
+
+
+def verify_admin_cert(
+    chain_pem: Sequence[bytes], ca_pem: bytes, registry: Path, now: dt.datetime
+) -> str:
+    """The operator name (CN) of a client certificate allowed on the admin API, or
+    AdminAccessDenied saying why not: signed by the CA, in its validity period, EKU clientAuth,
+    OU=keylease-admin, listed in ``registry`` and not revoked there."""
+    if not chain_pem:
+        raise AdminAccessDenied("no client certificate: the admin API needs an admin certificate")
+    try:
+        cert = x509.load_pem_x509_certificate(chain_pem[0])
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise AdminAccessDenied("the client certificate is not issued by the broker's CA") from None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (x509.ExtensionNotFound, ValueError):
+        eku = x509.ExtendedKeyUsage([])
+    if [u.value for u in units] != [ADMIN_OU] or list(eku) != [ExtendedKeyUsageOID.CLIENT_AUTH]:
+        raise AdminAccessDenied(
+            "the client certificate is not an admin certificate (OU=keylease-admin, EKU "
+            "clientAuth); issue one with `keylease-kbs admin-cert issue NAME`"
+        )
+    name = str(names[0].value) if len(names) == 1 else ""
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise AdminAccessDenied(f"admin certificate {name!r} is expired or not yet valid")
+    serial = format(cert.serial_number, "x")
+    record = next((r for r in _read_registry(registry) if r.serial == serial), None)
+    if record is None or record.name != name:
+        raise AdminAccessDenied(f"admin certificate {name!r} (serial {serial}) was not issued here")
+    if record.revoked_at is not None:
+        raise AdminAccessDenied(
+            f"admin certificate {name!r} (serial {serial}) was revoked at "
+            f"{record.revoked_at.isoformat(timespec='seconds')}"
+        )
+    return name
