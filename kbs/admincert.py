@@ -41,6 +41,7 @@ __all__ = [
     "ADMIN_OU",
     "AdminAccessDenied",
     "AdminCertRecord",
+    "check_admin_files",
     "issue_admin_cert",
     "list_admin_certs",
     "load_admin_ca",
@@ -137,6 +138,21 @@ def load_admin_ca(cfg: KbsConfig) -> bytes:
     except ValueError:
         raise ConfigError(f"admin_ca {cfg.admin_ca} is not a PEM certificate") from None
     return data
+
+
+def check_admin_files(cfg: KbsConfig, now: dt.datetime) -> list[str]:
+    """For check-config: the admin API's trust anchor and registry open; raises ConfigError."""
+    if cfg.admin_listen is None:
+        return ["admin API: off (admin_listen is empty)"]
+    ca = x509.load_pem_x509_certificate(load_admin_ca(cfg))
+    records = _read_registry(cfg.admin_certs)
+    usable = [r for r in records if r.revoked_at is None and r.not_after > now]
+    host, port = cfg.admin_listen
+    return [
+        f"admin_ca {cfg.admin_ca}: valid until {ca.not_valid_after_utc:%Y-%m-%d}",
+        f"admin_certs {cfg.admin_certs}: {len(usable)} usable, "
+        f"{len(records) - len(usable)} revoked or expired (admin API on {host}:{port})",
+    ]
 
 
 def _load_ca(cfg: KbsConfig) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from kbs.admin import Admin, parse_pcr_list
 from kbs.admin_client import AdminCredentials, RemoteOperator, load_profile
+from kbs.admincert import check_admin_files
 from kbs.cli_init import init_broker
 from kbs.cli_output import (
     audit_json,
@@ -115,7 +116,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    for line in check_files(cfg):
+    for line in [*check_files(cfg), *check_admin_files(cfg, datetime.now(UTC))]:
         print(line)
     print("ok")
     return 0

@@ -225,6 +225,22 @@ def test_check_config_command_exit_codes(
     assert main(["--config", str(tmp_path / "absent.toml"), "check-config"]) == 2
 
 
+def test_check_config_checks_the_admin_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = init_broker(tmp_path)
+    capsys.readouterr()
+    assert main(["--config", str(config), "check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "admin_ca " in out
+    assert "0 usable, 0 revoked or expired" in out
+    (config.parent / "admin-certs.json").write_text("{not json")
+    assert main(["--config", str(config), "check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "admin_certs" in err
+    assert "damaged" in err
+
+
 def test_check_config_as_a_process(tmp_path: Path) -> None:
     config = write_config(tmp_path, "bogus = 1\n")
     proc = subprocess.run(
