@@ -30,7 +30,7 @@ from enum import Enum
 from pathlib import Path
 from types import FrameType
 
-from agent.attest import attest_once, install_keys, remove_all_keys
+from agent.attest import attest_once, install_keys, key_directories, remove_all_keys
 from agent.client import BrokerClient
 from agent.config import AgentConfig, load_config
 from agent.errors import (
@@ -315,8 +315,6 @@ class Daemon:
         self._set_status(state=f"nothing restored: {reason}", keys=())
 
     def _clear_dirs(self) -> tuple[str, ...]:
-        from agent.attest import key_directories
-
         removed: list[str] = []
         for kd in key_directories(self._cfg):
             removed += kd.clear()
