@@ -36,6 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kbs.config import KbsConfig
 from kbs.errors import ConfigError, KbsError, NotFound, OperatorError
 from kbs.model import check_name
+from kbs.pki import write_new_file
 
 __all__ = [
     "ADMIN_OU",
@@ -175,15 +176,6 @@ def _load_ca(cfg: KbsConfig) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
     return ca, key
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
 def issue_admin_cert(
     cfg: KbsConfig, name: str, days: int, out: Path, now: dt.datetime
 ) -> AdminCertRecord:
@@ -223,9 +215,9 @@ def issue_admin_cert(
     with _locked_registry(cfg.admin_certs) as records:
         try:
             out.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _write_new(files[1], key_pem, 0o600)
-            _write_new(files[0], cert.public_bytes(serialization.Encoding.PEM), 0o644)
-            _write_new(files[2], ca.public_bytes(serialization.Encoding.PEM), 0o644)
+            write_new_file(files[1], key_pem, 0o600)
+            write_new_file(files[0], cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            write_new_file(files[2], ca.public_bytes(serialization.Encoding.PEM), 0o644)
         except OSError as exc:
             raise OperatorError(f"cannot write {exc.filename or out}: {exc.strerror}") from None
         records.append(record)

@@ -30,15 +30,29 @@ if TYPE_CHECKING:
     from kbs.config import KbsConfig
 
 __all__ = [
+    "CA_KEY_USAGE",
     "PkiFiles",
     "ServerCredentials",
     "init_pki",
     "load_credentials",
     "load_server_credentials",
     "server_names",
+    "write_new_file",
 ]
 
 _VALIDITY = dt.timedelta(days=3650)
+# A certificate authority's key usage: it signs certificates and CRLs, nothing else.
+CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=False,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
 _DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*")
 
@@ -86,7 +100,8 @@ def _san(names: Sequence[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(entries)
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_new_file(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` (never overwrite) with ``mode`` set before any byte is written."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.fchmod(fd, mode)
@@ -127,17 +142,7 @@ def init_pki(tls_dir: Path, hosts: Sequence[str]) -> PkiFiles:
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            CA_KEY_USAGE,
             critical=True,
         )
         .add_extension(ca_ski, critical=False)
@@ -182,10 +187,10 @@ def init_pki(tls_dir: Path, hosts: Sequence[str]) -> PkiFiles:
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     try:
         tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write(files.ca_key, _key_pem(ca_key), 0o600)
-        _write(files.ca_cert, ca_pem, 0o644)
-        _write(files.server_key, _key_pem(server_key), 0o600)
-        _write(
+        write_new_file(files.ca_key, _key_pem(ca_key), 0o600)
+        write_new_file(files.ca_cert, ca_pem, 0o644)
+        write_new_file(files.server_key, _key_pem(server_key), 0o600)
+        write_new_file(
             files.server_cert, server_cert.public_bytes(serialization.Encoding.PEM) + ca_pem, 0o644
         )
     except OSError as exc:
