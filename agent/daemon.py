@@ -5,7 +5,9 @@ attests. READY=1 goes to systemd once keys are installed, or after ``startup_tim
 without keys (STATUS= says why). Then, on one worker thread:
 
 - renew at about two thirds of the lease (with jitter); on failure retry with exponential backoff
-  and jitter up to ``retry_max_seconds``; keys stay until the lease's not-after, then go;
+  and jitter up to ``retry_max_seconds``, and no sooner than a busy broker's ``retry-after-ms``
+  hint (RESOURCE_EXHAUSTED; at most ``MAX_RETRY_HINT_SECONDS``); keys stay until the lease's
+  not-after, then go;
 - a denial removes the keys at once (and the cache); retries continue at the backoff pace;
 - the broker's watch stream (``agent.watcher``) wakes the loop: REVOKED removes the keys at once,
   CHANGED (grant, key rotation, policy) attests again; a link or address coming up (netlink)
@@ -36,6 +38,7 @@ from agent.config import AgentConfig, load_config
 from agent.errors import (
     AgentError,
     AttestationDenied,
+    BrokerBusy,
     BrokerError,
     BrokerUnreachable,
     ConfigError,
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 
 STOP_DEADLINE = 8.0  # seconds the worker gets after SIGTERM (systemd's stop budget is 10 s)
 RENEW_AT = 2 / 3
+MAX_RETRY_HINT_SECONDS = 300.0  # a busy broker's retry-after hint is honoured up to this
 
 
 class Wake(Enum):
@@ -101,6 +105,7 @@ class Daemon:
         self._signals = 0
         self._lease: datetime | None = None
         self._next_attempt = 0.0
+        self._not_before = 0.0  # a busy broker's hint: watch/network wakes wait for it too
         self._backoff = Backoff(cfg.retry_max_seconds, self._rng)
         self._startup_deadline = 0.0
         self._healthy = True
@@ -216,11 +221,11 @@ class Daemon:
             self._next_attempt = time.monotonic() + self._backoff.next()
         elif wake is Wake.CHANGED:
             log.info("%s: attesting again", wake.value, extra=_fields(cfg, "changed"))
-            self._next_attempt = time.monotonic()
+            self._next_attempt = max(time.monotonic(), self._not_before)
         elif wake is Wake.NETWORK:
             if self._status.last_result != "ok":
                 log.info("network changed: attesting again", extra=_fields(cfg, "network"))
-                self._next_attempt = time.monotonic()
+                self._next_attempt = max(time.monotonic(), self._not_before)
         elif wake is Wake.RELOAD:
             self._reload()
 
@@ -242,7 +247,7 @@ class Daemon:
         self._cfg, self._state = new, StateDir.open(new.state_dir)
         self._backoff = Backoff(new.retry_max_seconds, self._rng)
         self._watcher.restart()
-        self._next_attempt = time.monotonic()
+        self._next_attempt = self._not_before = time.monotonic()  # perhaps another broker
         log.info(
             "SIGHUP: configuration reloaded from %s",
             self._config_path,
@@ -353,6 +358,7 @@ class Daemon:
         bundle = report.bundle
         self._lease = bundle.not_after
         self._backoff.reset()
+        self._not_before = 0.0
         remaining = max(1.0, (bundle.not_after - datetime.now(UTC)).total_seconds())
         delay = remaining * RENEW_AT * self._rng.uniform(0.85, 1.0)
         self._next_attempt = time.monotonic() + delay
@@ -377,6 +383,12 @@ class Daemon:
 
     def _failed(self, now: datetime, result: str, exc: AgentError, **status: object) -> None:
         delay = self._backoff.next()
+        if isinstance(exc, BrokerBusy) and exc.retry_after_seconds is not None:
+            # the broker's hint is a floor (spread a little, so refused nodes do not return
+            # together), bounded in case a broker asks for something absurd
+            hint = min(exc.retry_after_seconds, MAX_RETRY_HINT_SECONDS)
+            delay = max(delay, hint * self._rng.uniform(1.0, 1.25))
+            self._not_before = time.monotonic() + delay
         self._next_attempt = time.monotonic() + delay
         log.warning(
             "attestation %s: %s; retrying in %.1f s",

@@ -68,7 +68,9 @@ def _known_node(ctx: BrokerContext, name: str) -> Node:
 
 
 def issue_nonce(ctx: BrokerContext, node_name: str) -> tuple[bytes, datetime]:
-    _known_node(ctx, node_name)
+    """A fresh nonce for an enrolled node (UnknownNode otherwise); a revoked node gets one too and
+    is refused when it attests. The node check is part of the insert (no separate lookup)."""
+    check_node_name(node_name)
     now = ctx.clock()
     nonce = os.urandom(NONCE_BYTES)
     expires_at = now + timedelta(seconds=ctx.config.nonce_ttl_seconds)

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections import Counter as Tally
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -151,14 +150,10 @@ class MetricsServer:
         self._thread.join(5)
 
 
-def _count_nodes(store: Store) -> dict[NodeState, int]:
-    return dict(Tally(node.state for node in store.list_nodes()))
-
-
 async def refresh_nodes(metrics: BrokerMetrics, store: Store) -> None:
     """Set ``keylease_nodes`` from the database (a failure counts as a DB error)."""
     try:
-        metrics.set_nodes(await asyncio.to_thread(_count_nodes, store))
+        metrics.set_nodes(await asyncio.to_thread(store.count_nodes_by_state))
     except StoreError as exc:
         metrics.db_errors.inc()
         log.warning("metrics: cannot count nodes: %s", exc)

@@ -23,7 +23,14 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from kbs.errors import ActivationFailed, NodeEkConflict, NonceExpired, NonceUnknown, NotFound
+from kbs.errors import (
+    ActivationFailed,
+    NodeEkConflict,
+    NonceExpired,
+    NonceUnknown,
+    NotFound,
+    UnknownNode,
+)
 from kbs.model import ChangeKind, Node, NodeState, PendingEnrollment
 from kbs.store_catalog import AuditEvent, Catalog
 from kbs.store_db import (
@@ -50,7 +57,12 @@ ENROLL_ATTEMPTS = 3
 P = sa.bindparam
 # The attestation path's statements, compiled once per dialect (``Database._run``).
 GET_NODE = sa.select(nodes).where(nodes.c.name == P("p_name"))
-ADD_NONCE = nonces.insert().values(nonce=P("p_nonce"), node_name=P("p_node"), expires_at=P("p_exp"))
+ADD_NONCE = nonces.insert().from_select(  # only for an enrolled node: no separate lookup
+    ["nonce", "node_name", "expires_at"],
+    sa.select(P("p_nonce", type_=sa.LargeBinary), nodes.c.name, P("p_exp", type_=sa.Text)).where(
+        nodes.c.name == P("p_node")
+    ),
+)
 CAP_NONCES = nonces.delete().where(
     nonces.c.node_name == P("p_node"),
     nonces.c.nonce.not_in(
@@ -105,6 +117,12 @@ class Store(Catalog):
         with self._tx(write=False, single=True) as db:
             rows = db.execute(sa.select(nodes).order_by(nodes.c.name)).mappings().all()
         return [node_from_row(r) for r in rows]
+
+    def count_nodes_by_state(self) -> dict[NodeState, int]:
+        """How many nodes are in each state (one ``GROUP BY``; states with none are absent)."""
+        query = sa.select(nodes.c.state, sa.func.count()).group_by(nodes.c.state)
+        with self._tx(write=False, single=True) as db:
+            return {NodeState(state): int(n) for state, n in db.execute(query).all()}
 
     def node_by_ek(self, ek_hash: str) -> Node | None:
         with self._tx(write=False, single=True) as db:
@@ -236,10 +254,15 @@ class Store(Catalog):
     # --- nonces and enrollment challenges -------------------------------------------------------
 
     def add_nonce(self, node_name: str, nonce: bytes, expires_at: datetime) -> None:
-        """Record an issued nonce; only the newest ``MAX_NONCES_PER_NODE`` per node are kept."""
+        """Record a nonce issued to an enrolled node (UnknownNode otherwise: nothing is written);
+        only the newest ``MAX_NONCES_PER_NODE`` per node are kept."""
         with self._tx(catalog=False) as db:
-            self._run(db, ADD_NONCE, {"p_nonce": nonce, "p_node": node_name,
-                                      "p_exp": ts(expires_at)})  # fmt: skip
+            added = self._run(db, ADD_NONCE, {"p_nonce": nonce, "p_node": node_name,
+                                              "p_exp": ts(expires_at)}).rowcount  # fmt: skip
+            if added != 1:
+                raise UnknownNode(
+                    f"node {node_name!r} is not enrolled; the agent enrolls it on its next run"
+                )
             self._run(db, CAP_NONCES, {"p_node": node_name})
             if self._purge_due("nonces"):
                 cutoff = ts(expires_at - PURGE_GRACE - timedelta(hours=1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import signal
 import threading
@@ -300,3 +301,21 @@ def test_second_signal_exits_at_once(
     daemon.signal(signal.SIGTERM)
     daemon.signal(signal.SIGINT)
     assert daemon.stop(5) in (0, 1)
+
+
+def test_a_busy_brokers_retry_hint_is_a_floor_for_the_next_attempt(
+    granted: Node, broker: Broker, daemon_for: Callable[..., tuple[AgentDaemon, NotifySocket]]
+) -> None:
+    # one request per 10 s per node: the daemon's first attempt is refused with a ~10 s hint,
+    # far above its own backoff ceiling (retry_max_seconds = 2)
+    broker.restart(rate_limit_node_per_second=0.1, rate_limit_node_burst=1)
+    granted.config_extra = ["retry_max_seconds = 2", "startup_timeout_seconds = 60"]
+    daemon, _sock = daemon_for(granted)
+    assert daemon.wait_log("retrying in", 20), daemon.log()
+    time.sleep(4)  # two backoff ceilings; the watch stream opening asks for an attempt too
+    lines = [ln for ln in daemon.log().splitlines() if "retrying in" in ln]
+    assert len(lines) == 1, daemon.log()
+    hint_ms = int(re.search(r"retry in (\d+) ms", lines[0]).group(1))  # type: ignore[union-attr]
+    delay = float(re.search(r"retrying in ([\d.]+) s", lines[0]).group(1))  # type: ignore[union-attr]
+    assert hint_ms >= 5000, lines[0]
+    assert hint_ms / 1000 <= delay <= hint_ms / 1000 * 1.25 + 0.1, lines[0]

@@ -105,7 +105,7 @@ class Broker:
                 self._proc.wait()
         self._proc = None
 
-    def set(self, **settings: int | str) -> None:
+    def set(self, **settings: float | str) -> None:
         """Rewrite top-level kbs.toml settings (the broker reads them at start)."""
         lines = self.config.read_text().splitlines()
         for key, value in settings.items():
@@ -113,7 +113,7 @@ class Broker:
             lines = [ln for ln in lines if not ln.startswith(f"{key} ")] + [f"{key} = {text}"]
         self.config.write_text("\n".join([*lines, ""]))
 
-    def restart(self, **settings: int | str) -> None:
+    def restart(self, **settings: float | str) -> None:
         """Stop, change settings, start again on the same port (agents keep their config)."""
         if self.address:
             self.set(listen=self.address)
