@@ -50,6 +50,7 @@ from tpm2_pytss.utils import NVReadEK, create_ek_template
 
 from agent.errors import AgentError, ReleaseInvalid, TpmError, TpmUnavailable
 from kbs.api.secret import Secret
+from kbs.api.v1 import SealedImport
 
 __all__ = ["AkBlobs", "EkInfo", "Quote", "SealedImport", "Tpm"]
 
@@ -102,15 +103,6 @@ class Quote:
     signature: bytes  # marshalled TPMT_SIGNATURE
     pcr_bank: str
     pcrs: Mapping[int, bytes]  # the quoted PCR values, read right after the quote
-
-
-@dataclass(frozen=True)
-class SealedImport:
-    duplicate: bytes  # marshalled TPM2B_PRIVATE
-    in_sym_seed: bytes  # marshalled TPM2B_ENCRYPTED_SECRET
-    sealed_public: bytes  # marshalled TPM2B_PUBLIC
-    pcr_bank: str
-    pcr_indices: tuple[int, ...]
 
 
 # --- error translation (the one TSS2 boundary) ----------------------------------------------

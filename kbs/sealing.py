@@ -16,9 +16,9 @@ import hashlib
 import os
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from kbs.api.secret import Secret
+from kbs.api.v1 import SealedImport
 from kbs.credential import outer_wrap, storage_parent
 from kbs.errors import InvalidRequest
 from kbs.tpm_objects import TpmPublic
@@ -33,15 +33,6 @@ _TPM_ALG_SHA256 = 0x000B
 _TPM_ALG_KEYEDHASH = 0x0008
 _TPM_ALG_NULL = 0x0010
 _DUPLICATE = b"DUPLICATE\x00"
-
-
-@dataclass(frozen=True)
-class SealedImport:
-    duplicate: bytes  # marshalled TPM2B_PRIVATE
-    in_sym_seed: bytes  # marshalled TPM2B_ENCRYPTED_SECRET
-    sealed_public: bytes  # marshalled TPM2B_PUBLIC
-    pcr_bank: str
-    pcr_indices: tuple[int, ...]
 
 
 def _checked(bank: str, pcrs: Mapping[int, bytes]) -> list[int]:

@@ -4,6 +4,11 @@ SIGTERM/SIGINT start a graceful stop (in-flight RPCs get ``SHUTDOWN_GRACE`` seco
 signal stops at once. The change feed behind the Watch streams starts with the server and is
 stopped first, which ends every Watch stream at once, so open streams never hold the stop.
 
+Start-up waits up to ``DATABASE_WAIT`` seconds for a database that cannot be reached yet (logging
+each retry), then exits with the error (systemd's ``Restart=on-failure`` tries again). Once
+serving, a database outage only turns the health service NOT_SERVING; requests fail UNAVAILABLE
+until the database is back.
+
 Keepalive: the server pings idle connections every ``KEEPALIVE_MS`` (so a dead agent's watch
 stream is freed) and accepts client pings every 5 s or slower (the agent pings every 10 s).
 """
@@ -14,6 +19,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import grpc
@@ -29,6 +35,7 @@ from kbs.limits import LimitInterceptor
 from kbs.metrics import BrokerMetrics, MetricsServer
 from kbs.pki import load_server_credentials
 from kbs.service import NodeService
+from kbs.store_db import DatabaseUnavailable
 
 __all__ = ["MAX_MESSAGE_BYTES", "RunningServer", "serve", "start_server"]
 
@@ -38,6 +45,7 @@ MAX_MESSAGE_BYTES = 2 << 20
 SHUTDOWN_GRACE = 5.0
 MAX_UNARY_RPCS = 256  # plus one slot per watch stream, which the change feed limits itself
 KEEPALIVE_MS = 30_000
+DATABASE_WAIT = 60.0  # seconds a starting broker waits for an unreachable database
 
 
 class RunningServer:
@@ -74,8 +82,28 @@ class RunningServer:
         self.ctx.store.close()
 
 
-async def start_server(cfg: KbsConfig, ctx: BrokerContext | None = None) -> RunningServer:
-    ctx = ctx or BrokerContext.load(cfg)
+async def _load_context(cfg: KbsConfig, wait: float) -> BrokerContext:
+    """``BrokerContext.load``, retrying for up to ``wait`` seconds while the database cannot be
+    reached (a broker started before its database server, e.g. at boot); then the error."""
+    deadline = time.monotonic() + wait
+    delay = 1.0
+    while True:
+        try:
+            return await asyncio.to_thread(BrokerContext.load, cfg)
+        except DatabaseUnavailable as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            pause = min(delay, left)
+            log.warning("%s; starting anyway once it answers: retrying in %.0f s", exc, pause)
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, 10.0)
+
+
+async def start_server(
+    cfg: KbsConfig, ctx: BrokerContext | None = None, database_wait: float = DATABASE_WAIT
+) -> RunningServer:
+    ctx = ctx or await _load_context(cfg, database_wait)
     key_pem, chain_pem = load_server_credentials(cfg)
     metrics = BrokerMetrics()
     server = grpc.aio.server(

@@ -15,8 +15,10 @@ up first and not timed; the timed phase is one of:
 
 Printed: attestations/s, p50/p95/p99 latency (GetNonce sent to Attest reply, including the
 client's ~1 ms swtpm quote), broker CPU seconds per attestation (utime+stime of the broker
-processes over the timed phase), broker resident memory, errors. The broker and the clients
-share this machine's cores unless ``--broker-cpus`` pins the broker (``taskset``).
+processes over the timed phase), broker resident memory, errors, and the broker-side latency per
+RPC from its own ``keylease_rpc_duration_seconds`` histogram (``scripts.fleet_metrics``). The
+broker and the clients share this machine's cores unless ``--broker-cpus`` pins the broker
+(``taskset``).
 
 All nodes connect from 127.0.0.1, so the per-peer rate limit and in-flight cap (meant for one
 node or one NAT) are lifted for the benchmark; per-node limits stay at their defaults.
@@ -46,6 +48,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from scripts import fleet_metrics
 from scripts.fleet_ca import EkCa
 from scripts.fleet_worker import RunReport, RunSpec, WorkerSpec, node_name, worker_main
 from tests.support.broker import Broker
@@ -220,6 +223,20 @@ def _print_report(
             print(f"  error: {text}")
 
 
+def _print_broker_latency(parts: list[fleet_metrics.Buckets]) -> None:
+    """Per-RPC latency as the broker measured it (no client TPM or load-generator queueing)."""
+    merged = fleet_metrics.merge(parts)
+    for method in ("GetNonce", "Attest"):
+        counts = merged.get(method)
+        if not counts:
+            continue
+        q = {p: fleet_metrics.quantile(counts, p) * 1000 for p in (0.5, 0.95, 0.99)}
+        print(
+            f"  broker-side {method} ms (histogram bucket bounds): p50 <= {q[0.5]:g}, "
+            f"p95 <= {q[0.95]:g}, p99 <= {q[0.99]:g}"
+        )
+
+
 def main() -> int:
     args = _args()
     os.environ.setdefault("TSS2_LOG", "esys+none")
@@ -255,8 +272,9 @@ def _bench(args: argparse.Namespace) -> int:
         tpms: list[Swtpm] = []
         procs: list[Any] = []
         try:
-            for b in brokers:
-                b.set(**settings)
+            metrics = [f"127.0.0.1:{fleet_metrics.free_port()}" for _ in brokers]
+            for b, address in zip(brokers, metrics, strict=True):
+                b.set(**settings, metrics_listen=address)
                 b.start()
                 if args.broker_cpus:
                     subprocess.run(["taskset", "-pc", args.broker_cpus, str(b.pid)], check=True)
@@ -310,12 +328,19 @@ def _bench(args: argparse.Namespace) -> int:
                 concurrency=args.concurrency,
             )
             spy = _py_spy(args, brokers[0].pid, run.duration if args.mode != "storm" else 60)
+            hist0 = [fleet_metrics.scrape(m) for m in metrics]
             cpu0 = sum(b.cpu_seconds() for b in brokers)
             w0 = time.monotonic()
             reports: list[RunReport] = _ask(conns, "run", run)
             wall = time.monotonic() - w0 - 1.0
             cpu = sum(b.cpu_seconds() for b in brokers) - cpu0
             _print_report(args, reports, cpu, wall, brokers, affinity)
+            _print_broker_latency(
+                [
+                    fleet_metrics.subtract(fleet_metrics.scrape(m), before)
+                    for m, before in zip(metrics, hist0, strict=True)
+                ]
+            )
             if spy is not None:
                 spy.wait()
             for conn in conns:

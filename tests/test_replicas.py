@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +20,7 @@ from typing import TypeVar
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -28,6 +31,7 @@ from agent.tpm import AkBlobs, Tpm
 from kbs.errors import NodeEkConflict, NonceUnknown, StoreError
 from kbs.model import NodeState
 from kbs.store import Store
+from kbs.store_db import HEAD_REVISION
 from tests.support.broker import Broker
 from tests.support.nodes import Node
 from tests.support.postgres import PostgresServer, postgres_fixture  # noqa: F401
@@ -406,3 +410,44 @@ def test_database_restart_under_load(
             Store.open(replicas.url)
     finally:
         postgres.start()
+
+
+def test_a_broker_started_before_its_database_waits_for_it(
+    postgres: PostgresServer, tmp_path: Path, ek_roots: Path
+) -> None:
+    url = postgres.create_database("late")
+    broker = pg_broker(tmp_path / "kbs-late", ek_roots, url)
+    postgres.stop("immediate")
+    later = threading.Timer(4.0, postgres.start)
+    later.start()
+    try:
+        broker.start(timeout=60)  # ready only once the database answers
+        assert "retrying in" in broker.log(), broker.log()
+        assert health(broker) == "SERVING"
+        assert broker.kbs("node", "list", "--json").returncode == 0
+    finally:
+        later.join()
+        broker.stop()
+
+
+def test_replicas_migrating_a_new_database_at_once_migrate_it_once(
+    postgres: PostgresServer,
+) -> None:
+    url = postgres.create_database("migrate_race")
+    code = "import sys; from kbs.store import Store; Store.open(sys.argv[1]).close()"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+    with Store.open(url) as store:
+        assert store.schema_version() == HEAD_REVISION
+        assert store.list_nodes() == []
+    engine = sa.create_engine(sa.make_url(url).set(drivername="postgresql+psycopg"))
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
+    finally:
+        engine.dispose()

@@ -5,11 +5,24 @@ This package also holds the few pure functions both sides must compute identical
 """
 
 import hashlib
+from dataclasses import dataclass
 
-__all__ = ["bundle_aad", "qualifying_data"]
+__all__ = ["SealedImport", "bundle_aad", "qualifying_data"]
 
 NONCE_BYTES = 32
 EPHEMERAL_PUBLIC_BYTES = 32
+
+
+@dataclass(frozen=True)
+class SealedImport:
+    """A release's TPM2_Import blob: the broker makes it (``kbs.sealing.seal_to_ek``), the agent's
+    TPM opens it (``agent.tpm.Tpm.unseal_import``); the ``Release`` message carries it."""
+
+    duplicate: bytes  # marshalled TPM2B_PRIVATE
+    in_sym_seed: bytes  # marshalled TPM2B_ENCRYPTED_SECRET
+    sealed_public: bytes  # marshalled TPM2B_PUBLIC
+    pcr_bank: str
+    pcr_indices: tuple[int, ...]
 
 
 def qualifying_data(nonce: bytes, ephemeral_public: bytes) -> bytes:
