@@ -3,10 +3,14 @@ listener of its own (``admin_listen``), separate from the node-facing one.
 
 The TLS layer demands a client certificate chaining to ``admin_ca``; every RPC then checks it
 again (``kbs.admincert.verify_admin_cert``: validity, EKU clientAuth, OU=keylease-admin, listed
-and not revoked in ``admin_certs``, re-read on each call) before anything else runs. A node has
-no client certificate, and the broker's own server certificate lacks the admin marker, so
-neither gets in. Conversely the node listener never asks for client certificates, so an admin
-certificate means nothing there.
+in ``admin_certs``, and revoked neither in that file nor in the database's
+``admin_revocations``, both read on each call) before anything else runs. The database is what
+every replica shares, so ``admin-cert revoke`` on any host refuses the certificate here at once,
+even if this host's copy of ``admin_certs`` is stale. While the database cannot be read the
+check fails closed: the RPC is refused with UNAVAILABLE and a message naming the database (a
+refusal on the file alone is still PERMISSION_DENIED). A node has no client certificate, and the
+broker's own server certificate lacks the admin marker, so neither gets in. Conversely the node
+listener never asks for client certificates, so an admin certificate means nothing there.
 
 Each RPC runs the same ``kbs.operator.LocalOperator`` action as the local command (in a worker
 thread: the store blocks), with the audit actor ``operator:<certificate CN>``.
@@ -57,16 +61,20 @@ class AdminService(pb_grpc.AdminServiceServicer):
 
     def _authorize(self, context: Ctx) -> str:
         chain = list(context.auth_context().get("x509_pem_cert", []))
-        return verify_admin_cert(
-            chain, self._ca_pem, self._ctx.config.admin_certs, self._ctx.clock()
-        )
+        cfg, store = self._ctx.config, self._ctx.store
+        return verify_admin_cert(chain, self._ca_pem, cfg.admin_certs, store, self._ctx.clock())
 
     async def _run(self, context: Ctx, rpc: str, action: Callable[[LocalOperator], T]) -> T:
         try:
             name = await asyncio.to_thread(self._authorize, context)
-        except (AdminAccessDenied, ConfigError) as exc:
+        except (AdminAccessDenied, ConfigError) as exc:  # ConfigError: admin_certs unreadable
             log.warning("admin %s refused: %s", rpc, exc)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.diagnostics())
+            code = (
+                exc.grpc_code
+                if isinstance(exc, AdminAccessDenied)
+                else grpc.StatusCode.PERMISSION_DENIED
+            )
+            await context.abort(code, exc.diagnostics())
             raise  # unreachable: abort raises
         cfg = self._ctx.config
         admin = Admin(store=self._ctx.store, actor=f"operator:{name}", clock=self._ctx.clock)

@@ -6,13 +6,18 @@ CA from ``init``) with subject ``CN=<name>, OU=keylease-admin``, extended key us
 only and a validity of ``--days``. ``admin-cert issue NAME --out DIR`` writes ``DIR/admin.pem``,
 ``DIR/admin-key.pem`` (0600) and ``DIR/ca.pem`` (to verify the broker).
 
-Issued certificates and their revocations are kept in ``admin_certs`` (``admin-certs.json`` next
-to the config, not secret). The broker re-reads it on every admin RPC, so a revocation takes
-effect at once without a restart; a certificate that is not listed there (e.g. the broker's own
-server certificate, signed by the same CA) is refused. The file lives beside the CA key that
-issues the certificates rather than in the database: issuing is possible only on a host holding
-that key, the file is checked even while the database is down, and replicas receive it the way
-they receive ``tls/`` and the master key.
+Issued certificates are listed in ``admin_certs`` (``admin-certs.json`` next to the config, not
+secret): the file lives beside the CA key that issues them, so issuing is possible only on a host
+holding that key, and replicas receive it the way they receive ``tls/`` and the master key. A
+certificate that is not listed there (e.g. the broker's own server certificate, signed by the
+same CA) is refused.
+
+Revocations are recorded twice: in ``admin_certs`` and in the database (``admin_revocations``,
+``kbs.store_admin``). Every admin RPC re-reads the file and asks the database, and refuses a
+certificate revoked in either, so ``admin-cert revoke`` on one host takes effect at once on every
+replica sharing the database, whether or not its copy of the file has been updated. The check
+fails closed: while the database cannot be read, every admin RPC is refused (UNAVAILABLE, naming
+the database), never allowed on the file alone.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 
 import grpc
@@ -34,14 +40,25 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kbs.config import KbsConfig
-from kbs.errors import ConfigError, KbsError, NotFound, OperatorError
+from kbs.errors import ConfigError, KbsError, NotFound, OperatorError, StoreError
 from kbs.model import check_name
 from kbs.pki import write_new_file
+from kbs.store import Store
+from kbs.store_admin import (
+    AdminRevocation,
+    add_admin_revocations,
+    admin_revocation,
+    list_admin_revocations,
+)
+from kbs.store_catalog import AuditEvent, Catalog
 
 __all__ = [
     "ADMIN_OU",
     "AdminAccessDenied",
     "AdminCertRecord",
+    "AdminCertState",
+    "RevocationNotShared",
+    "RevocationsUnreadable",
     "check_admin_files",
     "issue_admin_cert",
     "list_admin_certs",
@@ -59,6 +76,24 @@ class AdminAccessDenied(KbsError):
     """A client certificate that may not use the admin API (or no certificate at all)."""
 
     grpc_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class RevocationsUnreadable(AdminAccessDenied):
+    """The database holding the revocations cannot be read: the certificate is refused (the
+    check fails closed), with UNAVAILABLE since a later request may pass."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class RevocationNotShared(StoreError):
+    """``admin-cert revoke`` revoked in ``admin_certs`` but could not write the database."""
+
+
+class AdminCertState(StrEnum):
+    VALID = "valid"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    REVOKED_LOCALLY = "revoked-locally"  # in admin_certs only: other replicas may accept it
 
 
 @dataclass(frozen=True)
@@ -224,30 +259,80 @@ def issue_admin_cert(
     return record
 
 
-def revoke_admin_cert(cfg: KbsConfig, name: str, now: dt.datetime) -> list[AdminCertRecord]:
-    """Revoke every unrevoked certificate issued to ``name``; returns them. NotFound if none."""
+def revoke_admin_cert(
+    cfg: KbsConfig, name: str, now: dt.datetime, actor: str
+) -> list[AdminCertRecord]:
+    """Revoke every certificate issued to ``name`` (NotFound if ``admin_certs`` lists none), in
+    ``admin_certs`` and in the database, with an audit row; returns them, all revoked.
+
+    One operator action in two places, done file first: the revocation is marked in
+    ``admin_certs`` (certificates already revoked there keep their time), then every serial of
+    ``name`` is written to the database (idempotent) with the audit row, in one transaction. If
+    the database cannot be written this raises ``RevocationNotShared``, so the command fails and
+    says that only this host refuses the certificate. The file is not rolled back: a revocation
+    that this host enforces is strictly safer than none, and the failure is not hidden, because
+    the command exits non-zero, ``admin-cert list`` shows the certificate as ``revoked-locally``
+    (in the file, not in the database) until it is, and running the same command again (no
+    longer refused as "already revoked") completes it. Writing the database first instead would
+    leave nothing revoked anywhere after a failure. Certificates revoked in the file before the
+    database recorded revocations are pushed to it the same way.
+    """
     with _locked_registry(cfg.admin_certs) as records:
-        hits = [i for i, r in enumerate(records) if r.name == name and r.revoked_at is None]
+        hits = [i for i, r in enumerate(records) if r.name == name]
         if not hits:
             raise NotFound(
-                f"no unrevoked admin certificate named {name!r}; `keylease-kbs admin-cert list` "
-                "shows them"
+                f"no admin certificate named {name!r}; `keylease-kbs admin-cert list` shows them"
             )
         for i in hits:
-            records[i] = replace(records[i], revoked_at=now)
-        return [records[i] for i in hits]
+            if records[i].revoked_at is None:
+                records[i] = replace(records[i], revoked_at=now)
+        revoked = [records[i] for i in hits]
+    serials = ", ".join(r.serial for r in revoked)
+    rows = [AdminRevocation(r.serial, r.name, r.revoked_at or now) for r in revoked]
+    audit = AuditEvent(actor, "admin-cert-revoke", None, "ok",
+                       f"admin certificate {name} serial(s) {serials}")  # fmt: skip
+    try:
+        with Store.open(cfg.database) as store:
+            add_admin_revocations(store, rows, audit, now)
+    except StoreError as exc:
+        raise RevocationNotShared(
+            f"admin certificate {name} (serial {serials}) is revoked in admin_certs "
+            f"{cfg.admin_certs} only: the database could not be written ({exc.diagnostics()}). "
+            "Brokers on this host refuse it, but replicas on other hosts still accept it: run "
+            f"`keylease-kbs admin-cert revoke {name}` again once the database answers"
+        ) from None
+    return revoked
 
 
-def list_admin_certs(cfg: KbsConfig) -> list[AdminCertRecord]:
-    return _read_registry(cfg.admin_certs)
+def list_admin_certs(
+    cfg: KbsConfig, store: Catalog, now: dt.datetime
+) -> list[tuple[AdminCertRecord, AdminCertState]]:
+    """The certificates ``admin_certs`` lists, each with its state; ``revoked_at`` is the file's
+    time, else the database's. StoreError if the database cannot be read."""
+    in_db = {r.serial: r for r in list_admin_revocations(store)}
+    out = []
+    for r in _read_registry(cfg.admin_certs):
+        db = in_db.get(r.serial)
+        if db is not None:
+            state = AdminCertState.REVOKED
+        elif r.revoked_at is not None:
+            state = AdminCertState.REVOKED_LOCALLY
+        else:
+            state = AdminCertState.EXPIRED if r.not_after < now else AdminCertState.VALID
+        if r.revoked_at is None and db is not None:
+            r = replace(r, revoked_at=db.revoked_at)
+        out.append((r, state))
+    return out
 
 
 def verify_admin_cert(
-    chain_pem: Sequence[bytes], ca_pem: bytes, registry: Path, now: dt.datetime
+    chain_pem: Sequence[bytes], ca_pem: bytes, registry: Path, store: Catalog, now: dt.datetime
 ) -> str:
     """The operator name (CN) of a client certificate allowed on the admin API, or
     AdminAccessDenied saying why not: signed by the CA, in its validity period, EKU clientAuth,
-    OU=keylease-admin, listed in ``registry`` and not revoked there."""
+    OU=keylease-admin, listed in ``registry`` and revoked neither there nor in ``store`` (the
+    database every replica shares). RevocationsUnreadable (a refusal too) if the database cannot
+    be read: never allowed on the file alone."""
     if not chain_pem:
         raise AdminAccessDenied("no client certificate: the admin API needs an admin certificate")
     try:
@@ -274,9 +359,19 @@ def verify_admin_cert(
     record = next((r for r in _read_registry(registry) if r.serial == serial), None)
     if record is None or record.name != name:
         raise AdminAccessDenied(f"admin certificate {name!r} (serial {serial}) was not issued here")
-    if record.revoked_at is not None:
+    revoked_at = record.revoked_at
+    if revoked_at is None:
+        try:
+            revocation = admin_revocation(store, serial)
+        except StoreError as exc:
+            raise RevocationsUnreadable(
+                f"admin certificate {name!r} (serial {serial}) refused: cannot check the "
+                f"revocations in the database: {exc.diagnostics()}"
+            ) from None
+        revoked_at = None if revocation is None else revocation.revoked_at
+    if revoked_at is not None:
         raise AdminAccessDenied(
             f"admin certificate {name!r} (serial {serial}) was revoked at "
-            f"{record.revoked_at.isoformat(timespec='seconds')}"
+            f"{revoked_at.isoformat(timespec='seconds')}"
         )
     return name

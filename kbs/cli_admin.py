@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from datetime import datetime
 from pathlib import Path
 
 from kbs.admin import Admin
-from kbs.admincert import issue_admin_cert, list_admin_certs, revoke_admin_cert
+from kbs.admincert import (
+    AdminCertState,
+    issue_admin_cert,
+    list_admin_certs,
+    revoke_admin_cert,
+)
 from kbs.cli_commands import Handler, actor, now
 from kbs.cli_output import dump_json, render_table
 from kbs.config import KbsConfig, load_config, master_keyring, read_master_key
@@ -56,34 +60,32 @@ def cmd_admin_cert_issue(args: argparse.Namespace) -> int:
 
 def cmd_admin_cert_revoke(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    revoked = revoke_admin_cert(cfg, args.name, now())
+    revoked = revoke_admin_cert(cfg, args.name, now(), actor())
     serials = ", ".join(r.serial for r in revoked)
-    _audit(cfg, "admin-cert-revoke", f"admin certificate {args.name} serial(s) {serials}")
-    print(f"admin certificate {args.name}: revoked (serial {serials}); refused from now on")
+    print(
+        f"admin certificate {args.name}: revoked (serial {serials}) in {cfg.admin_certs} and in "
+        "the database; every broker sharing the database refuses it from now on"
+    )
     return 0
 
 
 def cmd_admin_cert_list(args: argparse.Namespace) -> int:
-    records = list_admin_certs(load_config(args.config))
-    at = now()
-
-    def state(revoked_at: datetime | None, not_after: datetime) -> str:
-        return "revoked" if revoked_at else ("expired" if not_after < at else "valid")
-
-    rows = [
-        [
-            r.name,
-            r.serial,
-            r.not_after.isoformat(timespec="seconds"),
-            state(r.revoked_at, r.not_after),
-        ]
-        for r in records
-    ]
+    cfg = load_config(args.config)
+    with Store.open(cfg.database) as store:
+        listed = list_admin_certs(cfg, store, now())
+    rows = [[r.name, r.serial, r.not_after.isoformat(timespec="seconds"), state.value]
+            for r, state in listed]  # fmt: skip
     if args.json:
         print(dump_json([dict(zip(["name", "serial", "not_after", "state"], row, strict=True))
                          for row in rows]))  # fmt: skip
-    else:
-        print(render_table(["NAME", "SERIAL", "NOT_AFTER", "STATE"], rows))
+        return 0
+    print(render_table(["NAME", "SERIAL", "NOT_AFTER", "STATE"], rows))
+    if any(state is AdminCertState.REVOKED_LOCALLY for _, state in listed):
+        print(
+            "revoked-locally: revoked in this host's admin_certs but not in the database, so "
+            "replicas on other hosts may still accept it; run `keylease-kbs admin-cert revoke "
+            "NAME` again"
+        )
     return 0
 
 

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("alembic").setLevel(logging.WARNING)  # our own line per upgrade instead
 
 BUSY_TIMEOUT = 10.0
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 CONNECT_TIMEOUT = 5  # seconds, PostgreSQL
 MIGRATION_LOCK = 0x6B6C6D67  # pg advisory lock id: "klmg"
 POOL_SIZE = 8
@@ -193,6 +193,8 @@ changes = _table(
     "changes", _c("id", BIGID, primary_key=True, autoincrement=True), _c("at", T),
     _c("node", T, nullable=True), _c("kind", T), _c("reason", T),
 )  # fmt: skip
+admin_revocations = _table("admin_revocations", _c("serial", T, primary_key=True),
+                          _c("name", T), _c("revoked_at", T))  # fmt: skip
 
 
 # --- the database ---------------------------------------------------------------------------

@@ -2,14 +2,17 @@
 certificate, another CA, the broker's own server certificate, a certificate without the admin
 marker, an expired or revoked admin certificate), what a valid admin certificate can do, that the
 audit log names the operator, that remote and local output match, and that the node listener
-knows nothing of admin certificates. Then a master-key rotation under a running broker while a
-real swtpm node keeps attesting."""
+knows nothing of admin certificates. Revocations through the shared database: two replicas on a
+real PostgreSQL (a revocation on one is refused on the other at once, its file untouched), and
+the check failing closed while the database is down. Then a master-key rotation under a running
+broker while a real swtpm node keeps attesting."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import re
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,11 +29,19 @@ from kbs.api.v1 import admin_pb2, admin_pb2_grpc, keylease_pb2, keylease_pb2_grp
 from kbs.cli import main
 from kbs.config import load_config
 from kbs.model import NodeState
-from kbs.store import Store
+from kbs.store import AuditEvent, Store
+from kbs.store_admin import (
+    AdminRevocation,
+    add_admin_revocations,
+    admin_revocation,
+    list_admin_revocations,
+)
 from tests.support.broker import KBS as KBS_BIN
 from tests.support.broker import Broker, CliResult, run
 from tests.support.nodes import Node
+from tests.support.postgres import PostgresServer, postgres_fixture  # noqa: F401
 from tests.test_e2e import grant_node, ok, write_key
+from tests.test_replicas import pg_broker
 
 PEM = serialization.Encoding.PEM
 
@@ -64,11 +75,22 @@ def raw_stub(broker: Broker, cert_dir: Path | None) -> admin_pb2_grpc.AdminServi
     return admin_pb2_grpc.AdminServiceStub(grpc.secure_channel(admin_address(broker), creds))
 
 
-def refused_code(stub: admin_pb2_grpc.AdminServiceStub) -> grpc.StatusCode:
+def refusal(stub: admin_pb2_grpc.AdminServiceStub) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as caught:
         stub.ListNodes(admin_pb2.AdminEmpty(), timeout=10)
     code: grpc.StatusCode = caught.value.code()
-    return code
+    details: str = caught.value.details() or ""
+    return code, details
+
+
+def refused_code(stub: admin_pb2_grpc.AdminServiceStub) -> grpc.StatusCode:
+    return refusal(stub)[0]
+
+
+def cert_states(broker: Broker) -> list[tuple[str, str]]:
+    listing = broker.kbs("admin-cert", "list", "--json")
+    ok(listing)
+    return [(c["name"], c["state"]) for c in json.loads(listing.stdout)]
 
 
 def write_client_cert(
@@ -192,11 +214,121 @@ def test_valid_certificate_works_and_revocation_is_immediate(
     result = remote(broker, alice, "node", "list")
     assert result.returncode == 2, result
     assert "revoked" in result.stderr
-    listing = json.loads(broker.kbs("admin-cert", "list", "--json").stdout)
-    assert [(c["name"], c["state"]) for c in listing] == [("alice", "revoked")]
+    assert cert_states(broker) == [("alice", "revoked")]
+    with Store.open(load_config(broker.config).database) as store:
+        assert [r.name for r in list_admin_revocations(store)] == ["alice"]
     # a new certificate for the same operator works
     ok(remote(broker, issue(broker, "alice", tmp_path / "alice2"), "key", "list"))
     assert broker.kbs("admin-cert", "revoke", "nobody").returncode == 2
+    # revoking again is harmless and revokes the new certificate too
+    ok(broker.kbs("admin-cert", "revoke", "alice"))
+    assert cert_states(broker) == [("alice", "revoked"), ("alice", "revoked")]
+    assert "revoked" in remote(broker, tmp_path / "alice2", "key", "list").stderr
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A fresh store on SQLite, then on a new PostgreSQL database."""
+    target: Path | str = tmp_path / "kbs.db"
+    if request.param == "postgresql":
+        server: PostgresServer = request.getfixturevalue("postgres")
+        target = server.create_database()
+    with Store.open(target) as opened:
+        yield opened
+
+
+def test_admin_revocations_in_the_store_are_idempotent(any_store: Store) -> None:
+    store = any_store
+    t0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    audit = AuditEvent("operator:root", "admin-cert-revoke", None, "ok", "x")
+    assert admin_revocation(store, "ab12") is None
+    first = [AdminRevocation("ab12", "alice", t0), AdminRevocation("cd34", "alice", t0)]
+    assert add_admin_revocations(store, first, audit, t0) == ["ab12", "cd34"]
+    later = t0 + dt.timedelta(hours=1)
+    again = [AdminRevocation("ab12", "alice", later), AdminRevocation("ef56", "bob", later)]
+    assert add_admin_revocations(store, again, audit, later) == ["ef56"]
+    assert admin_revocation(store, "ab12") == AdminRevocation("ab12", "alice", t0)  # first kept
+    assert [(r.serial, r.name) for r in list_admin_revocations(store)] == [
+        ("ab12", "alice"), ("cd34", "alice"), ("ef56", "bob")
+    ]  # fmt: skip
+    assert [e.event for e in store.list_audit()] == ["admin-cert-revoke"] * 2
+
+
+def test_revocation_on_one_replica_is_refused_on_the_other_at_once(
+    postgres: PostgresServer, tmp_path: Path, ek_roots: Path
+) -> None:
+    """Regression: revocations lived only in each host's admin-certs.json, so a certificate
+    revoked on replica A kept working on replica B until someone copied the file (fail-open)."""
+    url = postgres.create_database("admin")
+    a = pg_broker(tmp_path / "kbs-a", ek_roots, url)
+    b = pg_broker(tmp_path / "kbs-b", ek_roots, url, like=a)
+    a.start()
+    b.start()
+    try:
+        alice = issue(a, "alice", tmp_path / "alice")
+        bob = issue(a, "bob", tmp_path / "bob")
+        # the operator distributes the list of issued certificates, as with tls/ and the key
+        shutil.copy2(a.directory / "admin-certs.json", b.directory / "admin-certs.json")
+        for broker in (a, b):
+            ok(remote(broker, alice, "node", "list"))
+        b_file = (b.directory / "admin-certs.json").read_bytes()
+        ok(a.kbs("admin-cert", "revoke", "alice"))
+        assert (b.directory / "admin-certs.json").read_bytes() == b_file  # B's copy is stale
+        for broker in (b, a):
+            result = remote(broker, alice, "node", "list")
+            assert result.returncode == 2, result
+            assert "revoked" in result.stderr
+        code, details = refusal(raw_stub(b, alice))
+        assert code is grpc.StatusCode.PERMISSION_DENIED
+        assert "'alice'" in details
+        assert "revoked" in details
+        ok(remote(b, bob, "node", "list"))  # other operators are unaffected
+        assert cert_states(b) == [("alice", "revoked"), ("bob", "valid")]  # seen from B too
+        audit = json.loads(remote(b, bob, "audit", "--json").stdout)
+        assert [e["event"] for e in audit].count("admin-cert-revoke") == 1
+        assert re.search(r"admin ListNodes refused: .*'alice'.* revoked at", b.log())
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_admin_rpcs_fail_closed_while_the_database_is_down(
+    postgres: PostgresServer, tmp_path: Path, ek_roots: Path
+) -> None:
+    """The revocation check cannot read the database: refused (UNAVAILABLE, naming it), never
+    allowed on the file alone. A revoke then fails loudly, revokes in the file only, and
+    completes when run again."""
+    url = postgres.create_database("admin_down")
+    broker = pg_broker(tmp_path / "kbs", ek_roots, url)
+    broker.start()
+    try:
+        alice = issue(broker, "alice", tmp_path / "alice")
+        ok(remote(broker, alice, "node", "list"))
+        postgres.stop("immediate")
+        try:
+            code, details = refusal(raw_stub(broker, alice))
+            assert code is grpc.StatusCode.UNAVAILABLE
+            assert "cannot check the revocations in the database" in details
+            assert "database postgresql://postgres@/admin_down" in details
+            result = remote(broker, alice, "node", "list")
+            assert result.returncode == 1, result
+            assert "cannot check the revocations" in result.stderr
+            revoke = broker.kbs("admin-cert", "revoke", "alice")
+            assert revoke.returncode == 1, revoke
+            assert "revoked in admin_certs" in revoke.stderr
+            assert "the database could not be written" in revoke.stderr
+            assert "`keylease-kbs admin-cert revoke alice` again" in revoke.stderr
+        finally:
+            postgres.start()
+        assert len(re.findall(r"admin ListNodes by operator:alice", broker.log())) == 1
+        # the file revocation holds on this host; `list` shows it is not shared yet
+        assert "revoked" in remote(broker, alice, "node", "list").stderr
+        assert cert_states(broker) == [("alice", "revoked-locally")]
+        assert "revoked-locally" in broker.kbs("admin-cert", "list").stdout
+        ok(broker.kbs("admin-cert", "revoke", "alice"))  # run again: now in the database too
+        assert cert_states(broker) == [("alice", "revoked")]
+    finally:
+        broker.stop()
 
 
 def test_remote_and_local_outputs_match(admin_broker: Broker, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Migrations: a database written before Alembic (``schema_version`` 1 or 2, the exact DDL of
-that code, below) upgrades in place with its rows intact; a newer revision and a file that is not
-a database are refused; SQLite files are private, WAL, shared by threads and processes."""
+that code, below) upgrades in place with its rows intact, as does one at revision 0002 (gaining
+``admin_revocations``); a newer revision and a file that is not a database are refused; SQLite
+files are private, WAL, shared by threads and processes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 
 from kbs.errors import StoreError
 from kbs.model import ChangeKind, NodeState
-from kbs.store import Store
+from kbs.store import AuditEvent, Store
+from kbs.store_admin import AdminRevocation, add_admin_revocations, admin_revocation
 from kbs.store_db import HEAD_REVISION
 from tests.test_store import enroll
 
@@ -167,7 +169,7 @@ def test_a_pre_alembic_database_upgrades_in_place(tmp_path: Path, version: int) 
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     raw.close()
     assert "schema_version" not in tables
-    assert "alembic_version" in tables
+    assert {"alembic_version", "admin_revocations"} <= tables
     with Store.open(path) as store:  # and opens again unchanged
         assert store.schema_version() == HEAD_REVISION
         assert len(store.list_nodes()) == 1
@@ -183,7 +185,28 @@ def test_migrates_an_empty_database_file(tmp_path: Path) -> None:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     raw.close()
-    assert {"nodes", "nonces", "enrollments", "keys", "grants", "policies", "audit"} <= tables
+    assert {"nodes", "nonces", "enrollments", "keys", "grants", "policies", "audit",
+            "admin_revocations"} <= tables  # fmt: skip
+
+
+def test_a_revision_0002_database_gains_admin_revocations(tmp_path: Path) -> None:
+    path = tmp_path / "kbs.db"
+    with Store.open(path) as store:
+        enroll(store, "n1", EK_A)
+        store.add_key("k", "EC-P256", b"ciphertext", T0)
+    with sqlite3.connect(path) as raw:  # back to what revision 0002 left
+        raw.execute("DROP TABLE admin_revocations")
+        raw.execute("UPDATE alembic_version SET version_num = '0002'")
+    raw.close()
+    with Store.open(path) as store:
+        assert store.schema_version() == HEAD_REVISION == "0003"
+        assert [n.name for n in store.list_nodes()] == ["n1"]
+        key = store.get_key("k")
+        assert key is not None
+        assert key.encrypted_private == b"ciphertext"
+        audit = AuditEvent("operator:t", "admin-cert-revoke", None, "ok", "alice")
+        add_admin_revocations(store, [AdminRevocation("ab", "alice", T0)], audit, T0)
+        assert admin_revocation(store, "ab") == AdminRevocation("ab", "alice", T0)
 
 
 def test_newer_schema_and_garbage_are_refused(tmp_path: Path) -> None:
