@@ -7,7 +7,8 @@ frozen dataclasses; ESAPI handles never leave this module.
 
 Resource rules (a TPM without a resource manager has 3 object and 3 session slots): at most the
 EK and one child object are loaded at a time, at most one session is open, and every session and
-transient handle is flushed in ``finally``. TSS2 errors become agent errors here and only here.
+transient handle is flushed in ``finally``; what a killed process left behind is flushed at open.
+TSS2 errors become agent errors here and only here.
 One ``Tpm`` per thread (ESAPI is not thread-safe).
 """
 
@@ -26,6 +27,7 @@ from tpm2_pytss import (
     ESYS_TR,
     TPM2_ALG,
     TPM2_CAP,
+    TPM2_HC,
     TPM2_PT,
     TPM2_SE,
     TPM2B_ENCRYPTED_SECRET,
@@ -74,6 +76,7 @@ _AK_ATTRIBUTES = (
     | TPMA_OBJECT.RESTRICTED
     | TPMA_OBJECT.SIGN_ENCRYPT
 )
+_MAX_LEFTOVERS = 64  # handles read per kind at open (a TPM holds a handful)
 _LAYER_MASK = 0xFF0000
 _TCTI_LAYER = 0x0A0000
 _FMT1 = 0x080  # format-1 response codes carry a handle/parameter/session number
@@ -106,6 +109,11 @@ class Quote:
 
 
 # --- error translation (the one TSS2 boundary) ----------------------------------------------
+
+
+def _behind_resource_manager(name: str, conf: str) -> bool:
+    """Whether a TCTI reaches the TPM through a resource manager (kernel tpmrm or tabrmd)."""
+    return name == "tabrmd" or (name == "device" and "tpmrm" in conf)
 
 
 def _rc_text(exc: TSS2_Exception) -> str:
@@ -188,12 +196,44 @@ class Tpm:
         tpm = cls(ectx, loader, tcti)
         try:
             ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.MANUFACTURER, 1)
+            if not _behind_resource_manager(name, conf):
+                tpm._flush_leftovers()
         except TSS2_Exception as exc:
             tpm.close()
             raise TpmUnavailable(
                 f"the TPM at {tcti!r} does not answer: {_rc_text(exc)}; {_OPEN_HINT}"
             ) from None
         return tpm
+
+    def _flush_leftovers(self) -> None:
+        """Flush the transient objects and sessions a killed process left behind.
+
+        Only for a TPM without a resource manager (/dev/tpm0, an swtpm or mssim socket): there a
+        dead process's handles stay and fill the three object and three session slots (0x902 /
+        0x903 on every later command). Such a TPM must not be shared while the agent runs (the
+        kernel lets one process open /dev/tpm0), so whatever is loaded when ours opens belongs to
+        nobody alive. Behind a resource manager (/dev/tpmrm0, tabrmd) the manager flushes a dead
+        process's handles itself and a new connection sees none of another's.
+        """
+        stale: list[int] = []
+        for first in (TPM2_HC.TRANSIENT_FIRST, TPM2_HC.LOADED_SESSION_FIRST):
+            _, data = self._esys.get_capability(TPM2_CAP.HANDLES, first, _MAX_LEFTOVERS)
+            stale.extend(int(h) for h in data.data.handles)
+        flushed = 0
+        for handle in stale:
+            try:
+                self._esys.flush_context(self._esys.tr_from_tpmpublic(handle))
+                flushed += 1
+            except TSS2_Exception as exc:
+                log.warning("could not flush handle 0x%08x left in the TPM: %s", handle, exc)
+        if flushed:
+            log.warning(
+                "flushed %d transient object(s)/session(s) left in the TPM at %s by a process "
+                "that ended without flushing them; with a resource manager "
+                '(TCTI "device:/dev/tpmrm0") this cannot happen',
+                flushed,
+                self._name,
+            )
 
     def close(self) -> None:
         if self._ectx is None:

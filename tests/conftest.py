@@ -5,6 +5,7 @@ A missing swtpm is a failure, not a skip (STYLE.md rule 7).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,3 +60,24 @@ def tpm_factory(swtpm_ca: SwtpmCa, tmp_path: Path) -> Iterator[TpmFactory]:
     yield make
     for tpm in started:
         tpm.stop()
+
+
+def _redacted(value: object) -> object:
+    """Private-key PEM bytes as a digest; lists/tuples of them likewise."""
+    if isinstance(value, bytes | str):
+        data = value.encode() if isinstance(value, str) else value
+        if b"PRIVATE KEY-----" in data:
+            return f"<private key PEM, sha256 {hashlib.sha256(data).hexdigest()[:16]}>"
+        return value
+    if isinstance(value, list | tuple):
+        return type(value)(_redacted(v) for v in value)
+    return value
+
+
+def pytest_assertrepr_compare(op: str, left: object, right: object) -> list[str] | None:
+    """A failed comparison involving private-key PEMs shows digests, never the key bytes (test
+    keys, but the suite's output is CI's log)."""
+    l_red, r_red = _redacted(left), _redacted(right)
+    if l_red is left and r_red is right:
+        return None
+    return [f"{l_red!r} {op} {r_red!r}"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -370,3 +372,33 @@ def test_twenty_rounds_leave_no_handles_behind(tpm_factory: TpmFactory) -> None:
             with pytest.raises(ReleaseInvalid):
                 tpm.unseal_import(replace(sealed, pcr_indices=(0, 4)))
     assert handles_in_use(a.tcti) == {"objects": 0, "sessions": 0}
+
+
+_LEAK = """
+import os, sys
+from tpm2_pytss import ESAPI, ESYS_TR, TPM2_ALG, TPM2_SE, TPM2B_PUBLIC, TCTILdr, TPMT_SYM_DEF
+ectx = ESAPI(TCTILdr.parse(sys.argv[1]))
+template = TPM2B_PUBLIC.parse(
+    "ecc256:aes128cfb",
+    objectAttributes="fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|decrypt",
+)
+for _ in range(3):
+    ectx.create_primary(None, template, ESYS_TR.OWNER)
+    ectx.start_auth_session(
+        ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), 0x000B
+    )
+os._exit(0)  # killed, as far as the TPM can tell: nothing flushed
+"""
+
+
+def test_handles_a_killed_process_left_in_a_tpm_without_resource_manager_are_flushed(
+    tpm_factory: Callable[..., Swtpm], caplog: pytest.LogCaptureFixture
+) -> None:
+    swtpm = tpm_factory()
+    subprocess.run([sys.executable, "-c", _LEAK, swtpm.tcti], check=True, timeout=60)
+    assert handles_in_use(swtpm.tcti) == {"objects": 3, "sessions": 3}  # every slot taken
+    with Tpm.open(swtpm.tcti) as tpm:
+        ak = tpm.create_ak()  # needs the EK and a child loaded, and a session
+        tpm.quote(ak, b"nonce")
+    assert handles_in_use(swtpm.tcti) == {"objects": 0, "sessions": 0}
+    assert "flushed 6 transient object(s)/session(s) left in the TPM" in caplog.text
