@@ -5,7 +5,9 @@ Two cached layers under ``cache_dir()`` (``$KEYLEASE_VM_CACHE``, default /var/ca
 each keyed by a hash of its inputs, so a rerun with nothing changed builds nothing:
 
 - ``base-<hash>/``: ``rootfs.tar`` (mmdebstrap, needs Debian's archive once) and ``vmlinuz``.
-- ``image-<hash>.ext4``: the base plus the project's wheels, units and the test's guest files.
+- ``image-<hash>.ext4``: the base plus the project's wheels (at the versions this environment
+  resolved, ``pip freeze``, which are part of the hash), units and the test's guest files; the
+  ``KEEP_IMAGES`` newest are kept.
 
 Needs root (mmdebstrap --mode=root, chroot). Builds run under a lock file.
 """
@@ -28,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 GUEST = Path(__file__).resolve().parent / "guest"
 PROVISION = REPO / "vm" / "provision"
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
+KEEP_IMAGES = 3
 PACKAGES = (
     *("systemd-sysv", "udev", "kmod", "python3", "python3-venv", "tpm-udev", "skopeo"),
     *("libtss2-esys-3.0.2-0", "libtss2-tctildr0", "libtss2-tcti-device0", "libtss2-fapi1"),
@@ -166,15 +169,38 @@ def _build_base(directory: Path, version: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def build_wheels(out: Path) -> list[Path]:
-    """``pip wheel`` the project and its dependencies (the guest installs them offline)."""
+def pinned_versions() -> bytes:
+    """The distributions this environment resolved (``pip freeze``, name==version lines): the
+    guest gets exactly these, and they are part of the image's cache key."""
+    frozen = subprocess.run(
+        [sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    lines = [ln for ln in frozen.decode().splitlines() if "==" in ln and " @ " not in ln]
+    return ("\n".join(sorted(lines)) + "\n").encode()
+
+
+def build_wheels(out: Path, pins: bytes) -> list[Path]:
+    """``pip wheel`` the project and its dependencies at the ``pins`` versions (the guest
+    installs them offline)."""
     out.mkdir(parents=True, exist_ok=True)
+    constraints = out.parent / "constraints.txt"
+    constraints.write_bytes(pins)
     _run(
-        [sys.executable, "-m", "pip", "wheel", "-q", str(REPO), "-w", str(out)],
+        [sys.executable, "-m", "pip", "wheel", "-q", str(REPO), "-w", str(out),
+         "-c", str(constraints)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )
+    )  # fmt: skip
     return sorted(out.glob("*.whl"))
+
+
+def _prune(cache: Path, keep: Path) -> None:
+    """Drop all but the newest ``KEEP_IMAGES`` project images (``keep`` always stays)."""
+    images = sorted(cache.glob("image-*.ext4"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in [p for p in images if p != keep][KEEP_IMAGES - 1 :]:
+        old.unlink(missing_ok=True)
 
 
 def _project_files() -> list[Path]:
@@ -242,7 +268,9 @@ def build_image(log: list[str] | None = None) -> GuestImage:
             _build_base(base, version)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             wheels = Path(tmp) / "wheels"
+            pins = pinned_versions()
             project = _hash(
+                pins,
                 _tree_bytes(_project_files()),
                 _tree_bytes(sorted(PROVISION.iterdir())),
                 _tree_bytes(sorted(GUEST.iterdir())),
@@ -251,8 +279,9 @@ def build_image(log: list[str] | None = None) -> GuestImage:
             stamp = cache / f"image-{base.name}-{project}.ext4"
             if not stamp.exists():
                 (log if log is not None else []).append(f"building {stamp.name}")
-                build_wheels(wheels)
+                build_wheels(wheels, pins)
                 _build_image(stamp, base, version, wheels)
+                _prune(cache, stamp)
         return GuestImage(ext4=stamp, kernel=base / "vmlinuz", kernel_version=version)
 
 
