@@ -20,10 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support.broker import AGENT, KBS, Broker, write_agent_config
+from tests.support.keys import write_key
 from tests.support.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
 from tests.support.swtpm import Swtpm, SwtpmCa, provision
 
@@ -150,20 +150,7 @@ def run_demo(work: Path, key_dirs: list[Path]) -> int:
                 ]
             )
             sh([*kbs, "policy", "assign", "demo-boot", "--selector", "cluster=demo"])
-            key = rsa.generate_private_key(65537, 3072)
-            (work / "image-key.pem").write_bytes(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
-            os.chmod(work / "image-key.pem", 0o600)
-            (work / "image-key.pub").write_bytes(
-                key.public_key().public_bytes(
-                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-                )
-            )
+            write_key(work / "image-key.pem", rsa.generate_private_key(65537, 3072))
             sh([*kbs, "key", "import", "demo-key", "--private-key", str(work / "image-key.pem")])
             (work / "image-key.pem").unlink()  # the broker holds it now, encrypted
             sh([*kbs, "grant", "add", "demo-key", "--selector", "cluster=demo"])

@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -33,6 +32,7 @@ from agent.state import StateDir
 from agent.tpm import Tpm
 from kbs.api.v1 import qualifying_data
 from tests.support.broker import Broker, agent, write_agent_config
+from tests.support.keys import write_key
 from tests.support.swtpm import Swtpm, SwtpmCa
 
 
@@ -71,14 +71,7 @@ def main() -> int:
             )
             if agent(cfg_path, "attest", "--once").returncode != 3:
                 raise SystemExit("bench: first attestation did not end pending")
-            key = rsa.generate_private_key(65537, 3072)
-            (work / "k.pem").write_bytes(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
+            write_key(work / "k.pem", rsa.generate_private_key(65537, 3072))
             must(broker.kbs("node", "approve", "bench-1", "--label", "role=bench"))
             must(
                 broker.kbs(

@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support.broker import Broker, agent, write_agent_config
 from tests.support.daemon import AgentDaemon, NotifySocket
+from tests.support.keys import write_key
 from tests.support.swtpm import Swtpm, SwtpmCa
 
 
@@ -74,14 +74,7 @@ def main() -> int:
             )
             if agent(cfg, "attest", "--once").returncode != 3:
                 raise SystemExit("bench: first attestation did not end pending")
-            key = rsa.generate_private_key(65537, 3072)
-            (work / "k.pem").write_bytes(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
+            write_key(work / "k.pem", rsa.generate_private_key(65537, 3072))
             for step in (
                 ["node", "approve", "bench-d", "--label", "role=bench"],
                 ["policy", "set", "p", "--pcrs", "0,1,2,3,4,5,6,7", "--from-node", "bench-d"],

@@ -52,6 +52,8 @@ from scripts import fleet_metrics
 from scripts.fleet_ca import EkCa
 from scripts.fleet_worker import RunReport, RunSpec, WorkerSpec, node_name, worker_main
 from tests.support.broker import Broker
+from tests.support.keys import write_key
+from tests.support.netops import metrics_port
 from tests.support.swtpm import Swtpm, SwtpmCa
 
 POLICY_PCRS = "0,1,2,3,4,5,6,7"
@@ -146,14 +148,7 @@ def _setup_catalog(broker: Broker, work: Path, names: list[str]) -> None:
             store.approve_node(name, {"role": "bench"}, now)
     finally:
         store.close()
-    key = rsa.generate_private_key(65537, 3072)
-    (work / "k.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    write_key(work / "k.pem", rsa.generate_private_key(65537, 3072))
     _must(broker.kbs("policy", "set", "p", "--pcrs", POLICY_PCRS, "--from-node", names[0]), "p")
     _must(broker.kbs("policy", "assign", "p", "--selector", LABEL), "policy assign")
     _must(broker.kbs("key", "import", "k", "--private-key", str(work / "k.pem")), "key import")
@@ -272,12 +267,12 @@ def _bench(args: argparse.Namespace) -> int:
         tpms: list[Swtpm] = []
         procs: list[Any] = []
         try:
-            metrics = [f"127.0.0.1:{fleet_metrics.free_port()}" for _ in brokers]
-            for b, address in zip(brokers, metrics, strict=True):
-                b.set(**settings, metrics_listen=address)
+            for b in brokers:
+                b.set(**settings, metrics_listen="127.0.0.1:0")
                 b.start()
                 if args.broker_cpus:
                     subprocess.run(["taskset", "-pc", args.broker_cpus, str(b.pid)], check=True)
+            metrics = [metrics_port(b) for b in brokers]
             affinity = ",".join(str(c) for c in sorted(os.sched_getaffinity(brokers[0].pid)))
             conns: list[Connection] = []
             for w in range(args.clients):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ import grpc
 from kbs.api.v1 import keylease_pb2 as pb
 from kbs.api.v1 import keylease_pb2_grpc as pb_grpc
 from kbs.pki import init_pki
+from tests.support.broker import cpu_seconds
 
 CONCURRENCY = (1, 8, 32)
 
@@ -51,11 +51,6 @@ def _serve(conn: Connection, key_pem: bytes, cert_pem: bytes) -> None:
         await server.stop(None)
 
     asyncio.run(main())
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _drive(port: int, ca_pem: bytes, in_flight: int, calls: int) -> float:
@@ -92,9 +87,9 @@ def main() -> int:
                 port = parent.recv()
                 assert proc.pid is not None
                 warm = 50 * in_flight
-                cpu0 = _cpu_seconds(proc.pid)
+                cpu0 = cpu_seconds(proc.pid)
                 wall = asyncio.run(_drive(port, ca_pem, in_flight, args.calls))
-                cpu = _cpu_seconds(proc.pid) - cpu0
+                cpu = cpu_seconds(proc.pid) - cpu0
                 calls = args.calls // in_flight * in_flight
                 # the warm-up's CPU is inside cpu0..cpu as well: count its calls too
                 per = cpu / (calls + warm)

@@ -3,43 +3,30 @@
 The client-side latency in ``scripts.bench_fleet`` includes the client's swtpm quote and any
 queueing in the load generator; ``keylease_rpc_duration_seconds`` is what the broker spent on
 each RPC, from admission to answer. Quantiles are bucket upper bounds (the histogram's
-resolution: 1, 2.5, 5, 10, 25, 50, 100 ms, ...).
+resolution: 1, 2.5, 5, 10, 25, 50, 100 ms, ...). The scraping is ``tests.support.netops``'.
 """
 
 from __future__ import annotations
 
 import math
-import socket
-import urllib.request
 from collections import defaultdict
 
-from prometheus_client.parser import text_string_to_metric_families
+from tests.support.netops import scrape as scrape_samples
 
-__all__ = ["Buckets", "free_port", "quantile", "scrape", "subtract"]
+__all__ = ["Buckets", "merge", "quantile", "scrape", "subtract"]
 
 HISTOGRAM = "keylease_rpc_duration_seconds"
 
 Buckets = dict[str, dict[float, float]]  # method -> upper bound -> cumulative count
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def scrape(address: str) -> Buckets:
-    """The cumulative bucket counts per method from one broker's ``/metrics``."""
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
+def scrape(port: int) -> Buckets:
+    """The cumulative bucket counts per method from the broker's ``/metrics`` on ``port``."""
     found: Buckets = defaultdict(dict)
-    for family in text_string_to_metric_families(text):
-        if family.name != HISTOGRAM:
-            continue
-        for sample in family.samples:
-            if sample.name == f"{HISTOGRAM}_bucket":
-                found[sample.labels["method"]][float(sample.labels["le"])] = sample.value
+    for (name, labels), value in scrape_samples(port).items():
+        if name == f"{HISTOGRAM}_bucket":
+            label = dict(labels)
+            found[label["method"]][float(label["le"])] = value
     return dict(found)
 
 

@@ -38,9 +38,10 @@ from kbs.store_admin import (
 )
 from tests.support.broker import KBS as KBS_BIN
 from tests.support.broker import Broker, CliResult, run
+from tests.support.keys import write_key
 from tests.support.nodes import Node
 from tests.support.postgres import PostgresServer, postgres_fixture  # noqa: F401
-from tests.test_e2e import grant_node, ok, write_key
+from tests.test_e2e import grant_node, ok
 from tests.test_replicas import pg_broker
 
 PEM = serialization.Encoding.PEM

@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from agent.tpm import Tpm
 from tests.support.broker import Broker, agent
 from tests.support.daemon import AgentDaemon, NotifySocket
+from tests.support.keys import write_key
 from tests.support.nodes import Node
-from tests.test_e2e import grant_node, ok, write_key
+from tests.test_e2e import grant_node, ok
 
 NodeFactory = Callable[..., Node]
 FAST = ["retry_max_seconds = 2", "startup_timeout_seconds = 3"]

@@ -15,26 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from agent.tpm import Tpm
 from kbs.store import Store
 from tests.support.broker import Broker
+from tests.support.keys import write_key
 from tests.support.nodes import Node
 from tests.support.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
 
 NodeFactory = Callable[..., Node]
-
-
-def write_key(path: Path, key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> Path:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.with_suffix(".pub").write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return path
 
 
 def ok(result: object) -> None:

@@ -18,9 +18,10 @@ from kbs.metrics import BrokerMetrics, MetricsServer, refresh_nodes_forever
 from kbs.model import NodeState
 from kbs.store import Store
 from tests.support.broker import Broker
+from tests.support.keys import write_key
 from tests.support.netops import Samples, metrics_port, scrape
 from tests.support.nodes import Node
-from tests.test_e2e import grant_node, ok, write_key
+from tests.test_e2e import grant_node, ok
 
 NodeFactory = Callable[..., Node]
 

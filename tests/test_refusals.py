@@ -26,8 +26,9 @@ from kbs.api.v1 import qualifying_data
 from kbs.store import Store
 from tests.support.broker import Broker
 from tests.support.eventlog import build_event_log
+from tests.support.keys import write_key
 from tests.support.nodes import Node
-from tests.test_e2e import grant_node, write_key
+from tests.test_e2e import grant_node
 
 NodeFactory = Callable[..., Node]
 EPHEMERAL = bytes(range(32))

@@ -33,10 +33,11 @@ from kbs.model import NodeState
 from kbs.store import Store
 from kbs.store_db import HEAD_REVISION
 from tests.support.broker import Broker
+from tests.support.keys import write_key
 from tests.support.nodes import Node
 from tests.support.postgres import PostgresServer, postgres_fixture  # noqa: F401
 from tests.support.swtpm import Swtpm
-from tests.test_e2e import grant_node, ok, write_key
+from tests.test_e2e import grant_node, ok
 from tests.test_refusals import EPHEMERAL, fresh_quote, session
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

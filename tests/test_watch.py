@@ -25,8 +25,9 @@ from kbs.model import ChangeKind, NodeState
 from kbs.server import SHUTDOWN_GRACE
 from kbs.store import Store
 from tests.support.broker import Broker
+from tests.support.keys import write_key
 from tests.support.nodes import Node
-from tests.test_e2e import grant_node, ok, write_key
+from tests.test_e2e import grant_node, ok
 
 NodeFactory = Callable[..., Node]
 Item = WatchEvent | AgentError | None  # None: the stream ended cleanly

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["AGENT", "KBS", "Broker", "CliResult", "write_agent_config"]
+__all__ = ["AGENT", "KBS", "Broker", "CliResult", "cpu_seconds", "write_agent_config"]
 
 BIN = Path(sys.executable).parent
 AGENT = str(BIN / "keylease-agent")
@@ -129,8 +129,7 @@ class Broker:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the broker process has used so far (from /proc)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.pid)
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
@@ -176,3 +175,9 @@ def write_agent_config(
 
 def agent(config: Path, *args: str) -> CliResult:
     return run([AGENT, "--config", str(config), *args])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time process ``pid`` has used so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
