@@ -63,7 +63,7 @@ def _known_node(ctx: BrokerContext, name: str) -> Node:
     check_node_name(name)
     node = ctx.store.get_node(name)
     if node is None:
-        raise UnknownNode(f"node {name!r} is not enrolled; the agent enrolls it on its next run")
+        raise UnknownNode.not_enrolled(name)
     return node
 
 

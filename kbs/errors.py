@@ -85,6 +85,11 @@ class UnknownNode(KbsError):
 
     grpc_code = grpc.StatusCode.NOT_FOUND
 
+    @classmethod
+    def not_enrolled(cls, name: str) -> UnknownNode:
+        """The refusal a node gets for a nonce or an attestation before it has enrolled."""
+        return cls(f"node {name!r} is not enrolled; the agent enrolls it on its next run")
+
 
 # --- enrollment -----------------------------------------------------------------------------
 

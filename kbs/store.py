@@ -260,9 +260,7 @@ class Store(Catalog):
             added = self._run(db, ADD_NONCE, {"p_nonce": nonce, "p_node": node_name,
                                               "p_exp": ts(expires_at)}).rowcount  # fmt: skip
             if added != 1:
-                raise UnknownNode(
-                    f"node {node_name!r} is not enrolled; the agent enrolls it on its next run"
-                )
+                raise UnknownNode.not_enrolled(node_name)
             self._run(db, CAP_NONCES, {"p_node": node_name})
             if self._purge_due("nonces"):
                 cutoff = ts(expires_at - PURGE_GRACE - timedelta(hours=1))
