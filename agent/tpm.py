@@ -108,12 +108,12 @@ class Quote:
     pcrs: Mapping[int, bytes]  # the quoted PCR values, read right after the quote
 
 
-# --- error translation (the one TSS2 boundary) ----------------------------------------------
-
-
 def _behind_resource_manager(name: str, conf: str) -> bool:
     """Whether a TCTI reaches the TPM through a resource manager (kernel tpmrm or tabrmd)."""
     return name == "tabrmd" or (name == "device" and "tpmrm" in conf)
+
+
+# --- error translation (the one TSS2 boundary) ----------------------------------------------
 
 
 def _rc_text(exc: TSS2_Exception) -> str:
