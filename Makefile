@@ -35,7 +35,7 @@ proto-check:
 ## The guest image is cached in /var/cache/keylease-vm (KEYLEASE_VM_CACHE); logs in VM_WORK.
 VM_WORK ?= /tmp/keylease-vm-run
 vm-image: setup
-	$(PY) -m tests.vm.image
+	$(PY) -m tests.system.vm.image
 
 vm-test: setup
-	rm -rf $(VM_WORK) && $(PY) -m tests.vm.scenario $(VM_WORK)
+	rm -rf $(VM_WORK) && $(PY) -m tests.system.vm.scenario $(VM_WORK)

@@ -10,9 +10,6 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
 from agent.client import BrokerClient, NodeUnknown, Outcome
 from agent.config import AgentConfig
 from agent.errors import AttestationDenied, KeystoreError, PendingApproval, StateError
@@ -22,7 +19,7 @@ from agent.netwatch import addresses
 from agent.release import Bundle, open_release
 from agent.state import Enrollment, StateDir
 from agent.tpm import AkBlobs, Tpm
-from kbs.api.v1 import qualifying_data
+from keylease.api.v1 import qualifying_data
 
 __all__ = [
     "AttestReport",
@@ -156,12 +153,10 @@ def attest_once(cfg: AgentConfig, tpm: Tpm, client: BrokerClient, state: StateDi
         state.forget_enrollment()
         ak = enroll(cfg, tpm, client, state)
         nonce = client.get_nonce(cfg.node_name)
-    ephemeral = X25519PrivateKey.generate()
-    ephemeral_public = ephemeral.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    quote = tpm.quote(ak, qualifying_data(nonce, ephemeral_public))
+    quote = tpm.quote(ak, qualifying_data(nonce))
     event_log = _read_event_log(cfg.event_log)
     try:
-        reply = client.attest(cfg.node_name, nonce, ephemeral_public, quote, event_log)
+        reply = client.attest(cfg.node_name, nonce, quote, event_log)
     except AttestationDenied as exc:
         dropped = remove_all_keys(cfg, state)
         log.info("attest node=%s result=denied reason=%s", cfg.node_name, exc)

@@ -32,8 +32,8 @@ from agent.errors import (
 )
 from agent.release import ReleaseBlob
 from agent.tpm import Quote
-from kbs.api.v1 import keylease_pb2 as pb
-from kbs.api.v1 import keylease_pb2_grpc as pb_grpc
+from keylease.api.v1 import keylease_pb2 as pb
+from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
 
 __all__ = [
     "AttestReply",
@@ -277,14 +277,12 @@ class BrokerClient:
         self,
         node_name: str,
         nonce: bytes,
-        ephemeral_public: bytes,
         quote: Quote,
         event_log: bytes,
     ) -> AttestReply:
         req = pb.AttestRequest(
             node_name=node_name,
             nonce=nonce,
-            ephemeral_public=ephemeral_public,
             quote=quote.attest,
             signature=quote.signature,
             pcr_bank=quote.pcr_bank,

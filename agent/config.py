@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import re
 import socket
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from keylease.tomlfile import Table, read_toml
 
 __all__ = ["DEFAULT_CONFIG", "AgentConfig", "load_config"]
 
@@ -78,110 +78,61 @@ class AgentConfig:
 
 def load_config(path: Path) -> AgentConfig:
     """Read and validate ``path``; raises ConfigError naming the file, key and fix."""
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"config file {path} does not exist; write one (see `keylease-agent --help`) or pass "
-            "--config"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    raw = read_toml(
+        path,
+        ConfigError,
+        missing_hint="write one (see `keylease-agent --help`) or pass --config",
+    )
     return parse_config(raw, path)
 
 
 def parse_config(raw: dict[str, Any], path: Path) -> AgentConfig:
-    unknown = sorted(set(raw) - _KNOWN)
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_KNOWN))}"
-        )
-    base = path.parent
-
-    def text(key: str, default: str | None = None) -> str:
-        value = raw.get(key, default)
-        if value is None:
-            raise ConfigError(f"{path}: `{key}` is required")
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{path}: `{key}` must be a non-empty string")
-        return value
-
-    def file_path(key: str, default: str | None = None) -> Path:
-        p = Path(text(key, default))
-        return p if p.is_absolute() else (base / p)
-
-    kbs = text("kbs")
+    t = Table(raw, path, ConfigError, _KNOWN)
+    kbs = t.text("kbs")
     host, sep, port = kbs.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(
-            f'{path}: `kbs` must be HOST:PORT (e.g. "kbs.example.net:8443"), got {kbs!r}'
-        )
-    kbs_ca = file_path("kbs_ca")
+        raise t.fail("kbs", f'must be HOST:PORT (e.g. "kbs.example.net:8443"), got {kbs!r}')
+    kbs_ca = t.path_value("kbs_ca")
     if not kbs_ca.is_file():
         raise ConfigError(
             f"{path}: kbs_ca {kbs_ca} does not exist; copy agent-ca.pem from the broker "
             "(written by `keylease-kbs init`)"
         )
-    tcti = text("tcti", "device:/dev/tpmrm0")
+    tcti = t.text("tcti", "device:/dev/tpmrm0")
     if not _TCTI.fullmatch(tcti):
         raise ConfigError(
             f'{path}: tcti {tcti!r} is not supported; use "device:/dev/tpmrm0" or '
             '"swtpm:path=/run/swtpm/sock" (a bare "swtpm" would talk to whatever listens on '
             "localhost:2321)"
         )
-    node_name = text("node_name", socket.gethostname().split(".")[0])
+    node_name = t.text("node_name", socket.gethostname().split(".")[0])
     if not _NODE_NAME.fullmatch(node_name):
         raise ConfigError(
             f"{path}: node_name {node_name!r} is invalid: 1-63 characters from A-Z a-z 0-9 . _ -"
         )
-    key_dirs_raw = raw.get("key_dirs", list(DEFAULT_KEY_DIRS))
-    if (
-        not isinstance(key_dirs_raw, list)
-        or not key_dirs_raw
-        or not all(isinstance(d, str) and d for d in key_dirs_raw)
-    ):
-        raise ConfigError(f"{path}: `key_dirs` must be a non-empty list of directory paths")
-    key_dirs = tuple(Path(d) if Path(d).is_absolute() else base / d for d in key_dirs_raw)
+    key_dir_names = t.strings("key_dirs", DEFAULT_KEY_DIRS, hint='["/etc/crio/keys"]')
+    if not key_dir_names:
+        raise t.fail("key_dirs", "must be a non-empty list of directory paths")
+    key_dirs = tuple(t.resolve(d) for d in key_dir_names)
     if len(set(key_dirs)) != len(key_dirs):
         raise ConfigError(f"{path}: `key_dirs` lists a directory twice")
     for a in key_dirs:
         for b in key_dirs:
             if a != b and b.is_relative_to(a):
                 raise ConfigError(f"{path}: key_dirs {b} is inside {a}; list each tree once")
-    event_log_raw = raw.get("event_log", DEFAULT_EVENT_LOG)
-    if not isinstance(event_log_raw, str):
-        raise ConfigError(f'{path}: `event_log` must be a path string ("" to send none)')
-
-    def number(key: str, default: float, low: float, high: float) -> float:
-        value = raw.get(key, default)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not low <= value <= high
-        ):
-            raise ConfigError(f"{path}: `{key}` must be a number from {low:g} to {high:g}")
-        return float(value)
-
-    def flag(key: str) -> bool:
-        value = raw.get(key, False)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: `{key}` must be true or false")
-        return value
-
+    event_log = t.text("event_log", DEFAULT_EVENT_LOG, empty=True)
     return AgentConfig(
         path=path,
         kbs=kbs,
         kbs_ca=kbs_ca,
         tcti=tcti,
-        state_dir=file_path("state_dir", "/var/lib/keylease"),
+        state_dir=t.path_value("state_dir", "/var/lib/keylease"),
         node_name=node_name,
         key_dirs=key_dirs,
-        event_log=Path(event_log_raw) if event_log_raw else None,
-        rpc_timeout_seconds=number("rpc_timeout_seconds", 10, 1, 300),
-        startup_timeout_seconds=number("startup_timeout_seconds", 30, 0, 3600),
-        retry_max_seconds=number("retry_max_seconds", 60, 1, 3600),
-        remove_keys_on_stop=flag("remove_keys_on_stop"),
-        unsafe_allow_disk_key_dirs=flag("unsafe_allow_disk_key_dirs"),
+        event_log=Path(event_log) if event_log else None,
+        rpc_timeout_seconds=t.number("rpc_timeout_seconds", 10, 1, 300),
+        startup_timeout_seconds=t.number("startup_timeout_seconds", 30, 0, 3600),
+        retry_max_seconds=t.number("retry_max_seconds", 60, 1, 3600),
+        remove_keys_on_stop=t.flag("remove_keys_on_stop"),
+        unsafe_allow_disk_key_dirs=t.flag("unsafe_allow_disk_key_dirs"),
     )

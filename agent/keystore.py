@@ -31,7 +31,7 @@ from pathlib import Path
 
 from agent.errors import InvalidKey, KeystoreError
 from agent.ocikey import check_pem_shape
-from kbs.api.secret import Secret
+from keylease.secret import Secret
 
 __all__ = ["OWNED_DIR", "InstallableKey", "KeyDirectory", "SyncResult"]
 

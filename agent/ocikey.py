@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from agent.errors import InvalidKey
-from kbs.api.secret import Secret
+from keylease.secret import Secret
 
 __all__ = [
     "KEY_NAME",

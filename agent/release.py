@@ -17,9 +17,9 @@ from agent.errors import ReleaseInvalid
 from agent.keystore import InstallableKey
 from agent.ocikey import validate_private_key_pem
 from agent.tpm import SealedImport, Tpm
-from kbs.api.secret import Secret
-from kbs.api.v1 import bundle_aad
-from kbs.api.v1 import keylease_pb2 as pb
+from keylease.api.v1 import bundle_aad
+from keylease.api.v1 import keylease_pb2 as pb
+from keylease.secret import Secret
 
 __all__ = ["Bundle", "ReleaseBlob", "open_release"]
 

@@ -51,8 +51,8 @@ from tpm2_pytss import (
 from tpm2_pytss.utils import NVReadEK, create_ek_template
 
 from agent.errors import AgentError, ReleaseInvalid, TpmError, TpmUnavailable
-from kbs.api.secret import Secret
-from kbs.api.v1 import SealedImport
+from keylease.api.v1 import SealedImport
+from keylease.secret import Secret
 
 __all__ = ["AkBlobs", "EkInfo", "Quote", "SealedImport", "Tpm"]
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.support.broker import AGENT, KBS, Broker, write_agent_config
-from tests.support.keys import write_key
-from tests.support.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
-from tests.support.swtpm import Swtpm, SwtpmCa, provision
+from harness.broker import AGENT, KBS, Broker, write_agent_config
+from harness.keys import write_key
+from harness.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
+from harness.swtpm import Swtpm, SwtpmCa, provision
 
 NODE = "worker-1"
 BOLD, DIM, RED, GREEN, RESET = ("\033[1m", "\033[2m", "\033[31m", "\033[32m", "\033[0m")

@@ -38,12 +38,12 @@ from kbs.admin_wire import (
     policy_from_pb,
 )
 from kbs.admincert import CA_FILE, CERT_FILE, KEY_FILE
-from kbs.api.v1 import admin_pb2 as pb
-from kbs.api.v1 import admin_pb2_grpc as pb_grpc
 from kbs.config import parse_listen
 from kbs.errors import ConfigError, KbsError, NotFound, OperatorError
 from kbs.model import AuditEntry, Grant, Node, Policy, StoredKey
 from kbs.store_admin import DeletedKey
+from keylease.api.v1 import admin_pb2 as pb
+from keylease.api.v1 import admin_pb2_grpc as pb_grpc
 
 __all__ = ["AdminCredentials", "AdminUnavailable", "RemoteOperator", "load_profile"]
 

@@ -35,13 +35,13 @@ from kbs.admin_wire import (
     to_us,
 )
 from kbs.admincert import AdminAccessDenied, load_admin_ca, verify_admin_cert
-from kbs.api.v1 import admin_pb2 as pb
-from kbs.api.v1 import admin_pb2_grpc as pb_grpc
 from kbs.config import KbsConfig, master_keyring
 from kbs.context import BrokerContext
 from kbs.errors import ConfigError, KbsError
 from kbs.operator import LocalOperator
 from kbs.pki import load_server_credentials
+from keylease.api.v1 import admin_pb2 as pb
+from keylease.api.v1 import admin_pb2_grpc as pb_grpc
 
 __all__ = ["AdminServer", "AdminService", "start_admin_server"]
 

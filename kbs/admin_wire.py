@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-from kbs.api.v1 import admin_pb2 as pb
 from kbs.errors import InvalidRequest
 from kbs.model import AuditEntry, Grant, Node, NodeState, Policy, StoredKey
+from keylease.api.v1 import admin_pb2 as pb
 
 __all__ = [
     "audit_from_pb",

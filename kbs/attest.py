@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 
-from kbs.api.v1 import EPHEMERAL_PUBLIC_BYTES, NONCE_BYTES, qualifying_data
 from kbs.context import BrokerContext
 from kbs.errors import InvalidRequest, KbsError, NodeRevoked, NotGranted, UnknownNode
 from kbs.eventlog import check_event_log
@@ -27,6 +26,7 @@ from kbs.quote import VerifiedQuote, verify_quote
 from kbs.release import GrantedKey, SealedRelease, build_release
 from kbs.store import AuditEvent
 from kbs.tpm_objects import TpmPublic, parse_public
+from keylease.api.v1 import NONCE_BYTES, qualifying_data
 
 __all__ = ["AttestOutcome", "AttestResult", "Evidence", "attest", "issue_nonce"]
 
@@ -45,7 +45,6 @@ class AttestOutcome(Enum):
 class Evidence:
     node_name: str
     nonce: bytes
-    ephemeral_public: bytes
     quote: bytes
     signature: bytes
     pcr_bank: str
@@ -81,11 +80,6 @@ def issue_nonce(ctx: BrokerContext, node_name: str) -> tuple[bytes, datetime]:
 def _check_shape(ev: Evidence) -> None:
     if len(ev.nonce) != NONCE_BYTES:
         raise InvalidRequest(f"nonce must be {NONCE_BYTES} bytes, got {len(ev.nonce)}")
-    if len(ev.ephemeral_public) != EPHEMERAL_PUBLIC_BYTES:
-        raise InvalidRequest(
-            f"ephemeral_public must be {EPHEMERAL_PUBLIC_BYTES} bytes, "
-            f"got {len(ev.ephemeral_public)}"
-        )
     if ev.pcr_bank not in SUPPORTED_BANKS:
         raise InvalidRequest(f"unsupported PCR bank {ev.pcr_bank[:32]!r}; use sha256")
 
@@ -106,7 +100,7 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
         ak,
         ev.quote,
         ev.signature,
-        qualifying_data(ev.nonce, ev.ephemeral_public),
+        qualifying_data(ev.nonce),
         ev.pcr_bank,
         ev.pcrs,
         required=set(required_pcrs(policies)),

@@ -33,7 +33,6 @@ import ipaddress
 import os
 import re
 import stat
-import tomllib
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -41,12 +40,13 @@ from typing import Any
 
 from cryptography import x509
 
-from kbs.api.secret import Secret
 from kbs.errors import ConfigError
 from kbs.limit_settings import DEFAULT_LIMITS, LIMIT_DEFAULTS, LimitSettings, parse_limit_settings
 from kbs.masterkey import MASTER_KEY_BYTES, MasterKey
 from kbs.pki import load_credentials
 from kbs.store_db import redact_url
+from keylease.secret import Secret
+from keylease.tomlfile import read_toml
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -141,19 +141,11 @@ def parse_listen(value: str, where: str = "listen") -> tuple[str, int]:
 
 def load_config(path: Path) -> KbsConfig:
     """Read and validate ``path``; raises ConfigError naming the file, key and fix."""
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"config file {path} does not exist; create one with `keylease-kbs init DIR` or pass "
-            "--config"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    raw = read_toml(
+        path,
+        ConfigError,
+        missing_hint="create one with `keylease-kbs init DIR` or pass --config",
+    )
     return parse_config(raw, path)
 
 

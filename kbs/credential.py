@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from tpm2_pytss import TPM2_ALG, TPMA_OBJECT
 
-from kbs.api.secret import Secret
 from kbs.errors import InvalidRequest
 from kbs.tpm_objects import TpmPublic, parse_public
+from keylease.secret import Secret
 
 __all__ = [
     "CHALLENGE_SECRET_BYTES",

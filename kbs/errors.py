@@ -156,7 +156,7 @@ class IncorrectSignature(QuoteInvalid):
 
 
 class QualifyingDataMismatch(QuoteInvalid):
-    """The quote was made over another nonce or ephemeral key."""
+    """The quote was made over another nonce."""
 
 
 class PcrSelectionMismatch(QuoteInvalid):

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from kbs.api.secret import Secret
 from kbs.errors import OperatorError
+from keylease.secret import Secret
 
 __all__ = ["MAX_KEY_FILE_BYTES", "MIN_RSA_BITS", "load_private_key"]
 

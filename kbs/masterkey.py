@@ -27,8 +27,8 @@ from typing import NoReturn
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kbs.api.secret import Secret
 from kbs.errors import ConfigError, StoreError
+from keylease.secret import Secret
 
 __all__ = [
     "MASTER_KEY_BYTES",

@@ -4,7 +4,7 @@
 2. signature over the attestation bytes with the enrolled AK (``IncorrectSignature``)
 3. magic TPM_GENERATED_VALUE, type TPM_ST_ATTEST_QUOTE, signer is the AK
    (``QuoteStructureInvalid``)
-4. qualifying data = H(nonce || ephemeral public key) (``QualifyingDataMismatch``)
+4. qualifying data = H(label || nonce) (``QualifyingDataMismatch``)
 5. one selection, over the requested bank; the PCRs sent are exactly the signed selection and it
    covers every PCR policy requires (``PcrSelectionMismatch``)
 6. the PCR values sent hash to the signed digest (``PcrDigestMismatch``)
@@ -270,7 +270,7 @@ def verify_quote(
         raise QuoteStructureInvalid("the quote's signer is not the enrolled AK under this EK")
     if not hmac.compare_digest(attest.extra_data, qualifying_data):
         raise QualifyingDataMismatch(
-            "the quote was made over another nonce or ephemeral key (qualifyingData differs); "
+            "the quote was made over another nonce (qualifyingData differs); "
             "request a new nonce and quote again"
         )
     selected = _selection(attest, bank)

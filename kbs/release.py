@@ -14,10 +14,10 @@ from datetime import datetime
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kbs.api.secret import Secret
-from kbs.api.v1 import bundle_aad, keylease_pb2
 from kbs.sealing import SealedImport, seal_to_ek
 from kbs.tpm_objects import TpmPublic
+from keylease.api.v1 import bundle_aad, keylease_pb2
+from keylease.secret import Secret
 
 __all__ = ["GrantedKey", "SealedRelease", "build_release"]
 

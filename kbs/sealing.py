@@ -17,11 +17,11 @@ import os
 import struct
 from collections.abc import Mapping
 
-from kbs.api.secret import Secret
-from kbs.api.v1 import SealedImport
 from kbs.credential import outer_wrap, storage_parent
 from kbs.errors import InvalidRequest
 from kbs.tpm_objects import TpmPublic
+from keylease.api.v1 import SealedImport
+from keylease.secret import Secret
 
 __all__ = ["MAX_SEALED_BYTES", "SealedImport", "policy_pcr_digest", "seal_to_ek"]
 

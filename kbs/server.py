@@ -25,7 +25,6 @@ from pathlib import Path
 import grpc
 
 from kbs.admin_service import AdminServer, start_admin_server
-from kbs.api.v1 import keylease_pb2_grpc as pb_grpc
 from kbs.changefeed import MAX_WATCHERS, ChangeFeed
 from kbs.config import KbsConfig
 from kbs.context import BrokerContext
@@ -36,6 +35,7 @@ from kbs.metrics import BrokerMetrics, MetricsServer
 from kbs.pki import load_server_credentials
 from kbs.service import NodeService
 from kbs.store_db import DatabaseUnavailable
+from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
 
 __all__ = ["MAX_MESSAGE_BYTES", "RunningServer", "serve", "start_server"]
 

@@ -27,14 +27,14 @@ import grpc
 
 from kbs import attest as attest_step
 from kbs import enroll as enroll_step
-from kbs.api.v1 import keylease_pb2 as pb
-from kbs.api.v1 import keylease_pb2_grpc as pb_grpc
 from kbs.changefeed import ChangeFeed, FeedClosed, Notice, Subscription
 from kbs.context import BrokerContext
 from kbs.errors import AttestationFailed, EnrollmentRefused, InvalidRequest, KbsError, UnknownNode
 from kbs.metrics import BrokerMetrics
 from kbs.model import ChangeKind, NodeState
 from kbs.names import check_node_name
+from keylease.api.v1 import keylease_pb2 as pb
+from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
 
 __all__ = ["NodeService", "limits"]
 
@@ -268,7 +268,6 @@ def _watch_event(notice: Notice | None) -> pb.WatchEvent:
 def _evidence(request: pb.AttestRequest) -> attest_step.Evidence:
     _bounded("node_name", request.node_name, MAX_NAME)
     _bounded("nonce", request.nonce, 64)
-    _bounded("ephemeral_public", request.ephemeral_public, 64)
     _bounded("quote", request.quote, MAX_QUOTE)
     _bounded("signature", request.signature, MAX_SIGNATURE)
     _bounded("pcr_bank", request.pcr_bank, 16)
@@ -286,7 +285,6 @@ def _evidence(request: pb.AttestRequest) -> attest_step.Evidence:
     return attest_step.Evidence(
         node_name=request.node_name,
         nonce=request.nonce,
-        ephemeral_public=request.ephemeral_public,
         quote=request.quote,
         signature=request.signature,
         pcr_bank=request.pcr_bank,

@@ -23,17 +23,15 @@ import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.client import BrokerClient
 from agent.config import load_config
 from agent.state import StateDir
 from agent.tpm import Tpm
-from kbs.api.v1 import qualifying_data
-from tests.support.broker import Broker, agent, write_agent_config
-from tests.support.keys import write_key
-from tests.support.swtpm import Swtpm, SwtpmCa
+from harness.broker import Broker, agent, write_agent_config
+from harness.keys import write_key
+from harness.swtpm import Swtpm, SwtpmCa
+from keylease.api.v1 import qualifying_data
 
 
 def must(result: object) -> None:
@@ -99,11 +97,9 @@ def main() -> int:
                 cpu1 = broker.cpu_seconds()
                 t1 = time.perf_counter()
                 for _ in range(args.channel_runs):
-                    eph = X25519PrivateKey.generate().public_key()
-                    eph_raw = eph.public_bytes(Encoding.Raw, PublicFormat.Raw)
                     nonce = client.get_nonce("bench-1")
-                    quote = t.quote(ak, qualifying_data(nonce, eph_raw))
-                    reply = client.attest("bench-1", nonce, eph_raw, quote, b"")
+                    quote = t.quote(ak, qualifying_data(nonce))
+                    reply = client.attest("bench-1", nonce, quote, b"")
                     assert reply.release is not None
                 elapsed = time.perf_counter() - t1
                 cpu_channel = (broker.cpu_seconds() - cpu1) / args.channel_runs

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.support.broker import Broker, agent, write_agent_config
-from tests.support.daemon import AgentDaemon, NotifySocket
-from tests.support.keys import write_key
-from tests.support.swtpm import Swtpm, SwtpmCa
+from harness.broker import Broker, agent, write_agent_config
+from harness.daemon import AgentDaemon, NotifySocket
+from harness.keys import write_key
+from harness.swtpm import Swtpm, SwtpmCa
 
 
 def must(result: object) -> None:

@@ -48,13 +48,13 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from harness.broker import Broker
+from harness.keys import write_key
+from harness.netops import metrics_port
+from harness.swtpm import Swtpm, SwtpmCa
 from scripts import fleet_metrics
 from scripts.fleet_ca import EkCa
 from scripts.fleet_worker import RunReport, RunSpec, WorkerSpec, node_name, worker_main
-from tests.support.broker import Broker
-from tests.support.keys import write_key
-from tests.support.netops import metrics_port
-from tests.support.swtpm import Swtpm, SwtpmCa
 
 POLICY_PCRS = "0,1,2,3,4,5,6,7"
 LABEL = "role=bench"
@@ -77,7 +77,7 @@ def _args() -> argparse.Namespace:
     p.add_argument(
         "--postgres",
         action="store_true",
-        help="start a private PostgreSQL (tests.support.postgres: fsync off) and use it",
+        help="start a private PostgreSQL (harness.postgres: fsync off) and use it",
     )
     p.add_argument("--sqlite-dir", default="", help="put the SQLite file here (e.g. /dev/shm)")
     p.add_argument("--replicas", type=int, default=1, help="brokers (>1 needs --database)")
@@ -237,7 +237,7 @@ def main() -> int:
     os.environ.setdefault("TSS2_LOG", "esys+none")
     if not args.postgres:
         return _bench(args)
-    from tests.support.postgres import PostgresServer
+    from harness.postgres import PostgresServer
 
     server = PostgresServer()
     server.start()

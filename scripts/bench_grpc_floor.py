@@ -25,10 +25,10 @@ from typing import Any
 
 import grpc
 
-from kbs.api.v1 import keylease_pb2 as pb
-from kbs.api.v1 import keylease_pb2_grpc as pb_grpc
+from harness.broker import cpu_seconds
 from kbs.pki import init_pki
-from tests.support.broker import cpu_seconds
+from keylease.api.v1 import keylease_pb2 as pb
+from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
 
 CONCURRENCY = (1, 8, 32)
 

@@ -3,7 +3,7 @@
 The client-side latency in ``scripts.bench_fleet`` includes the client's swtpm quote and any
 queueing in the load generator; ``keylease_rpc_duration_seconds`` is what the broker spent on
 each RPC, from admission to answer. Quantiles are bucket upper bounds (the histogram's
-resolution: 1, 2.5, 5, 10, 25, 50, 100 ms, ...). The scraping is ``tests.support.netops``'.
+resolution: 1, 2.5, 5, 10, 25, 50, 100 ms, ...). The scraping is ``harness.netops``'.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from tests.support.netops import scrape as scrape_samples
+from harness.netops import scrape as scrape_samples
 
 __all__ = ["Buckets", "merge", "quantile", "scrape", "subtract"]
 

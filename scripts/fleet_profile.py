@@ -28,21 +28,21 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from harness.broker import Broker
+from harness.keys import write_key
+from harness.swtpm import Swtpm, SwtpmCa
 from kbs import attest as at
 from kbs import enroll
-from kbs.api.secret import Secret
-from kbs.api.v1 import qualifying_data
 from kbs.config import load_config
 from kbs.context import BrokerContext
 from kbs.errors import KbsError
 from kbs.quote import verify_quote
 from kbs.release import GrantedKey, build_release
 from kbs.tpm_objects import parse_public
+from keylease.api.v1 import qualifying_data
+from keylease.secret import Secret
 from scripts.fleet_ca import EkCa
 from scripts.fleet_tpm import FleetTpm
-from tests.support.broker import Broker
-from tests.support.keys import write_key
-from tests.support.swtpm import Swtpm, SwtpmCa
 
 NODES = 20
 POLICY = tuple(range(8))
@@ -106,9 +106,8 @@ def main() -> int:
 
             def evidence(name: str) -> at.Evidence:
                 nonce, _ = at.issue_nonce(ctx, name)
-                eph = os.urandom(32)
-                quote, sig = tpm.quote(contexts[name], qualifying_data(nonce, eph))
-                return at.Evidence(name, nonce, eph, quote, sig, "sha256", tpm.pcrs(), b"")
+                quote, sig = tpm.quote(contexts[name], qualifying_data(nonce))
+                return at.Evidence(name, nonce, quote, sig, "sha256", tpm.pcrs(), b"")
 
             # records n0's PCRs for `policy set --from-node`; denied: no policy yet
             with contextlib.suppress(KbsError):
@@ -156,7 +155,7 @@ def _tpm_object_work(ctx: BrokerContext, evs: list[at.Evidence]) -> float:
             ak,
             ev.quote,
             ev.signature,
-            qualifying_data(ev.nonce, ev.ephemeral_public),
+            qualifying_data(ev.nonce),
             ev.pcr_bank,
             ev.pcrs,
             required=set(POLICY),

@@ -28,10 +28,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from kbs.api.v1 import keylease_pb2 as pb
-from kbs.api.v1 import keylease_pb2_grpc as pb_grpc
-from kbs.api.v1 import qualifying_data
 from kbs.tpm_objects import parse_public
+from keylease.api.v1 import keylease_pb2 as pb
+from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
+from keylease.api.v1 import qualifying_data
 from scripts.fleet_ca import EkCa
 from scripts.fleet_tpm import FleetTpm, Identity
 
@@ -143,15 +143,11 @@ class _Worker:
         name = node_name(index)
         stub = stub or self.stub(index)
         reply = await stub.GetNonce(pb.GetNonceRequest(node_name=name), timeout=RPC_TIMEOUT)
-        ephemeral = os.urandom(32)  # stands in for the agent's X25519 public key
-        quote, signature = self.tpm.quote(
-            self.contexts[name], qualifying_data(reply.nonce, ephemeral)
-        )
+        quote, signature = self.tpm.quote(self.contexts[name], qualifying_data(reply.nonce))
         result = await stub.Attest(
             pb.AttestRequest(
                 node_name=name,
                 nonce=reply.nonce,
-                ephemeral_public=ephemeral,
                 quote=quote,
                 signature=signature,
                 pcr_bank="sha256",

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Regenerate the checked-in gRPC modules from the protos in kbs/api/v1 (keylease.proto: the
+# Regenerate the checked-in gRPC modules from the protos in keylease/api/v1 (keylease.proto: the
 # node-facing API; admin.proto: the operators' API).
 #   scripts/gen_proto.sh          write the modules
 #   scripts/gen_proto.sh --check  fail if the checked-in modules differ from a fresh generation
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=kbs/api/v1
+out=keylease/api/v1
 protos=(keylease admin)
 if [[ "${1:-}" == "--check" ]]; then
   tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT

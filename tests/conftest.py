@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.swtpm import (
+from harness.swtpm import (
     Swtpm,
     SwtpmCa,
     SwtpmToolMissing,
@@ -21,7 +21,7 @@ from tests.support.swtpm import (
     require_tools,
 )
 
-pytest_plugins = ["tests.support.e2e_fixtures"]
+pytest_plugins = ["harness.e2e_fixtures"]
 
 TpmFactory = Callable[..., Swtpm]
 

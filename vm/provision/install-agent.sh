@@ -13,8 +13,9 @@ set -eu
 wheels=$1 units=$2 kbs=$3 node=${4:-}
 
 python3 -m venv /opt/keylease
-/opt/keylease/bin/pip install -q --no-index --find-links "$wheels" keylease
-ln -sf /opt/keylease/bin/keylease-agent /opt/keylease/bin/keylease-kbs /usr/local/bin/
+# The agent extra only: a worker gets nothing of the broker (no SQLAlchemy, PostgreSQL driver...).
+/opt/keylease/bin/pip install -q --no-index --find-links "$wheels" 'keylease[agent]'
+ln -sf /opt/keylease/bin/keylease-agent /usr/local/bin/
 
 install -m 0644 "$units"/keylease-agent.service "$units"/etc-*-keylease.mount /etc/systemd/system/
 install -m 0644 "$units"/keylease.tmpfiles.conf /etc/tmpfiles.d/keylease.conf

@@ -11,8 +11,8 @@ set -eu
 wheels=$1 units=$2 ek_roots=$3 enrollment=${4:-manual}
 
 python3 -m venv /opt/keylease
-/opt/keylease/bin/pip install -q --no-index --find-links "$wheels" keylease
-ln -sf /opt/keylease/bin/keylease-agent /opt/keylease/bin/keylease-kbs /usr/local/bin/
+/opt/keylease/bin/pip install -q --no-index --find-links "$wheels" 'keylease[broker]'
+ln -sf /opt/keylease/bin/keylease-kbs /usr/local/bin/
 
 if [ ! -f /etc/keylease/kbs.toml ]; then
   keylease-kbs init /etc/keylease --listen 0.0.0.0:8443 --ek-roots "$ek_roots" \

@@ -1,0 +1,51 @@
+"""A test node: one swtpm, a state dir, key dirs and an agent config pointing at a broker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.config import AgentConfig, load_config
+from harness.broker import Broker, CliResult, agent, write_agent_config
+from harness.swtpm import Swtpm
+
+__all__ = ["Node"]
+
+
+@dataclass
+class Node:
+    name: str
+    tpm: Swtpm
+    root: Path
+    keys_root: Path  # on a tmpfs: the agent refuses key directories that would reach a disk
+    broker: Broker
+    config_extra: list[str] = field(default_factory=list)  # more agent.toml lines
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "agent.toml"
+
+    @property
+    def key_dirs(self) -> tuple[Path, Path]:
+        return (self.keys_root / "crio-keys", self.keys_root / "containerd-keys")
+
+    def key_file(self, key: str, key_dir: int = 0) -> Path:
+        return self.key_dirs[key_dir] / "keylease" / f"{key}.pem"
+
+    def write_config(self) -> Path:
+        return write_agent_config(
+            self.config_path,
+            broker=self.broker,
+            tcti=self.tpm.tcti,
+            state_dir=self.root / "state",
+            key_dirs=self.key_dirs,
+            node_name=self.name,
+            extra_lines=self.config_extra,
+        )
+
+    def config(self) -> AgentConfig:
+        return load_config(self.write_config())
+
+    def attest(self) -> CliResult:
+        self.write_config()
+        return agent(self.config_path, "attest", "--once")

@@ -1,0 +1,1 @@
+"""The versioned wire contracts; ``v1`` is the only one."""

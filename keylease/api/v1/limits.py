@@ -1,0 +1,47 @@
+"""The size of every variable-length field of keylease.v1, in one place for both sides.
+
+The broker refuses a request over these limits with INVALID_ARGUMENT; the agent never sends one
+(it checks its event log and metadata against the same numbers before sending). Generous for
+real TPMs and firmware, small enough that a hostile peer cannot make the other side parse
+megabytes of garbage.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MAX_EK_CERTIFICATE",
+    "MAX_ENROLLMENT_ID",
+    "MAX_EVENT_LOG",
+    "MAX_MESSAGE",
+    "MAX_METADATA_ENTRIES",
+    "MAX_METADATA_TEXT",
+    "MAX_NODE_NAME",
+    "MAX_NONCE",
+    "MAX_PCR_BANK",
+    "MAX_PCR_INDEX",
+    "MAX_PCR_VALUE",
+    "MAX_PROOF",
+    "MAX_QUOTE",
+    "MAX_RELEASE_MESSAGE",
+    "MAX_SIGNATURE",
+    "MAX_TPM_PUBLIC",
+    "MAX_WATCH_REASON",
+]
+
+MAX_NODE_NAME = 63
+MAX_EK_CERTIFICATE = 8192  # X.509 DER
+MAX_TPM_PUBLIC = 1024  # TPM2B_PUBLIC
+MAX_QUOTE = 2048  # TPM2B_ATTEST
+MAX_SIGNATURE = 1024  # TPMT_SIGNATURE
+MAX_EVENT_LOG = 1 << 20  # TCG PC Client crypto-agile boot event log
+MAX_METADATA_ENTRIES = 32
+MAX_METADATA_TEXT = 256  # each metadata key and value
+MAX_PROOF = 64  # the secret ActivateCredential returns
+MAX_ENROLLMENT_ID = 64
+MAX_NONCE = 64
+MAX_PCR_BANK = 16
+MAX_PCR_VALUE = 64
+MAX_PCR_INDEX = 23
+MAX_WATCH_REASON = 200  # what the agent keeps of a watch event's text
+MAX_MESSAGE = 2 << 20  # any node request, whole (the broker's gRPC receive limit)
+MAX_RELEASE_MESSAGE = 4 << 20  # any broker reply, whole (the agent's gRPC receive limit)

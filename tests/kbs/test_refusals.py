@@ -1,0 +1,312 @@
+"""Each attack from DESIGN.md's threat table, against the real broker over TLS and real swtpms:
+refused with a specific error, recorded in the audit log, and nothing released."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from tpm2_pytss import TPM2B_PUBLIC, TPMA_OBJECT
+
+from agent.attest import enroll
+from agent.client import BrokerClient
+from agent.errors import AttestationDenied, EnrollmentRefused, ReleaseInvalid, TpmError
+from agent.release import ReleaseBlob, open_release
+from agent.state import StateDir
+from agent.tpm import AkBlobs, Quote, Tpm
+from harness.broker import Broker
+from harness.eventlog import build_event_log
+from harness.keys import write_key
+from harness.nodes import Node
+from harness.operator import grant_node
+from kbs.store import Store
+from keylease.api.v1 import keylease_pb2 as pb
+from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
+from keylease.api.v1 import qualifying_data
+
+NodeFactory = Callable[..., Node]
+
+
+@contextmanager
+def session(node: Node) -> Iterator[tuple[Tpm, BrokerClient, StateDir]]:
+    cfg = node.config()
+    with Tpm.open(node.tpm.tcti) as tpm, BrokerClient(cfg) as client:
+        yield tpm, client, StateDir.open(cfg.state_dir)
+
+
+def enrolled(node: Node) -> AkBlobs:
+    cfg = node.config()
+    with session(node) as (tpm, client, state):
+        return enroll(cfg, tpm, client, state)
+
+
+def audit_details(broker: Broker, node: str) -> list[str]:
+    with Store.open(broker.directory / "kbs.db") as store:
+        return [f"{e.event} {e.result} {e.detail}" for e in store.list_audit(node=node, limit=200)]
+
+
+def releases(broker: Broker, node: str) -> int:
+    return sum(1 for d in audit_details(broker, node) if d.startswith("release "))
+
+
+def fresh_quote(tpm: Tpm, ak: AkBlobs, nonce: bytes) -> Quote:
+    return tpm.quote(ak, qualifying_data(nonce))
+
+
+@pytest.fixture
+def granted(broker: Broker, make_node: NodeFactory, tmp_path: Path) -> tuple[Node, AkBlobs]:
+    node = make_node("victim")
+    ak = enrolled(node)
+    with session(node) as (tpm, client, _):
+        nonce = client.get_nonce(node.name)
+        client.attest(node.name, nonce, fresh_quote(tpm, ak, nonce), b"")  # pending
+    grant_node(broker, node, write_key(tmp_path / "k.pem", rsa.generate_private_key(65537, 2048)))
+    return node, ak
+
+
+def test_valid_programmatic_attestation_releases(
+    broker: Broker, granted: tuple[Node, AkBlobs]
+) -> None:
+    """The control for the tests below: the same calls, untampered, do release."""
+    node, ak = granted
+    with session(node) as (tpm, client, _):
+        nonce = client.get_nonce(node.name)
+        reply = client.attest(node.name, nonce, fresh_quote(tpm, ak, nonce), b"")
+        assert reply.release is not None
+        bundle = open_release(tpm, reply.release, node.name)
+    assert [k.name for k in bundle.keys] == ["prod-key"]
+    assert releases(broker, node.name) == 1
+
+
+def test_replayed_nonce_is_refused(broker: Broker, granted: tuple[Node, AkBlobs]) -> None:
+    node, ak = granted
+    with session(node) as (tpm, client, _):
+        nonce = client.get_nonce(node.name)
+        quote = fresh_quote(tpm, ak, nonce)
+        client.attest(node.name, nonce, quote, b"")
+        with pytest.raises(AttestationDenied, match=r"already used|not issued"):
+            client.attest(node.name, nonce, quote, b"")
+    assert releases(broker, node.name) == 1
+    assert any("NonceUnknown" in d for d in audit_details(broker, node.name))
+
+
+def test_expired_nonce_is_refused(broker: Broker, granted: tuple[Node, AkBlobs]) -> None:
+    node, ak = granted
+    broker.stop()
+    text = broker.config.read_text().splitlines()
+    broker.config.write_text(
+        "\n".join(
+            [ln for ln in text if not ln.startswith("nonce_ttl_seconds")]
+            + ["nonce_ttl_seconds = 1", ""]
+        )
+    )
+    broker.start()
+    with session(node) as (tpm, client, _):
+        nonce = client.get_nonce(node.name)
+        quote = fresh_quote(tpm, ak, nonce)
+        time.sleep(2.1)
+        with pytest.raises(AttestationDenied, match="expired"):
+            client.attest(node.name, nonce, quote, b"")
+    assert releases(broker, node.name) == 0
+    assert any("NonceExpired" in d for d in audit_details(broker, node.name))
+
+
+def test_quote_over_another_nonce_is_refused(broker: Broker, granted: tuple[Node, AkBlobs]) -> None:
+    node, ak = granted
+    with session(node) as (tpm, client, _):
+        old = client.get_nonce(node.name)
+        new = client.get_nonce(node.name)
+        with pytest.raises(AttestationDenied):
+            client.attest(node.name, new, fresh_quote(tpm, ak, old), b"")
+    assert releases(broker, node.name) == 0
+    assert any("QualifyingDataMismatch" in d for d in audit_details(broker, node.name))
+
+
+def test_quote_with_one_byte_changed_is_refused(
+    broker: Broker, granted: tuple[Node, AkBlobs]
+) -> None:
+    node, ak = granted
+    with session(node) as (tpm, client, _):
+        nonce = client.get_nonce(node.name)
+        quote = fresh_quote(tpm, ak, nonce)
+        tampered = bytearray(quote.attest)
+        tampered[-40] ^= 0x01
+        bad = Quote(bytes(tampered), quote.signature, quote.pcr_bank, quote.pcrs)
+        with pytest.raises(AttestationDenied):
+            client.attest(node.name, nonce, bad, b"")
+    assert releases(broker, node.name) == 0
+    assert any("IncorrectSignature" in d for d in audit_details(broker, node.name))
+
+
+def test_pcr_value_lied_about_is_refused(broker: Broker, granted: tuple[Node, AkBlobs]) -> None:
+    node, ak = granted
+    with session(node) as (tpm, client, _):
+        nonce = client.get_nonce(node.name)
+        quote = fresh_quote(tpm, ak, nonce)
+        pcrs = dict(quote.pcrs)
+        pcrs[7] = b"\x01" * 32
+        with pytest.raises(AttestationDenied):
+            client.attest(
+                node.name,
+                nonce,
+                Quote(quote.attest, quote.signature, "sha256", pcrs),
+                b"",
+            )
+    assert any("PcrDigestMismatch" in d for d in audit_details(broker, node.name))
+
+
+def test_release_opens_only_in_its_tpm_and_state(
+    broker: Broker, granted: tuple[Node, AkBlobs], make_node: NodeFactory
+) -> None:
+    node, ak = granted
+    with session(node) as (tpm, client, _):
+        nonce = client.get_nonce(node.name)
+        reply = client.attest(node.name, nonce, fresh_quote(tpm, ak, nonce), b"")
+    assert reply.release is not None
+    captured = ReleaseBlob.parse(reply.release.serialize())
+    other = make_node("other", distinct=True)
+    with Tpm.open(other.tpm.tcti) as other_tpm, pytest.raises(ReleaseInvalid):
+        open_release(other_tpm, captured, node.name)
+    with Tpm.open(node.tpm.tcti) as tpm:
+        open_release(tpm, captured, node.name)  # still opens here, in this state
+        tpm.extend_pcr(4, b"new kernel")
+        with pytest.raises(ReleaseInvalid):
+            open_release(tpm, captured, node.name)
+
+
+def test_ek_certificate_and_public_mismatch_is_refused(
+    broker: Broker, make_node: NodeFactory
+) -> None:
+    a, b = make_node("ek-a"), make_node("ek-b", distinct=True)
+    with (
+        Tpm.open(a.tpm.tcti) as tpm_a,
+        Tpm.open(b.tpm.tcti) as tpm_b,
+        BrokerClient(a.config()) as client,
+    ):
+        ak = tpm_a.create_ak()
+        with pytest.raises(EnrollmentRefused, match="EK"):
+            client.start_enrollment(
+                "ek-a", tpm_a.read_ek().certificate, tpm_b.read_ek().public, ak.public, {}
+            )
+    assert any("EkPublicMismatch" in d for d in audit_details(broker, "ek-a"))
+
+
+def test_ak_with_wrong_attributes_is_refused(broker: Broker, make_node: NodeFactory) -> None:
+    node = make_node("weak-ak")
+    with Tpm.open(node.tpm.tcti) as tpm, BrokerClient(node.config()) as client:
+        ak = tpm.create_ak()
+        public, _ = TPM2B_PUBLIC.unmarshal(ak.public)
+        public.publicArea.objectAttributes &= ~TPMA_OBJECT.RESTRICTED
+        ek = tpm.read_ek()
+        with pytest.raises(EnrollmentRefused, match="restricted"):
+            client.start_enrollment("weak-ak", ek.certificate, ek.public, public.marshal(), {})
+    assert any("AkAttributesInvalid" in d for d in audit_details(broker, "weak-ak"))
+
+
+def test_activation_by_another_tpm_is_refused(broker: Broker, make_node: NodeFactory) -> None:
+    """The attacker has node A's (public) EK certificate but its AK lives in TPM B."""
+    a, b = make_node("act-a"), make_node("act-b", distinct=True)
+    with (
+        Tpm.open(a.tpm.tcti) as tpm_a,
+        Tpm.open(b.tpm.tcti) as tpm_b,
+        BrokerClient(a.config()) as client,
+    ):
+        ek_a = tpm_a.read_ek()
+        ak_b = tpm_b.create_ak()
+        challenge = client.start_enrollment("act-a", ek_a.certificate, ek_a.public, ak_b.public, {})
+        with pytest.raises(TpmError):
+            tpm_b.activate_credential(ak_b, challenge.credential_blob, challenge.encrypted_secret)
+        with pytest.raises(EnrollmentRefused, match="activation"):
+            client.finish_enrollment(challenge.enrollment_id, b"\x00" * 32)
+        # A proof is single-use: the same enrollment cannot be retried with another guess.
+        with pytest.raises(EnrollmentRefused):
+            client.finish_enrollment(challenge.enrollment_id, b"\x01" * 32)
+    with Store.open(broker.directory / "kbs.db") as store:
+        assert store.get_node("act-a") is None
+
+
+def raw_stub(broker: Broker) -> tuple[grpc.Channel, pb_grpc.NodeServiceStub]:
+    channel = grpc.secure_channel(
+        broker.address, grpc.ssl_channel_credentials(root_certificates=broker.ca.read_bytes())
+    )
+    return channel, pb_grpc.NodeServiceStub(channel)
+
+
+@pytest.mark.parametrize(
+    "request_fields",
+    [
+        {"ek_public": b"garbage", "ak_public": b"garbage", "ek_certificate": b"garbage"},
+        {"ek_public": b"\x01\x18\x00\x01", "ak_public": b"\x00", "ek_certificate": b"\x30\x03"},
+        {"ek_public": b"\x00" * 5000, "ak_public": b"\x00" * 10, "ek_certificate": b"\x30"},
+        {"ek_public": b"", "ak_public": b"", "ek_certificate": b""},
+    ],
+    ids=["garbage", "truncated", "oversized", "empty"],
+)
+def test_malformed_enrollment_gets_invalid_argument(
+    broker: Broker, request_fields: dict[str, Any]
+) -> None:
+    channel, stub = raw_stub(broker)
+    with channel:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.StartEnrollment(
+                pb.StartEnrollmentRequest(node_name="junk", **request_fields), timeout=10
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetNonce(pb.GetNonceRequest(node_name="../../etc"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_malformed_attestation_gets_invalid_argument_and_broker_keeps_serving(
+    broker: Broker, granted: tuple[Node, AkBlobs]
+) -> None:
+    node, ak = granted
+    channel, stub = raw_stub(broker)
+    with channel, session(node) as (tpm, client, _):
+        for fields in (
+            {"quote": b"\xff" * 300, "signature": b"\x00\x18"},
+            {"quote": b"\x00\x10abc", "signature": b"\x00"},
+        ):
+            nonce = client.get_nonce(node.name)
+            req = pb.AttestRequest(
+                node_name=node.name,
+                nonce=nonce,
+                pcr_bank="sha256",
+                pcrs=[pb.PcrValue(index=0, value=b"\x00" * 32)],
+                **fields,
+            )
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Attest(req, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+        nonce = client.get_nonce(node.name)
+        reply = client.attest(node.name, nonce, fresh_quote(tpm, ak, nonce), b"")
+        assert reply.release is not None
+
+
+def test_event_log_must_replay_to_the_quoted_pcrs(
+    broker: Broker, granted: tuple[Node, AkBlobs]
+) -> None:
+    """A boot log that explains the quoted PCRs is accepted; one with an event swapped is denied
+    naming the PCR, and nothing is released for it."""
+    node, ak = granted
+    events = [(8, b"grub.cfg"), (9, b"vmlinuz-6.1"), (8, b"console=ttyS0")]
+    with session(node) as (tpm, client, _):
+        for pcr, data in events:
+            tpm.extend_pcr(pcr, data)
+        nonce = client.get_nonce(node.name)
+        quote = fresh_quote(tpm, ak, nonce)
+        reply = client.attest(node.name, nonce, quote, build_event_log(events))
+        assert reply.release is not None
+        forged = build_event_log([(8, b"grub.cfg"), (9, b"vmlinuz-evil"), (8, b"console=ttyS0")])
+        nonce = client.get_nonce(node.name)
+        with pytest.raises(AttestationDenied, match="PCR 9"):
+            client.attest(node.name, nonce, fresh_quote(tpm, ak, nonce), forged)
+    assert releases(broker, node.name) == 1
+    assert any("EventLogMismatch" in d for d in audit_details(broker, node.name))

@@ -1,0 +1,1 @@
+"""The VM acceptance test's machinery: guest image, qemu machine, scenario, guest probe."""
