@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test check lint pytest proto proto-check vm-image vm-test
+.PHONY: setup demo test check lint pytest proto proto-check wheelhouse vm-image vm-test
 
 setup:
 	@bash scripts/setup.sh
@@ -11,9 +11,10 @@ setup:
 demo: setup
 	$(PY) -m demo
 
-## Install what is missing (including the VM test's cached guest image, the only step that
-## downloads: Debian packages and wheels), then lint, type-check and run the whole test suite offline.
-test: setup vm-image check pytest
+## Install what is missing (including the dependency wheelhouse and the VM test's cached guest
+## image, the only steps that download: Debian packages and wheels), then lint, type-check and run
+## the whole test suite offline.
+test: setup wheelhouse vm-image check pytest
 
 check: lint proto-check
 
@@ -34,6 +35,11 @@ proto-check:
 ## Issue 5's acceptance test: a Debian 12 VM (qemu, OVMF, swtpm) with the agent as its systemd unit.
 ## The guest image is cached in /var/cache/keylease-vm (KEYLEASE_VM_CACHE); logs in VM_WORK.
 VM_WORK ?= /tmp/keylease-vm-run
+## Wheels of every dependency of keylease[agent,broker] (cached by the pinned versions), for the
+## offline install tests and the VM guest.
+wheelhouse: setup
+	$(PY) -m harness.wheelhouse
+
 vm-image: setup
 	$(PY) -m tests.system.vm.image
 

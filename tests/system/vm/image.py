@@ -19,10 +19,11 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from harness.wheelhouse import build_wheelhouse, pinned_versions, project_wheel
 
 __all__ = ["GuestImage", "build_image", "cache_dir"]
 
@@ -169,30 +170,12 @@ def _build_base(directory: Path, version: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def pinned_versions() -> bytes:
-    """The distributions this environment resolved (``pip freeze``, name==version lines): the
-    guest gets exactly these, and they are part of the image's cache key."""
-    frozen = subprocess.run(
-        [sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
-        check=True,
-        capture_output=True,
-    ).stdout
-    lines = [ln for ln in frozen.decode().splitlines() if "==" in ln and " @ " not in ln]
-    return ("\n".join(sorted(lines)) + "\n").encode()
-
-
-def build_wheels(out: Path, pins: bytes) -> list[Path]:
-    """``pip wheel`` the project with its agent extra, at the ``pins`` versions (the guest is a
-    worker node: it installs ``keylease[agent]`` offline, nothing of the broker)."""
-    out.mkdir(parents=True, exist_ok=True)
-    constraints = out.parent / "constraints.txt"
-    constraints.write_bytes(pins)
-    _run(
-        [sys.executable, "-m", "pip", "wheel", "-q", f"{REPO}[agent]", "-w", str(out),
-         "-c", str(constraints)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+def build_wheels(out: Path) -> list[Path]:
+    """The dependency wheelhouse (harness.wheelhouse, built once per pin set) plus the project's
+    wheel from the tree; the guest is a worker node and installs ``keylease[agent]`` from them,
+    offline (nothing of the broker is installed)."""
+    shutil.copytree(build_wheelhouse(), out)
+    project_wheel(out)
     return sorted(out.glob("*.whl"))
 
 
@@ -279,7 +262,7 @@ def build_image(log: list[str] | None = None) -> GuestImage:
             stamp = cache / f"image-{base.name}-{project}.ext4"
             if not stamp.exists():
                 (log if log is not None else []).append(f"building {stamp.name}")
-                build_wheels(wheels, pins)
+                build_wheels(wheels)
                 _build_image(stamp, base, version, wheels)
                 _prune(cache, stamp)
         return GuestImage(ext4=stamp, kernel=base / "vmlinuz", kernel_version=version)

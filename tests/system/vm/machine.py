@@ -7,6 +7,7 @@ and a control channel (guestfwd to ``cat`` of a command file). The guest's probe
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -28,6 +29,7 @@ BASE_CMDLINE = "root=/dev/nvme0n1 rw console=ttyS0 quiet systemd.show_status=0"
 # KEYLEASE_VM_ACCEL=kvm where KVM is real. tb-size=128 keeps qemu at ~400 MiB instead of ~750.
 ACCEL = "tcg,tb-size=128"
 MARKER = re.compile(r"KLVM (\{.*\})")
+EVENT_LOG_MARKER = re.compile(r"KLEV ([A-Za-z0-9+/=]+)")
 
 ProbeState = dict[str, Any]
 
@@ -151,6 +153,17 @@ class Machine:
             except json.JSONDecodeError:
                 continue  # a console message cut into the line; the next report repeats it
         return found
+
+    def event_log(self, timeout: float = 120) -> bytes:
+        """The boot event log the guest's probe printed (``KLEV``) during the current boot."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.serial.read_text(errors="replace") if self.serial.exists() else ""
+            found = EVENT_LOG_MARKER.search(text)
+            if found:
+                return base64.b64decode(found.group(1))
+            time.sleep(0.5)
+        raise AssertionError(f"no event log on the serial console within {timeout:.0f} s")
 
     def wait_for(
         self,

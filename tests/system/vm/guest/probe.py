@@ -10,6 +10,7 @@ guestfwd that prints the host's command file): ``poweroff``.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
 import json
@@ -29,6 +30,7 @@ STATE_DIR = Path("/var/lib/keylease")
 SEED_IMAGE = Path("/seed/image-enc")
 SECRET_FILE = "secret.txt"
 CONSOLE = "/dev/ttyS0"
+EVENT_LOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
 CONTROL = ("10.0.2.101", 7)
 
 
@@ -132,6 +134,18 @@ def _command() -> str:
         return ""
 
 
+def _emit_event_log(console: Any) -> None:
+    """The firmware's boot event log, once per boot, as ``KLEV <base64>`` (test data capture:
+    tests/system/vm/capture.py)."""
+    try:
+        data = EVENT_LOG.read_bytes()
+    except OSError as exc:
+        console.write(f"\nKLEV error {exc.strerror}\n")
+    else:
+        console.write("\nKLEV " + base64.b64encode(data).decode() + "\n")
+    console.flush()
+
+
 def _emit(console: Any, state: dict[str, Any]) -> None:
     console.write("\nKLVM " + json.dumps(state, sort_keys=True) + "\n")
     console.flush()
@@ -143,6 +157,7 @@ def main() -> None:
     slow: dict[str, Any] = {}
     last, last_time, slow_time, command_time = "", 0.0, 0.0, 0.0
     with open(CONSOLE, "w") as console:
+        _emit_event_log(console)
         while True:
             now = time.monotonic()
             # Key files are checked every 0.2 s; units, journal and network every 2 s (each
