@@ -1,8 +1,9 @@
 """Real OCI images for tests and the demo: build one offline, encrypt and decrypt it with skopeo.
 
 Images are OCI image layouts on disk (``oci:<dir>:<tag>``), so nothing needs a registry or the
-network. skopeo runs with ``--insecure-policy`` and a private environment (empty registries
-config, its own HOME and TMPDIR), so no /etc/containers configuration is needed.
+network; the runtime tests push them to a registry on 127.0.0.1 (``skopeo_push``) and pull them
+back (``skopeo_fetch``). skopeo runs with ``--insecure-policy`` and a private environment (empty
+registries config, its own HOME and TMPDIR), so no /etc/containers configuration is needed.
 """
 
 from __future__ import annotations
@@ -15,11 +16,19 @@ import os
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["make_oci_image", "read_file_from_image", "skopeo_decrypt", "skopeo_encrypt"]
+__all__ = [
+    "make_layered_image",
+    "make_oci_image",
+    "read_file_from_image",
+    "skopeo_decrypt",
+    "skopeo_encrypt",
+    "skopeo_fetch",
+    "skopeo_push",
+]
 
 SKOPEO = "skopeo"
 SKOPEO_TIMEOUT = 120
@@ -45,8 +54,9 @@ def _canonical(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _layer_tar(files: Mapping[str, bytes]) -> bytes:
-    """A reproducible tar: sorted names, parent directories, mtime 0, root-owned."""
+def _layer_tar(files: Mapping[str, bytes], executable: Collection[str] = ()) -> bytes:
+    """A reproducible tar: sorted names, parent directories, mtime 0, root-owned; the names in
+    ``executable`` get mode 0755, other files 0644."""
     entries: dict[str, bytes | None] = {}
     for name, content in files.items():
         clean = name.strip("/")
@@ -69,17 +79,33 @@ def _layer_tar(files: Mapping[str, bytes]) -> bytes:
                 info.mode = 0o755
                 tar.addfile(info)
             else:
-                info.mode = 0o644
+                info.mode = 0o755 if name in executable else 0o644
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
 
 
-def make_oci_image(layout: Path, tag: str, files: Mapping[str, bytes]) -> None:
+def make_oci_image(
+    layout: Path, tag: str, files: Mapping[str, bytes], *, executable: Collection[str] = ()
+) -> None:
     """Write a one-layer image holding ``files`` into the OCI layout ``layout`` as ``tag``."""
+    make_layered_image(layout, tag, [files], executable=executable)
+
+
+def make_layered_image(
+    layout: Path,
+    tag: str,
+    layers: Sequence[Mapping[str, bytes]],
+    *,
+    executable: Collection[str] = (),
+) -> None:
+    """Write an image with one layer per mapping of ``layers`` (bottom first) into the OCI
+    layout ``layout`` as ``tag``; files named in ``executable`` are mode 0755."""
+    if not layers:
+        raise ValueError("an image needs at least one layer")
     layout.mkdir(parents=True, exist_ok=True)
-    tar = _layer_tar(files)
-    layer = _put_blob(layout, gzip.compress(tar, mtime=0))
+    tars = [_layer_tar(files, {name.strip("/") for name in executable}) for files in layers]
+    blobs = [_put_blob(layout, gzip.compress(tar, mtime=0)) for tar in tars]
     config = _put_blob(
         layout,
         _canonical(
@@ -87,7 +113,7 @@ def make_oci_image(layout: Path, tag: str, files: Mapping[str, bytes]) -> None:
                 "architecture": "amd64",
                 "os": "linux",
                 "config": {},
-                "rootfs": {"type": "layers", "diff_ids": [_digest(tar)]},
+                "rootfs": {"type": "layers", "diff_ids": [_digest(tar) for tar in tars]},
             }
         ),
     )
@@ -98,7 +124,7 @@ def make_oci_image(layout: Path, tag: str, files: Mapping[str, bytes]) -> None:
                 "schemaVersion": 2,
                 "mediaType": MANIFEST,
                 "config": {"mediaType": CONFIG, **config},
-                "layers": [{"mediaType": LAYER, **layer}],
+                "layers": [{"mediaType": LAYER, **blob} for blob in blobs],
             }
         ),
     )
@@ -129,7 +155,7 @@ def _layer_types(layout: Path, tag: str) -> list[str]:
     return [str(layer["mediaType"]) for layer in _manifest(layout, tag)["layers"]]
 
 
-def _skopeo(*args: str) -> None:
+def _skopeo(*args: str, binary: Path | str = SKOPEO) -> None:
     """Run ``skopeo --insecure-policy ARGS`` offline; RuntimeError with its stderr on failure."""
     with tempfile.TemporaryDirectory(prefix="keylease-skopeo-") as scratch:
         home = Path(scratch)
@@ -148,7 +174,7 @@ def _skopeo(*args: str) -> None:
             "LANG": "C.UTF-8",
         }
         argv = [
-            SKOPEO,
+            str(binary),
             "--insecure-policy",
             "--registries.d",
             str(home / "registries.d"),
@@ -192,13 +218,49 @@ def skopeo_decrypt(src: Path, tag: str, dst: Path, private_keys: Sequence[Path])
 
     Raises RuntimeError (with skopeo's message) if skopeo fails or a layer stays encrypted.
     """
+    _decrypting_copy(f"oci:{src}:{tag}", dst, tag, private_keys)
+
+
+def skopeo_push(src: Path, tag: str, reference: str, recipients: Sequence[Path] = ()) -> None:
+    """Copy ``oci:src:tag`` to ``docker://reference`` (a registry on 127.0.0.1, plain HTTP),
+    every layer JWE-encrypted to each public key in ``recipients`` when there are any."""
+    flags = [arg for key in recipients for arg in ("--encryption-key", f"jwe:{key}")]
+    _skopeo("copy", "--dest-tls-verify=false", *flags, f"oci:{src}:{tag}", f"docker://{reference}")
+
+
+def skopeo_fetch(
+    reference: str,
+    dst: Path,
+    tag: str,
+    private_keys: Sequence[Path],
+    *,
+    binary: Path | str = SKOPEO,
+) -> None:
+    """Copy ``docker://reference`` (plain HTTP) to ``oci:dst:tag`` decrypting with the private
+    key files, using the skopeo at ``binary``. RuntimeError (with skopeo's message) if skopeo
+    fails or a layer stays encrypted."""
+    _decrypting_copy(
+        f"docker://{reference}", dst, tag, private_keys, "--src-tls-verify=false", binary=binary
+    )
+
+
+def _decrypting_copy(
+    source: str,
+    dst: Path,
+    tag: str,
+    private_keys: Sequence[Path],
+    *flags: str,
+    binary: Path | str = SKOPEO,
+) -> None:
+    """``skopeo copy FLAGS --decryption-key KEY... SOURCE oci:dst:tag``, then check no layer
+    stayed encrypted (without --decryption-key, skopeo copies an encrypted image as it is)."""
     if not private_keys:
-        raise ValueError("skopeo_decrypt needs at least one private key file")
-    flags = [arg for key in private_keys for arg in ("--decryption-key", str(key))]
-    _skopeo("copy", *flags, f"oci:{src}:{tag}", f"oci:{dst}:{tag}")
+        raise ValueError("decrypting needs at least one private key file")
+    key_flags = [arg for key in private_keys for arg in ("--decryption-key", str(key))]
+    _skopeo("copy", *flags, *key_flags, source, f"oci:{dst}:{tag}", binary=binary)
     types = _layer_types(dst, tag)
     if any(t.endswith("+encrypted") for t in types):
-        raise RuntimeError(f"skopeo copied oci:{src}:{tag} but left layers encrypted: {types}")
+        raise RuntimeError(f"skopeo copied {source} but left layers encrypted: {types}")
 
 
 def read_file_from_image(layout: Path, tag: str, name: str) -> bytes:

@@ -97,15 +97,28 @@ def build_wheelhouse() -> Path:
     return directory
 
 
+SOURCES = ("agent", "kbs", "keylease", "pyproject.toml", "README.md")
+
+
 def project_wheel(out: Path) -> Path:
-    """Build keylease's own wheel from the working tree, offline (no build isolation)."""
+    """Build keylease's own wheel from the working tree, offline (no build isolation), in a
+    scratch copy of the sources: setuptools reuses an in-tree ``build/`` directory, which would
+    carry modules that no longer exist into the wheel."""
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index",
-         "--no-build-isolation", str(REPO), "-w", str(out)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="keylease-src-") as tmp:
+        src = Path(tmp)
+        for name in SOURCES:
+            path = REPO / name
+            if path.is_dir():
+                shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(path, src / name)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index",
+             "--no-build-isolation", str(src), "-w", str(out)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
     (wheel,) = out.glob("keylease-*.whl")
     return wheel
 

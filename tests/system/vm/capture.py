@@ -50,7 +50,9 @@ def capture(out: Path, work: Path) -> list[Path]:
     broker.start()
     _private, public, _needles = _image_key(work)
     (work / "vm").mkdir()
-    vm = Machine(work / "vm", image, _seed(work, broker, public), int(broker.address.rsplit(":")[1]))
+    vm = Machine(
+        work / "vm", image, _seed(work, broker, public), int(broker.address.rsplit(":")[1])
+    )
     vm.tpm_state.mkdir()
     provision(vm.tpm_state, ca)
     written: list[Path] = []
