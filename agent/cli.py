@@ -18,8 +18,13 @@ from pathlib import Path
 from agent.config import DEFAULT_CONFIG, load_config
 from agent.errors import AgentError
 from agent.logsetup import journal_wanted, setup_logging
+from keylease.extras import missing_extra
 
-__all__ = ["main"]
+__all__ = ["EXTRA_MODULES", "main"]
+
+# What `pip install 'keylease[agent]'` adds. main() checks for them before anything else, so every
+# module that imports one of them is imported inside the command that needs it, never up here.
+EXTRA_MODULES = ("tpm2_pytss", "systemd", "pyroute2")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,7 +96,7 @@ def _attest(config: Path, as_json: bool) -> int:
     cfg = load_config(config)
     # Imported here so that TSS2_LOG (set in main) is in place before libtss2 loads.
     from agent.attest import attest_once
-    from agent.client import BrokerClient
+    from agent.broker import BrokerClient
     from agent.errors import AttestationDenied, PendingApproval
     from agent.state import StateDir
     from agent.status_report import record_once
@@ -138,6 +143,10 @@ def _attest(config: Path, as_json: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    missing = missing_extra("keylease-agent", "agent", EXTRA_MODULES)
+    if missing is not None:
+        print(missing, file=sys.stderr)
+        return 2
     args = _parser().parse_args(argv)
     setup_logging(verbose=args.verbose, journal=journal_wanted(os.environ))
     # ESYS prints expected TPM errors (e.g. a policy failure) to stderr; ours are clearer.

@@ -12,6 +12,7 @@ __all__ = [
     "EnrollmentRefused",
     "InvalidKey",
     "KeystoreError",
+    "NodeUnknown",
     "PendingApproval",
     "ReleaseInvalid",
     "StateError",
@@ -70,6 +71,10 @@ class BrokerError(AgentError):
     """The broker answered with an error that is not a denial."""
 
     exit_code = 6
+
+
+class NodeUnknown(BrokerError):
+    """The broker does not know this node (never enrolled there, or its record was removed)."""
 
 
 class TpmUnavailable(AgentError):

@@ -3,12 +3,14 @@
 Code logs the usual way and passes the structured fields as ``extra``::
 
     log.info("node %s: attested", node, extra={"NODE": node, "RESULT": "ok"})
+    log.info("restored", extra=log_fields(node, "restored"))
 
 Under systemd each record becomes one journal entry (``SYSLOG_IDENTIFIER=keylease-agent``) whose
 MESSAGE has no timestamp (journald adds one) and which carries NODE, KEY, RESULT and REASON as
 journal fields (``journalctl -u keylease-agent RESULT=denied``). Only an explicit allowlist of
 fields is sent: systemd-python's JournalHandler would otherwise forward every attribute of the log
 record. Outside systemd: ``LEVEL logger: message`` on stderr. Never log key material.
+systemd-python (the ``agent`` extra) is imported only when a journal handler is made.
 """
 
 from __future__ import annotations
@@ -19,14 +21,13 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Final
 
-import systemd.journal as sd_journal
-
 __all__ = [
     "JOURNAL_FIELDS",
     "STDERR_FORMAT",
     "SYSLOG_IDENTIFIER",
     "journal_handler",
     "journal_wanted",
+    "log_fields",
     "setup_logging",
 ]
 
@@ -62,17 +63,23 @@ _QUIET: Final = {
 }
 
 
-def _send(MESSAGE: str, **fields: Any) -> None:
-    """Forward one record to journald with only the allowlisted fields (None values dropped)."""
-    kept = {k: v for k, v in fields.items() if k in _SENT_FIELDS and v is not None}
-    sd_journal.send(MESSAGE, **kept)
+def log_fields(node: str, result: str, reason: str = "") -> dict[str, str]:
+    """``extra=`` for one protocol step's log line: the NODE, its RESULT and the REASON."""
+    return {"NODE": node, "RESULT": result, "REASON": reason}
 
 
 def journal_handler() -> logging.Handler:
     """A systemd.journal.JournalHandler sending MESSAGE (no timestamp), PRIORITY, the code location,
     SYSLOG_IDENTIFIER=keylease-agent and the NODE/KEY/RESULT/REASON fields given via ``extra``."""
+    import systemd.journal as sd_journal  # the agent extra, imported only to log to the journal
+
+    def send(MESSAGE: str, **fields: Any) -> None:
+        """Forward one record to journald with only the allowlisted fields (None values dropped)."""
+        kept = {k: v for k, v in fields.items() if k in _SENT_FIELDS and v is not None}
+        sd_journal.send(MESSAGE, **kept)
+
     handler: logging.Handler = sd_journal.JournalHandler(
-        SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER, sender_function=_send
+        SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER, sender_function=send
     )
     handler.setFormatter(logging.Formatter("%(message)s"))
     return handler

@@ -1,7 +1,7 @@
 """Opening a release: TPM import + PolicyPCR unseal of the data key, AES-GCM, key checks.
 
-A release (``ReleaseBlob``) is also the at-rest cache: it is useless without this TPM in the
-attested PCR state. The plaintext bundle exists only in memory.
+The same steps open a release fresh from the broker and one restored from the sealed cache. The
+plaintext bundle exists only in memory.
 """
 
 from __future__ import annotations
@@ -13,59 +13,15 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.message import DecodeError
 
+from agent.blobs import ReleaseBlob
 from agent.errors import ReleaseInvalid
-from agent.keystore import InstallableKey
-from agent.ocikey import validate_private_key_pem
-from agent.tpm import SealedImport, Tpm
+from agent.keystore import InstallableKey, validate_private_key_pem
+from agent.tpm import Tpm
 from keylease.api.v1 import bundle_aad
 from keylease.api.v1 import keylease_pb2 as pb
 from keylease.secret import Secret
 
-__all__ = ["Bundle", "ReleaseBlob", "open_release"]
-
-
-@dataclass(frozen=True)
-class ReleaseBlob:
-    node_name: str
-    sealed: SealedImport
-    bundle_nonce: bytes
-    bundle_ciphertext: bytes
-
-    @classmethod
-    def from_pb(cls, msg: pb.Release) -> ReleaseBlob:
-        return cls(
-            node_name=msg.node_name,
-            sealed=SealedImport(
-                duplicate=msg.duplicate,
-                in_sym_seed=msg.in_sym_seed,
-                sealed_public=msg.sealed_public,
-                pcr_bank=msg.pcr_bank,
-                pcr_indices=tuple(msg.pcr_indices),
-            ),
-            bundle_nonce=msg.bundle_nonce,
-            bundle_ciphertext=msg.bundle_ciphertext,
-        )
-
-    @classmethod
-    def parse(cls, data: bytes) -> ReleaseBlob:
-        msg = pb.Release()
-        try:
-            msg.ParseFromString(data)
-        except DecodeError:
-            raise ReleaseInvalid("the cached release is damaged; it will be replaced") from None
-        return cls.from_pb(msg)
-
-    def serialize(self) -> bytes:
-        return pb.Release(
-            node_name=self.node_name,
-            duplicate=self.sealed.duplicate,
-            in_sym_seed=self.sealed.in_sym_seed,
-            sealed_public=self.sealed.sealed_public,
-            pcr_bank=self.sealed.pcr_bank,
-            pcr_indices=list(self.sealed.pcr_indices),
-            bundle_nonce=self.bundle_nonce,
-            bundle_ciphertext=self.bundle_ciphertext,
-        ).SerializeToString()
+__all__ = ["Bundle", "open_release"]
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
-"""The agent's state directory: AK blobs, enrollment record, sealed release cache.
+"""The agent's state directory: its files, written atomically, and the AK and enrollment record.
 
 Nothing here is secret in the clear: the AK private blob is wrapped by the TPM, and the release
-cache opens only in this TPM in the attested PCR state. Files are still 0600 in a 0700 directory,
-written atomically (temp file in the same directory, fsync, rename, fsync the directory).
+cache (``agent.keystore.cache``) opens only in this TPM in the attested PCR state. Files are
+still 0600 in a 0700 directory, written atomically (temp file in the same directory, fsync,
+rename, fsync the directory). Each file's module owns its encoding: the AK blobs and the
+enrollment record here, ``status.json`` in ``agent.status``, the sealed cache in
+``agent.keystore.cache``.
 """
 
 from __future__ import annotations
@@ -10,22 +13,19 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.blobs import AkBlobs
 from agent.errors import StateError
-from agent.tpm import AkBlobs
+from keylease.api.v1.limits import MAX_RELEASE_MESSAGE
 
 __all__ = ["Enrollment", "StateDir"]
 
 AK_PUBLIC = "ak.pub"
 AK_PRIVATE = "ak.priv"
 ENROLLMENT = "enrollment.json"
-RELEASE = "release.bin"
-STATUS = "status.json"
-RELEASE_PCRS = "release-pcrs.json"
-MAX_FILE = 4 << 20
+MAX_FILE = MAX_RELEASE_MESSAGE  # the largest file here is a release, as the broker sent it
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ class StateDir:
 
     # --- files ------------------------------------------------------------------------------
 
-    def _read(self, name: str) -> bytes | None:
+    def read(self, name: str) -> bytes | None:
+        """The file's content, or None if it does not exist. Raises StateError."""
         try:
             with open(self.path / name, "rb") as f:
                 data = f.read(MAX_FILE + 1)
@@ -69,7 +70,8 @@ class StateDir:
             raise StateError(f"{self.path / name} is larger than {MAX_FILE} bytes; remove it")
         return data
 
-    def _write(self, name: str, data: bytes) -> None:
+    def write(self, name: str, data: bytes) -> None:
+        """Replace the file atomically with ``data`` (0600). Raises StateError."""
         final = self.path / name
         tmp = self.path / f".{name}.tmp"
         try:
@@ -89,7 +91,8 @@ class StateDir:
             tmp.unlink(missing_ok=True)
             raise StateError(f"cannot write {final}: {exc.strerror}") from None
 
-    def _remove(self, name: str) -> None:
+    def remove(self, name: str) -> None:
+        """Remove the file if it exists. Raises StateError."""
         try:
             (self.path / name).unlink(missing_ok=True)
         except OSError as exc:
@@ -98,20 +101,20 @@ class StateDir:
     # --- AK ---------------------------------------------------------------------------------
 
     def load_ak(self) -> AkBlobs | None:
-        public, private = self._read(AK_PUBLIC), self._read(AK_PRIVATE)
+        public, private = self.read(AK_PUBLIC), self.read(AK_PRIVATE)
         if public is None or private is None:
             return None
         return AkBlobs(public=public, private=private)
 
     def save_ak(self, ak: AkBlobs) -> None:
-        self._write(AK_PRIVATE, ak.private)
-        self._write(AK_PUBLIC, ak.public)
-        self._remove(ENROLLMENT)
+        self.write(AK_PRIVATE, ak.private)
+        self.write(AK_PUBLIC, ak.public)
+        self.remove(ENROLLMENT)
 
     # --- enrollment record ------------------------------------------------------------------
 
     def load_enrollment(self) -> Enrollment | None:
-        data = self._read(ENROLLMENT)
+        data = self.read(ENROLLMENT)
         if data is None:
             return None
         try:
@@ -119,7 +122,7 @@ class StateDir:
             return Enrollment(node_name=raw["node_name"], kbs=raw["kbs"], state=raw["state"])
         except (ValueError, KeyError, TypeError):
             # A damaged record only costs a re-enrollment (same EK, same AK): drop it.
-            self._remove(ENROLLMENT)
+            self.remove(ENROLLMENT)
             return None
 
     def save_enrollment(self, enrollment: Enrollment) -> None:
@@ -128,41 +131,7 @@ class StateDir:
             "kbs": enrollment.kbs,
             "state": enrollment.state,
         }
-        self._write(ENROLLMENT, json.dumps(record, sort_keys=True).encode())
+        self.write(ENROLLMENT, json.dumps(record, sort_keys=True).encode())
 
     def forget_enrollment(self) -> None:
-        self._remove(ENROLLMENT)
-
-    # --- sealed release cache ---------------------------------------------------------------
-
-    def load_release(self) -> bytes | None:
-        return self._read(RELEASE)
-
-    def save_release(self, blob: bytes, pcr_bank: str, pcrs: Mapping[int, bytes]) -> None:
-        """The release, and the PCR values it was sealed to (public: they are in every quote),
-        so that a cache that no longer opens can say which PCR changed."""
-        record = {"bank": pcr_bank, "pcrs": {str(i): v.hex() for i, v in sorted(pcrs.items())}}
-        self._write(RELEASE_PCRS, json.dumps(record, sort_keys=True).encode())
-        self._write(RELEASE, blob)
-
-    def load_release_pcrs(self) -> tuple[str, dict[int, bytes]] | None:
-        data = self._read(RELEASE_PCRS)
-        if data is None:
-            return None
-        try:
-            raw = json.loads(data)
-            return str(raw["bank"]), {int(i): bytes.fromhex(v) for i, v in raw["pcrs"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None
-
-    def drop_release(self) -> None:
-        self._remove(RELEASE)
-        self._remove(RELEASE_PCRS)
-
-    # --- daemon status (read by `keylease-agent status`) -------------------------------------
-
-    def load_status(self) -> bytes | None:
-        return self._read(STATUS)
-
-    def save_status(self, data: bytes) -> None:
-        self._write(STATUS, data)
+        self.remove(ENROLLMENT)

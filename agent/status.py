@@ -15,6 +15,8 @@ from agent.state import StateDir
 
 __all__ = ["AgentStatus", "describe", "load_status", "save_status"]
 
+STATUS_FILE = "status.json"
+
 
 @dataclass(frozen=True)
 class AgentStatus:
@@ -58,7 +60,7 @@ def _encode(value: Any) -> Any:
 
 def save_status(state: StateDir, status: AgentStatus) -> None:
     data = {k: _encode(v) for k, v in asdict(status).items()}
-    state.save_status(json.dumps(data, indent=2, sort_keys=True).encode())
+    state.write(STATUS_FILE, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
 def _time(value: Any) -> datetime | None:
@@ -67,7 +69,7 @@ def _time(value: Any) -> datetime | None:
 
 def load_status(state: StateDir) -> AgentStatus | None:
     """The last status written, or None if there is none or it is unreadable."""
-    raw = state.load_status()
+    raw = state.read(STATUS_FILE)
     if raw is None:
         return None
     try:

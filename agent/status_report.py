@@ -10,9 +10,9 @@ import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.attest import key_directories
 from agent.config import AgentConfig
 from agent.errors import AgentError, KeystoreError
+from agent.keystore import key_directories
 from agent.release import Bundle
 from agent.state import StateDir
 from agent.status import AgentStatus, load_status, save_status

@@ -14,9 +14,9 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from agent.client import BrokerClient, NodeUnknown, WatchKind, WatchStream
+from agent.broker import BrokerClient, WatchKind, WatchStream
 from agent.config import AgentConfig
-from agent.errors import AgentError
+from agent.errors import AgentError, NodeUnknown
 
 __all__ = ["Watcher"]
 

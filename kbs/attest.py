@@ -1,15 +1,15 @@
 """Attestation (DESIGN.md step 2) and the release decision (step 3).
 
-Fixed order: node known -> nonce consumed (single use, even if what follows fails) -> quote
-verified with the enrolled AK -> event log replayed -> PCRs recorded -> node state -> policy ->
-grants -> release. Anything that fails raises a specific ``AttestationFailed``.
+Fixed order: node known -> nonce consumed (single use, even if what follows fails; issued by
+``kbs.nonces``) -> quote verified with the enrolled AK (``kbs.quote``) -> event log replayed
+(``kbs.eventlog``) -> PCRs recorded -> node state -> policy (``kbs.policy``) -> grants ->
+release (``kbs.release``). Anything that fails raises a specific ``AttestationFailed``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,16 +19,15 @@ from kbs.context import BrokerContext
 from kbs.errors import InvalidRequest, KbsError, NodeRevoked, NotGranted, UnknownNode
 from kbs.eventlog import check_event_log
 from kbs.masterkey import key_aad
-from kbs.model import Node, NodeState, Policy
-from kbs.names import check_node_name
+from kbs.model import Node, NodeState, Policy, check_node_name
 from kbs.policy import evaluate, required_pcrs
 from kbs.quote import VerifiedQuote, verify_quote
 from kbs.release import GrantedKey, SealedRelease, build_release
 from kbs.store import AuditEvent
-from kbs.tpm_objects import TpmPublic, parse_public
+from kbs.tpm.objects import TpmPublic, parse_public
 from keylease.api.v1 import NONCE_BYTES, qualifying_data
 
-__all__ = ["AttestOutcome", "AttestResult", "Evidence", "attest", "issue_nonce"]
+__all__ = ["AttestOutcome", "AttestResult", "Evidence", "attest"]
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +63,6 @@ def _known_node(ctx: BrokerContext, name: str) -> Node:
     if node is None:
         raise UnknownNode.not_enrolled(name)
     return node
-
-
-def issue_nonce(ctx: BrokerContext, node_name: str) -> tuple[bytes, datetime]:
-    """A fresh nonce for an enrolled node (UnknownNode otherwise); a revoked node gets one too and
-    is refused when it attests. The node check is part of the insert (no separate lookup)."""
-    check_node_name(node_name)
-    now = ctx.clock()
-    nonce = os.urandom(NONCE_BYTES)
-    expires_at = now + timedelta(seconds=ctx.config.nonce_ttl_seconds)
-    ctx.store.add_nonce(node_name, nonce, expires_at)
-    return nonce, expires_at
 
 
 def _check_shape(ev: Evidence) -> None:

@@ -6,10 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from kbs.config import KbsConfig, master_keyring
-from kbs.ekcert import EkTrustBundle, load_ek_roots
-from kbs.masterkey import MasterKey
+from kbs.config import KbsConfig
+from kbs.masterkey import MasterKey, master_keyring
 from kbs.store import Store
+from kbs.tpm.ekcert import EkTrustBundle, load_ek_roots
 
 __all__ = ["BrokerContext", "utc_now"]
 

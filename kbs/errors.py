@@ -1,24 +1,27 @@
-"""The broker's one error root.
+"""The broker's one error root, and every error class the broker raises.
 
 Every error carries operator-facing text; verification failures are specific subclasses so that
-tests and audit records name exactly what failed. ``grpc_code`` is the status the node-facing API
-answers with (translated in one place, ``kbs.service``).
+tests and audit records name exactly what failed. Errors know no transport: each servicer maps
+every class to a gRPC status code in one table (``kbs.nodeapi.service.NODE_STATUS``,
+``kbs.admin.service.ADMIN_STATUS``), and the command line maps them to exit codes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import grpc
-
 __all__ = [
     "ActivationFailed",
+    "AdminAccessDenied",
+    "AdminUnavailable",
     "AkAttributesInvalid",
     "AttestationFailed",
     "ConfigError",
+    "DatabaseUnavailable",
     "EkPublicMismatch",
     "EnrollmentRefused",
     "EventLogMismatch",
+    "FeedClosed",
     "IncorrectSignature",
     "InvalidRequest",
     "KbsError",
@@ -38,7 +41,11 @@ __all__ = [
     "QualifyingDataMismatch",
     "QuoteInvalid",
     "QuoteStructureInvalid",
+    "RevocationNotShared",
+    "RevocationsUnreadable",
+    "StoreConflict",
     "StoreError",
+    "TooManyWatchers",
     "UnknownNode",
     "UntrustedEk",
 ]
@@ -46,8 +53,6 @@ __all__ = [
 
 class KbsError(Exception):
     """Root of every error the broker raises on purpose."""
-
-    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def diagnostics(self) -> str:
         """Text for the operator: what went wrong and what to do."""
@@ -62,28 +67,28 @@ class StoreError(KbsError):
     """The database failed or holds something it should not."""
 
 
+class DatabaseUnavailable(StoreError):
+    """The database server cannot be reached (or SQLite stayed locked); retry later."""
+
+
+class StoreConflict(StoreError):
+    """A unique constraint refused a write: another writer got there first."""
+
+
 class OperatorError(KbsError):
     """An operator command was given arguments that cannot be carried out."""
-
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class NotFound(OperatorError):
     """A named node, key, grant or policy does not exist."""
 
-    grpc_code = grpc.StatusCode.NOT_FOUND
-
 
 class InvalidRequest(KbsError):
     """Malformed input on the wire: bad sizes, truncated or garbage TPM structures."""
 
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
-
 
 class UnknownNode(KbsError):
     """The node name is not enrolled."""
-
-    grpc_code = grpc.StatusCode.NOT_FOUND
 
     @classmethod
     def not_enrolled(cls, name: str) -> UnknownNode:
@@ -96,8 +101,6 @@ class UnknownNode(KbsError):
 
 class EnrollmentRefused(KbsError):
     """Enrollment was refused; nothing was recorded for the node."""
-
-    grpc_code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class UntrustedEk(EnrollmentRefused):
@@ -119,8 +122,6 @@ class ActivationFailed(EnrollmentRefused):
 class NodeEkConflict(EnrollmentRefused):
     """A known node name arrived with a different EK; re-enrollment is never silent."""
 
-    grpc_code = grpc.StatusCode.ALREADY_EXISTS
-
 
 class NotAllowlisted(EnrollmentRefused):
     """Enrollment mode is allowlist and this EK hash is not registered."""
@@ -131,8 +132,6 @@ class NotAllowlisted(EnrollmentRefused):
 
 class AttestationFailed(KbsError):
     """Attestation did not pass; nothing was released."""
-
-    grpc_code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class NonceUnknown(AttestationFailed):
@@ -193,3 +192,34 @@ class PolicyDenied(AttestationFailed):
 
 class NotGranted(AttestationFailed):
     """No key is granted to the node."""
+
+
+# --- watch streams --------------------------------------------------------------------------
+
+
+class FeedClosed(KbsError):
+    """The broker is stopping (or its change feed failed): no new watch streams."""
+
+
+class TooManyWatchers(KbsError):
+    """The broker's limit on open watch streams is reached."""
+
+
+# --- the admin API --------------------------------------------------------------------------
+
+
+class AdminAccessDenied(KbsError):
+    """A client certificate that may not use the admin API (or no certificate at all)."""
+
+
+class RevocationsUnreadable(AdminAccessDenied):
+    """The database holding the revocations cannot be read: the certificate is refused (the
+    check fails closed), with UNAVAILABLE since a later request may pass."""
+
+
+class RevocationNotShared(StoreError):
+    """``admin-cert revoke`` revoked in ``admin_certs`` but could not write the database."""
+
+
+class AdminUnavailable(KbsError):
+    """The admin API could not be reached or failed (the operator's side)."""

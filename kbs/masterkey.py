@@ -1,4 +1,5 @@
-"""The master key: AES-256-GCM encryption of every image key stored in the database.
+"""The master key: AES-256-GCM encryption of every image key stored in the database, and the
+files it is read from.
 
 Blob formats:
 
@@ -13,20 +14,27 @@ Callers bind each blob to its key name and version with ``key_aad`` so that a ro
 another key's row does not decrypt. ``MasterKey`` seals with its current key and opens with any
 key it holds; given a ``reload`` callable it asks for the configured keys again when it meets a
 key id it does not hold (another process rotated the master key), at most once a second.
+
+``read_master_key`` reads one key file, refusing one other users can read (with the chmod fix);
+``master_keyring`` is ``master_key`` plus ``previous_master_keys`` as the broker uses them, for
+``serve`` and ``check-config`` alike.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from kbs.config import KbsConfig, load_config
 from kbs.errors import ConfigError, StoreError
 from keylease.secret import Secret
 
@@ -36,7 +44,9 @@ __all__ = [
     "blob_key_id",
     "key_aad",
     "key_id",
+    "master_keyring",
     "new_master_key",
+    "read_master_key",
 ]
 
 MASTER_KEY_BYTES = 32
@@ -179,3 +189,44 @@ def _decrypt(key: Secret, body: bytes, aad: bytes) -> Secret:
         return Secret(AESGCM(key.reveal()).decrypt(nonce, body[_NONCE_BYTES:], aad))
     except InvalidTag:
         raise StoreError(_WRONG_KEY) from None
+
+
+def read_master_key(cfg: KbsConfig, path: Path | None = None) -> Secret:
+    """The 32-byte master key (or the one at ``path``); refuses a file that other users can read
+    (with the chmod fix)."""
+    path = cfg.master_key if path is None else path
+    try:
+        with path.open("rb") as f:
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+            data = f.read(MASTER_KEY_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"master_key {path} does not exist; `keylease-kbs init` creates it. Without the "
+            "original file the stored image keys cannot be decrypted"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read master_key {path}: {exc.strerror}") from None
+    if mode not in (0o600, 0o400):
+        raise ConfigError(
+            f"master_key {path} has mode {mode:04o}; it must be 0600 or 0400 (readable only by "
+            f"the broker's user): run `chmod 600 {path}`"
+        )
+    if len(data) != MASTER_KEY_BYTES:
+        size = f"{len(data)} bytes" if len(data) <= MASTER_KEY_BYTES else "longer"
+        raise ConfigError(
+            f"master_key {path} is {size}; it must be exactly {MASTER_KEY_BYTES} raw random "
+            "bytes (the file `keylease-kbs init` wrote; a new key cannot decrypt stored keys)"
+        )
+    return Secret(data)
+
+
+def master_keyring(cfg: KbsConfig) -> MasterKey:
+    """``master_key`` plus ``previous_master_keys``; when it meets a blob sealed under a key it
+    does not hold (a rotation by another process), it re-reads the config file's keys."""
+
+    def keys(config: KbsConfig) -> tuple[bytes, list[bytes]]:
+        current = read_master_key(config).reveal()
+        return current, [read_master_key(config, p).reveal() for p in config.previous_master_keys]
+
+    current, previous = keys(cfg)
+    return MasterKey(current, previous, reload=lambda: keys(load_config(cfg.path)))

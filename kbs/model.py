@@ -1,7 +1,8 @@
 """The broker's domain values: nodes, enrollments, keys, grants, policies, audit entries, changes.
 
 Everything here is a frozen dataclass or an enum, built from database rows by ``kbs.store`` and
-from operator input by the parsers below (``parse_label``, ``parse_selector``, ``check_name``).
+from operator input by the parsers below (``parse_label``, ``parse_selector``, ``check_name``);
+node names that arrive from nodes are checked by ``check_node_name``.
 Labels and selectors follow the Kubernetes label syntax: ``[prefix/]name=value`` where name and
 value are 1-63 characters from ``A-Z a-z 0-9 - _ .``, starting and ending alphanumeric.
 """
@@ -14,12 +15,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 
-from kbs.errors import OperatorError
+from kbs.errors import InvalidRequest, OperatorError
 
 __all__ = [
     "AuditEntry",
     "Change",
     "ChangeKind",
+    "DeletedKey",
     "Grant",
     "Node",
     "NodeState",
@@ -27,6 +29,7 @@ __all__ = [
     "Policy",
     "StoredKey",
     "check_name",
+    "check_node_name",
     "format_selector",
     "parse_label",
     "parse_labels",
@@ -97,6 +100,16 @@ class StoredKey:
 
 
 @dataclass(frozen=True)
+class DeletedKey:
+    """What ``key delete`` removed, and the nodes told to attest again (and drop the key)."""
+
+    name: str
+    versions: int
+    grants: int
+    nodes_notified: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Grant:
     key_name: str
     selector: Mapping[str, str]
@@ -143,6 +156,16 @@ def check_name(name: str, kind: str) -> str:
     if not _NAME.fullmatch(name):
         raise OperatorError(
             f"invalid {kind} name {name[:80]!r}: use 1-63 characters from A-Z a-z 0-9 . _ - "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_node_name(name: str) -> str:
+    """Validate a node name that arrived from a node; raises InvalidRequest."""
+    if not _NAME.fullmatch(name):
+        raise InvalidRequest(
+            f"invalid node name {name[:80]!r}: use 1-63 characters from A-Z a-z 0-9 . _ - "
             "starting with a letter or digit"
         )
     return name

@@ -38,7 +38,7 @@ from kbs.errors import (
     QualifyingDataMismatch,
     QuoteStructureInvalid,
 )
-from kbs.tpm_objects import TpmPublic
+from kbs.tpm.objects import TpmPublic
 
 __all__ = ["BANKS", "VerifiedQuote", "verify_quote"]
 

@@ -1,8 +1,9 @@
 """Release: the granted keys, bound to one TPM in one measured state (DESIGN.md step 3).
 
 A fresh 32-byte data key is sealed into a keyedhash object duplicated to the node's EK with a
-PolicyPCR authPolicy over the attested values (``kbs.sealing``). The data key AES-256-GCM-encrypts
-a serialized ``KeyBundle``. Only that TPM, with those PCR values, can recover the data key.
+PolicyPCR authPolicy over the attested values (``kbs.tpm.sealing``). The data key
+AES-256-GCM-encrypts a serialized ``KeyBundle``. Only that TPM, with those PCR values, can
+recover the data key.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from datetime import datetime
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kbs.sealing import SealedImport, seal_to_ek
-from kbs.tpm_objects import TpmPublic
+from kbs.tpm.objects import TpmPublic
+from kbs.tpm.sealing import SealedImport, seal_to_ek
 from keylease.api.v1 import bundle_aad, keylease_pb2
 from keylease.secret import Secret
 

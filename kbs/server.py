@@ -1,5 +1,9 @@
 """The broker's server lifecycle: start-up, serve, bounded graceful shutdown.
 
+One process serves the node API with its admission limits, health and change feed
+(``kbs.nodeapi``), the operators' admin API (``kbs.admin.service``) and the metrics endpoint,
+all from one ``BrokerContext`` (config, store, EK roots, master key) loaded at start.
+
 SIGTERM/SIGINT start a graceful stop (in-flight RPCs get ``SHUTDOWN_GRACE`` seconds); a second
 signal stops at once. The change feed behind the Watch streams starts with the server and is
 stopped first, which ends every Watch stream at once, so open streams never hold the stop.
@@ -24,24 +28,23 @@ from pathlib import Path
 
 import grpc
 
-from kbs.admin_service import AdminServer, start_admin_server
-from kbs.changefeed import MAX_WATCHERS, ChangeFeed
+from kbs.admin.service import AdminServer, start_admin_server
 from kbs.config import KbsConfig
 from kbs.context import BrokerContext
-from kbs.errors import ConfigError, KbsError
-from kbs.health import HealthMonitor
-from kbs.limits import LimitInterceptor
-from kbs.metrics import BrokerMetrics, MetricsServer
-from kbs.pki import load_server_credentials
-from kbs.service import NodeService
-from kbs.store_db import DatabaseUnavailable
+from kbs.errors import ConfigError, DatabaseUnavailable, KbsError
+from kbs.nodeapi.admission import LimitInterceptor
+from kbs.nodeapi.changefeed import MAX_WATCHERS, ChangeFeed
+from kbs.nodeapi.health import HealthMonitor
+from kbs.nodeapi.metrics import BrokerMetrics, MetricsServer
+from kbs.nodeapi.service import NodeService
+from kbs.tls import load_credentials
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
+from keylease.api.v1.limits import MAX_MESSAGE
 
-__all__ = ["MAX_MESSAGE_BYTES", "RunningServer", "serve", "start_server"]
+__all__ = ["SHUTDOWN_GRACE", "RunningServer", "serve", "start_server"]
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 2 << 20
 SHUTDOWN_GRACE = 5.0
 MAX_UNARY_RPCS = 256  # plus one slot per watch stream, which the change feed limits itself
 KEEPALIVE_MS = 30_000
@@ -104,12 +107,12 @@ async def start_server(
     cfg: KbsConfig, ctx: BrokerContext | None = None, database_wait: float = DATABASE_WAIT
 ) -> RunningServer:
     ctx = ctx or await _load_context(cfg, database_wait)
-    key_pem, chain_pem = load_server_credentials(cfg)
+    tls = load_credentials(cfg.tls_cert, cfg.tls_key)
     metrics = BrokerMetrics()
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.so_reuseport", 0),
             ("grpc.keepalive_time_ms", KEEPALIVE_MS),
             ("grpc.keepalive_timeout_ms", 10_000),
@@ -125,7 +128,7 @@ async def start_server(
     health.add_to_server(server)
     host = cfg.listen_host
     address = f"[{host}]:{cfg.listen_port}" if ":" in host else f"{host}:{cfg.listen_port}"
-    creds = grpc.ssl_server_credentials([(key_pem, chain_pem)])
+    creds = grpc.ssl_server_credentials([(tls.key_pem, tls.chain_pem)])
     try:
         port = server.add_secure_port(address, creds)
     except RuntimeError as exc:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from agent.client import BrokerClient
+from agent.broker import BrokerClient
 from agent.config import load_config
 from agent.state import StateDir
 from agent.tpm import Tpm

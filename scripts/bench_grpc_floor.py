@@ -2,7 +2,7 @@
 
 A grpc.aio server in a process of its own serves ``NodeService.GetNonce`` with a constant reply
 (no interceptor, no store, no verification) over TLS with the broker's kind of certificate
-(``kbs.pki.init_pki``: ECDSA P-256); a client in this process calls it on one established
+(``kbs.tls.init_pki``: ECDSA P-256); a client in this process calls it on one established
 channel with 1, 8 and 32 calls in flight. Printed: RPCs/s and the server's CPU (utime+stime) per
 RPC. An attestation is two RPCs (GetNonce, Attest), so twice this figure is what gRPC, TLS and
 asyncio cost before any of keylease's work; compare with ``scripts.bench_fleet``'s "broker CPU
@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 
 from harness.broker import cpu_seconds
-from kbs.pki import init_pki
+from kbs.tls import init_pki
 from keylease.api.v1 import keylease_pb2 as pb
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
 

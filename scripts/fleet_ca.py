@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from kbs.pki import CA_KEY_USAGE
+from kbs.tls import CA_KEY_USAGE
 
 __all__ = ["EkCa"]
 

@@ -1,11 +1,11 @@
 """Where the broker's CPU goes in one attestation, measured in-process (no gRPC, no TLS).
 
 A broker directory is initialised (``keylease-kbs init``, SQLite or ``--database``) but not
-served: ``kbs.enroll``/``kbs.attest`` run in this process against the real store with quotes
-from a real swtpm (``scripts.fleet_tpm``; distinct EKs). Prints the CPU time (``process_time``)
-of ``issue_nonce`` and ``attest`` per call, the part spent in TPM-object work (quote
-verification + sealed release: the modules kbs/quote.py, sealing.py, credential.py,
-tpm_objects.py, release.py) without the store, and with ``--cprofile`` the top functions.
+served: ``kbs.enrollment``/``kbs.nonces``/``kbs.attest`` run in this process against the real
+store with quotes from a real swtpm (``scripts.fleet_tpm``; distinct EKs). Prints the CPU time
+(``process_time``) of ``issue_nonce`` and ``attest`` per call, the part spent in TPM-object work
+(quote verification + sealed release: kbs/quote.py, kbs/release.py, kbs/tpm/) without the
+store, and with ``--cprofile`` the top functions.
 
     .venv/bin/python -m scripts.fleet_profile [--runs 400] [--cprofile] [--sqlite-dir /dev/shm]
 
@@ -32,13 +32,14 @@ from harness.broker import Broker
 from harness.keys import write_key
 from harness.swtpm import Swtpm, SwtpmCa
 from kbs import attest as at
-from kbs import enroll
+from kbs import enrollment
 from kbs.config import load_config
 from kbs.context import BrokerContext
 from kbs.errors import KbsError
+from kbs.nonces import issue_nonce
 from kbs.quote import verify_quote
 from kbs.release import GrantedKey, build_release
-from kbs.tpm_objects import parse_public
+from kbs.tpm.objects import parse_public
 from keylease.api.v1 import qualifying_data
 from keylease.secret import Secret
 from scripts.fleet_ca import EkCa
@@ -56,12 +57,12 @@ def _setup(ctx: BrokerContext, broker: Broker, tpm: FleetTpm, ca: EkCa) -> dict[
         assert isinstance(ek.key, ec.EllipticCurvePublicKey)
         cert = ca.issue_ek_cert(ek.key, i + 1)
         name = f"n{i}"
-        req = enroll.EnrollmentRequest(name, cert, ident.ek_public, ident.ak_public)
-        challenge = enroll.start(ctx, req)
+        req = enrollment.EnrollmentRequest(name, cert, ident.ek_public, ident.ak_public)
+        challenge = enrollment.start(ctx, req)
         secret, contexts[name] = tpm.activate(
             ident, challenge.credential_blob, challenge.encrypted_secret
         )
-        enroll.finish(ctx, challenge.enrollment_id, secret)
+        enrollment.finish(ctx, challenge.enrollment_id, secret)
         ctx.store.approve_node(name, {"role": "bench"}, datetime.now(UTC))
     return contexts
 
@@ -105,7 +106,7 @@ def main() -> int:
             contexts = _setup(ctx, broker, tpm, ca)
 
             def evidence(name: str) -> at.Evidence:
-                nonce, _ = at.issue_nonce(ctx, name)
+                nonce, _ = issue_nonce(ctx, name)
                 quote, sig = tpm.quote(contexts[name], qualifying_data(nonce))
                 return at.Evidence(name, nonce, quote, sig, "sha256", tpm.pcrs(), b"")
 
@@ -116,7 +117,7 @@ def main() -> int:
             names = [f"n{i % NODES}" for i in range(args.runs)]
             c0 = time.process_time()
             for name in names:
-                at.issue_nonce(ctx, name)
+                issue_nonce(ctx, name)
             nonce_cpu = (time.process_time() - c0) / len(names)
             evs = [evidence(name) for name in names]
         half = len(evs) // 2

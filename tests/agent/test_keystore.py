@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from agent.errors import InvalidKey, KeystoreError
 from agent.keystore import InstallableKey, KeyDirectory, SyncResult
-from agent.ocikey import validate_private_key_pem
+from agent.keystore.ocikey import validate_private_key_pem
 from keylease.secret import Secret
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey

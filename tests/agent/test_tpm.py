@@ -1,5 +1,5 @@
-"""agent.tpm against real swtpms, with the broker's TPM objects (kbs.tpm_objects, kbs.credential,
-kbs.sealing) on the other side. Nothing is mocked."""
+"""agent.tpm against real swtpms, with the broker's TPM objects (kbs.tpm.objects,
+kbs.tpm.credential, kbs.tpm.sealing) on the other side. Nothing is mocked."""
 
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ from tpm2_pytss import (
 from agent.errors import ReleaseInvalid, TpmError, TpmUnavailable
 from agent.tpm import SealedImport, Tpm
 from harness.swtpm import Swtpm
-from kbs.credential import make_credential, new_challenge_secret
 from kbs.errors import AkAttributesInvalid, InvalidRequest
-from kbs.sealing import policy_pcr_digest, seal_to_ek
-from kbs.tpm_objects import TpmPublic, check_ak_attributes, parse_public
+from kbs.tpm.credential import make_credential, new_challenge_secret
+from kbs.tpm.objects import TpmPublic, check_ak_attributes, parse_public
+from kbs.tpm.sealing import policy_pcr_digest, seal_to_ek
 from keylease.secret import Secret
 
 TpmFactory = Callable[..., Swtpm]

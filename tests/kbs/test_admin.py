@@ -30,17 +30,11 @@ from harness.keys import write_key
 from harness.nodes import Node
 from harness.operator import grant_node, ok
 from harness.postgres import PostgresServer, postgres_fixture  # noqa: F401
-from kbs.admincert import issue_admin_cert
+from kbs.admin.certs import issue_admin_cert
 from kbs.cli import main
 from kbs.config import load_config
 from kbs.model import NodeState
-from kbs.store import AuditEvent, Store
-from kbs.store_admin import (
-    AdminRevocation,
-    add_admin_revocations,
-    admin_revocation,
-    list_admin_revocations,
-)
+from kbs.store import AdminRevocation, AuditEvent, Store
 from keylease.api.v1 import admin_pb2, admin_pb2_grpc, keylease_pb2, keylease_pb2_grpc
 
 PEM = serialization.Encoding.PEM
@@ -216,7 +210,7 @@ def test_valid_certificate_works_and_revocation_is_immediate(
     assert "revoked" in result.stderr
     assert cert_states(broker) == [("alice", "revoked")]
     with Store.open(load_config(broker.config).database) as store:
-        assert [r.name for r in list_admin_revocations(store)] == ["alice"]
+        assert [r.name for r in store.list_admin_revocations()] == ["alice"]
     # a new certificate for the same operator works
     ok(remote(broker, issue(broker, "alice", tmp_path / "alice2"), "key", "list"))
     assert broker.kbs("admin-cert", "revoke", "nobody").returncode == 2
@@ -241,14 +235,14 @@ def test_admin_revocations_in_the_store_are_idempotent(any_store: Store) -> None
     store = any_store
     t0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
     audit = AuditEvent("operator:root", "admin-cert-revoke", None, "ok", "x")
-    assert admin_revocation(store, "ab12") is None
+    assert store.admin_revocation("ab12") is None
     first = [AdminRevocation("ab12", "alice", t0), AdminRevocation("cd34", "alice", t0)]
-    assert add_admin_revocations(store, first, audit, t0) == ["ab12", "cd34"]
+    assert store.add_admin_revocations(first, audit, t0) == ["ab12", "cd34"]
     later = t0 + dt.timedelta(hours=1)
     again = [AdminRevocation("ab12", "alice", later), AdminRevocation("ef56", "bob", later)]
-    assert add_admin_revocations(store, again, audit, later) == ["ef56"]
-    assert admin_revocation(store, "ab12") == AdminRevocation("ab12", "alice", t0)  # first kept
-    assert [(r.serial, r.name) for r in list_admin_revocations(store)] == [
+    assert store.add_admin_revocations(again, audit, later) == ["ef56"]
+    assert store.admin_revocation("ab12") == AdminRevocation("ab12", "alice", t0)  # first kept
+    assert [(r.serial, r.name) for r in store.list_admin_revocations()] == [
         ("ab12", "alice"), ("cd34", "alice"), ("ef56", "bob")
     ]  # fmt: skip
     assert [e.event for e in store.list_audit()] == ["admin-cert-revoke"] * 2

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,13 +19,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kbs.cli import main
-from kbs.config import load_config, read_master_key
+from kbs.cli import BROKER_MODULES, main
+from kbs.config import load_config
 from kbs.errors import StoreError
-from kbs.masterkey import MasterKey, blob_key_id, key_aad
+from kbs.masterkey import MasterKey, blob_key_id, key_aad, read_master_key
 from kbs.model import NodeState
 from kbs.store import Store
-from kbs.store_admin import sealed_key_rows
 from tests.kbs.test_config import KBS, init_broker
 
 EK = "c0ffee" + "0" * 58
@@ -665,7 +665,7 @@ def test_master_key_rotation_reencrypts_every_version(
     assert rotated.previous_master_keys == (cfg.master_key,)
     only_new = MasterKey(new.read_bytes())
     with open_store(config) as store:
-        rows = sealed_key_rows(store)
+        rows = store.sealed_key_rows()
     assert [blob_key_id(r.encrypted_private) for r in rows] == [only_new.current_id] * 3
     assert only_new.open(rows[0].encrypted_private, key_aad("k", 1)).reveal().startswith(b"-----")
     assert only_new.open(rows[2].encrypted_private, key_aad("legacy", 1)).reveal() == b"legacy"
@@ -685,3 +685,27 @@ def test_remote_broker_unreachable_exits_1(kbs: Kbs, tmp_path: Path) -> None:
     result = kbs("--server", "127.0.0.1:1", "--admin-cert", str(tmp_path / "alice"), "node", "list")
     assert result.code == 1
     assert "cannot reach the admin API at 127.0.0.1:1" in result.err
+
+
+@pytest.mark.parametrize("absent", [BROKER_MODULES, ("prometheus_client",)])
+def test_without_the_broker_extra_it_names_the_extra(absent: tuple[str, ...]) -> None:
+    """An install without the `broker` extra (a node's `keylease[agent]`) gets one line naming
+    the extra and exit 2, before anything that needs the extra is imported (no traceback)."""
+    code = "\n".join(
+        [
+            "import sys",
+            f"for name in {absent!r}:",
+            "    sys.modules[name] = None  # not installed: find_spec finds nothing, import fails",
+            "from kbs.cli import main",
+            "sys.exit(main(['node', 'list']))",
+        ]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 2, proc
+    assert proc.stdout == ""
+    assert proc.stderr == (
+        f"keylease-kbs: this installation lacks the 'broker' extra (missing: {', '.join(absent)}); "
+        "install it with: pip install 'keylease[broker]'\n"
+    )

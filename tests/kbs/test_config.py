@@ -17,15 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from kbs.cli import main
-from kbs.config import (
-    EnrollmentMode,
-    check_files,
-    load_config,
-    parse_listen,
-    read_master_key,
-)
+from kbs.cli.broker import check_files
+from kbs.config import EnrollmentMode, load_config, parse_listen
 from kbs.errors import ConfigError, StoreError
-from kbs.masterkey import MasterKey, key_aad
+from kbs.masterkey import MasterKey, key_aad, read_master_key
 from keylease.secret import Secret
 
 KBS = str(Path(sys.executable).parent / "keylease-kbs")
@@ -139,6 +134,27 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nothing.toml")
 
 
+def test_config_only_parses(tmp_path: Path) -> None:
+    """Regression: kbs.config imported the store, so SQLAlchemy and Alembic (and the logger
+    change they came with) loaded with the config. Parsing kbs.toml loads none of them and
+    opens none of the files it names."""
+    config = write_config(tmp_path, 'master_key = "absent.key"\nek_roots = "absent.pem"\n')
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from kbs.config import load_config\n"
+        f"load_config(Path({str(config)!r}))\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc
+    loaded = proc.stdout.split()
+    heavy = ("sqlalchemy", "alembic", "psycopg", "grpc", "tpm2_pytss", "kbs.store", "kbs.tls")
+    assert [m for m in loaded if m.split(".")[0] in heavy or m.startswith(heavy)] == []
+
+
 # --- the files it names -----------------------------------------------------------------------
 
 
@@ -188,6 +204,64 @@ def test_missing_or_bad_ek_roots(tmp_path: Path) -> None:
     write_ca_bundle(cfg.ek_roots, ca=False)
     with pytest.raises(ConfigError, match="no CA certificate"):
         check_files(cfg)
+
+
+def _issue(
+    subject: str, issuer: tuple[str, ec.EllipticCurvePrivateKey] | None, *, ca: bool
+) -> tuple[bytes, tuple[str, ec.EllipticCurvePrivateKey]]:
+    """A certificate for ``subject`` issued by ``issuer`` (self-signed if None): (PEM, its
+    name and key, to issue further ones)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer_name, issuer_key = issuer or (subject, key)
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(issuer_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), (subject, key)
+
+
+def _kbs(config: Path, command: str) -> tuple[int, str]:
+    proc = subprocess.run(
+        [KBS, "--config", str(config), command],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("bundle", "message"),
+    [("root and a leaf", "not a CA"), ("intermediate alone", "no self-signed root")],
+)
+def test_check_config_and_serve_agree_on_ek_roots(
+    tmp_path: Path, bundle: str, message: str
+) -> None:
+    """Regression: check-config had an EK-roots loader of its own that passed bundles `serve`
+    refused (a root plus a leaf: "1 non-CA certificate(s) ignored"; an intermediate without its
+    root: OK). Now both use the one loader and say the same thing."""
+    config = init_broker(tmp_path)
+    root_pem, root = _issue("Test TPM Root", None, ca=True)
+    inter_pem, _ = _issue("Test TPM Intermediate", root, ca=True)
+    leaf_pem, _ = _issue("Not a CA", root, ca=False)
+    ek_roots = config.parent / "ek-roots.pem"
+    ek_roots.write_bytes(root_pem + leaf_pem if bundle == "root and a leaf" else inter_pem)
+    check = _kbs(config, "check-config")
+    serve = _kbs(config, "serve")
+    assert check == serve
+    code, err = serve
+    assert code == 2, err
+    assert err.startswith(f"keylease-kbs: ek_roots {ek_roots} holds ")
+    assert message in err
+    assert err.count("\n") == 1, err
+    ek_roots.write_bytes(root_pem + inter_pem)  # roots and intermediates only: accepted
+    assert _kbs(config, "check-config") == (0, "")
 
 
 def test_tls_key_problems(tmp_path: Path) -> None:

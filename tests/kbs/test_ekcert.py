@@ -12,14 +12,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from kbs.ekcert import (
+from kbs.errors import ConfigError, EkPublicMismatch, InvalidRequest, UntrustedEk
+from kbs.tpm.ekcert import (
     EK_CERTIFICATE_EKU,
     check_ek_matches,
     ek_hash,
     load_ek_roots,
     verify_ek_certificate,
 )
-from kbs.errors import ConfigError, EkPublicMismatch, InvalidRequest, UntrustedEk
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 Key = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey

@@ -16,17 +16,16 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.client import BrokerClient
+from agent.broker import BrokerClient
 from agent.errors import BrokerBusy
 from harness.broker import Broker
 from harness.netops import SourceProxy, node_stub, secure_channel
 from harness.nodes import Node
-from kbs.config import load_config
+from kbs.config import LimitSettings, load_config
 from kbs.errors import ConfigError
-from kbs.limit_settings import LimitSettings
-from kbs.limits import RETRY_AFTER_KEY, LimitInterceptor
-from kbs.metrics import BrokerMetrics
-from kbs.ratelimit import InflightCounter, TokenBuckets, peer_host
+from kbs.nodeapi.admission import RETRY_AFTER_KEY, LimitInterceptor
+from kbs.nodeapi.metrics import BrokerMetrics
+from kbs.nodeapi.ratelimit import InflightCounter, TokenBuckets, peer_host
 from keylease.api.v1 import keylease_pb2 as pb
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
 

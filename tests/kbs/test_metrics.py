@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.client import BrokerClient
+from agent.broker import BrokerClient
 from harness.broker import Broker
 from harness.keys import write_key
 from harness.netops import Samples, metrics_port, scrape
 from harness.nodes import Node
 from harness.operator import grant_node, ok
 from kbs.errors import ConfigError, PolicyDenied, StoreError
-from kbs.metrics import BrokerMetrics, MetricsServer, refresh_nodes_forever
 from kbs.model import NodeState
+from kbs.nodeapi.metrics import BrokerMetrics, MetricsServer, refresh_nodes_forever
 from kbs.store import Store
 
 NodeFactory = Callable[..., Node]

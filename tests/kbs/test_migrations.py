@@ -15,9 +15,8 @@ import pytest
 
 from kbs.errors import StoreError
 from kbs.model import ChangeKind, NodeState
-from kbs.store import AuditEvent, Store
-from kbs.store_admin import AdminRevocation, add_admin_revocations, admin_revocation
-from kbs.store_db import HEAD_REVISION
+from kbs.store import AdminRevocation, AuditEvent, Store
+from kbs.store.migrate import HEAD_REVISION
 from tests.kbs.test_store import enroll
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -91,7 +90,7 @@ LEGACY_MIGRATIONS: tuple[tuple[str, ...], ...] = (
             detail TEXT NOT NULL)""",
         "CREATE INDEX audit_node ON audit (node, id)",
     ),
-    (  # 2: the change feed behind the Watch stream (kbs.store_changes)
+    (  # 2: the change feed behind the Watch stream (kbs.store.changes)
         """CREATE TABLE changes (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             at TEXT NOT NULL,
@@ -205,8 +204,8 @@ def test_a_revision_0002_database_gains_admin_revocations(tmp_path: Path) -> Non
         assert key is not None
         assert key.encrypted_private == b"ciphertext"
         audit = AuditEvent("operator:t", "admin-cert-revoke", None, "ok", "alice")
-        add_admin_revocations(store, [AdminRevocation("ab", "alice", T0)], audit, T0)
-        assert admin_revocation(store, "ab") == AdminRevocation("ab", "alice", T0)
+        store.add_admin_revocations([AdminRevocation("ab", "alice", T0)], audit, T0)
+        assert store.admin_revocation("ab") == AdminRevocation("ab", "alice", T0)
 
 
 def test_newer_schema_and_garbage_are_refused(tmp_path: Path) -> None:

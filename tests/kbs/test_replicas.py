@@ -23,8 +23,8 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent.attest import enroll
-from agent.client import BrokerClient
+from agent.broker import BrokerClient
+from agent.enroll import enroll
 from agent.errors import AgentError, AttestationDenied, BrokerBusy, BrokerUnreachable
 from agent.tpm import AkBlobs, Tpm
 from harness.broker import Broker, pg_broker
@@ -36,7 +36,7 @@ from harness.swtpm import Swtpm
 from kbs.errors import NodeEkConflict, NonceUnknown, StoreError
 from kbs.model import NodeState
 from kbs.store import Store
-from kbs.store_db import HEAD_REVISION
+from kbs.store.migrate import HEAD_REVISION
 from tests.kbs.test_refusals import fresh_quote, session
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -23,7 +23,7 @@ from kbs.errors import (
 )
 from kbs.model import ChangeKind, Node, NodeState, PendingEnrollment
 from kbs.store import AuditEvent, Store
-from kbs.store_cache import CHECK_INTERVAL, MAX_AGE, LabelCache
+from kbs.store.cache import CHECK_INTERVAL, MAX_AGE, LabelCache
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 EK_A, EK_B = "a" * 64, "b" * 64
@@ -45,7 +45,7 @@ def store(database: Path | str) -> Iterator[Store]:
 
 
 def count_rows(store: Store, table: str) -> int:
-    with store._tx(write=False, single=True) as db:
+    with store.database.tx(write=False, single=True) as db:
         query = sa.select(sa.func.count()).select_from(sa.table(table))
         return int(db.execute(query).scalar_one())
 

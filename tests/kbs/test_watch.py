@@ -18,14 +18,15 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from agent.client import BrokerClient, NodeUnknown, WatchEvent, WatchKind, WatchStream
-from agent.errors import AgentError, BrokerError, BrokerUnreachable
+from agent.broker import BrokerClient, WatchEvent, WatchKind, WatchStream
+from agent.errors import AgentError, BrokerError, BrokerUnreachable, NodeUnknown
 from harness.broker import Broker
 from harness.keys import write_key
 from harness.nodes import Node
 from harness.operator import grant_node, ok
-from kbs.changefeed import MAX_PER_NODE, QUEUE_SIZE, ChangeFeed, FeedClosed, Notice
+from kbs.errors import FeedClosed
 from kbs.model import ChangeKind, NodeState
+from kbs.nodeapi.changefeed import MAX_PER_NODE, QUEUE_SIZE, ChangeFeed, Notice
 from kbs.server import SHUTDOWN_GRACE
 from kbs.store import Store
 

@@ -111,7 +111,7 @@ def test_keys_installed_by_the_agent_decrypt_among_others(
 def test_ocicrypt_refuses_sec1_pem_which_is_why_the_agent_does(
     tmp_path: Path, plain_image: tuple[Path, bytes]
 ) -> None:
-    """The premise of agent.ocikey's SEC1 refusal, measured against the real parser."""
+    """The premise of agent.keystore.ocikey's SEC1 refusal, measured against the real parser."""
     plain, _ = plain_image
     key = ec.generate_private_key(ec.SECP256R1())
     _, public = write_pair(tmp_path, "image", key)

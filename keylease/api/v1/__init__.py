@@ -14,8 +14,8 @@ NONCE_BYTES = 32
 
 @dataclass(frozen=True)
 class SealedImport:
-    """A release's TPM2_Import blob: the broker makes it (``kbs.sealing.seal_to_ek``), the agent's
-    TPM opens it (``agent.tpm.Tpm.unseal_import``); the ``Release`` message carries it."""
+    """A release's TPM2_Import blob: the broker makes it (``kbs.tpm.sealing.seal_to_ek``), the
+    agent's TPM opens it (``agent.tpm.Tpm.unseal_import``); the ``Release`` message carries it."""
 
     duplicate: bytes  # marshalled TPM2B_PRIVATE
     in_sym_seed: bytes  # marshalled TPM2B_ENCRYPTED_SECRET

@@ -3,12 +3,15 @@
 The broker refuses a request over these limits with INVALID_ARGUMENT; the agent never sends one
 (it checks its event log and metadata against the same numbers before sending). Generous for
 real TPMs and firmware, small enough that a hostile peer cannot make the other side parse
-megabytes of garbage.
+megabytes of garbage. ``MAX_ADMIN_*`` bound the admin API's messages (admin.proto) between the
+operator's ``keylease-kbs`` and the broker.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "MAX_ADMIN_REPLY",
+    "MAX_ADMIN_REQUEST",
     "MAX_EK_CERTIFICATE",
     "MAX_ENROLLMENT_ID",
     "MAX_EVENT_LOG",
@@ -45,3 +48,5 @@ MAX_PCR_INDEX = 23
 MAX_WATCH_REASON = 200  # what the agent keeps of a watch event's text
 MAX_MESSAGE = 2 << 20  # any node request, whole (the broker's gRPC receive limit)
 MAX_RELEASE_MESSAGE = 4 << 20  # any broker reply, whole (the agent's gRPC receive limit)
+MAX_ADMIN_REQUEST = 2 << 20  # an admin API request, whole (it carries at most a 1 MiB key file)
+MAX_ADMIN_REPLY = 256 << 20  # an admin API reply, whole (a listing of every node of a fleet)

@@ -1,0 +1,312 @@
+"""The agent's one client for the broker: TLS gRPC, a deadline on every call.
+
+gRPC errors become agent errors here and nowhere else. Protobuf is parsed here, at the edge:
+values in and out are typed (``agent.blobs`` and the replies below), and the rest of the agent
+never sees a protobuf message. This module knows the wire, not the TPM or the keystore.
+
+The one call without a deadline is ``watch``: a stream of hints (REVOKED: remove the keys now;
+CHANGED: attest again; HEARTBEAT: alive) that lasts until the broker ends it or the caller
+cancels it. The channel sends HTTP/2 keepalive pings every 10 s, so a dead broker or a broken
+path ends the stream with ``BrokerUnreachable`` within about 20 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol, TypeVar
+
+import grpc
+
+from agent.blobs import Quote, ReleaseBlob
+from agent.config import AgentConfig
+from agent.errors import (
+    AgentError,
+    AttestationDenied,
+    BrokerBusy,
+    BrokerError,
+    BrokerUnreachable,
+    ConfigError,
+    EnrollmentRefused,
+    NodeUnknown,
+)
+from keylease.api.v1 import SealedImport
+from keylease.api.v1 import keylease_pb2 as pb
+from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
+from keylease.api.v1.limits import MAX_RELEASE_MESSAGE, MAX_WATCH_REASON
+
+__all__ = [
+    "AttestReply",
+    "BrokerClient",
+    "Challenge",
+    "Outcome",
+    "WatchEvent",
+    "WatchKind",
+    "WatchStream",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Challenge:
+    enrollment_id: str
+    credential_blob: bytes
+    encrypted_secret: bytes
+
+
+class Outcome(Enum):
+    PENDING_APPROVAL = "pending"
+    RELEASED = "released"
+
+
+@dataclass(frozen=True)
+class AttestReply:
+    outcome: Outcome
+    release: ReleaseBlob | None
+
+
+_STATES = {
+    pb.NODE_STATE_PENDING: "pending",
+    pb.NODE_STATE_APPROVED: "approved",
+    pb.NODE_STATE_REVOKED: "revoked",
+}
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# A dead broker must end a quiet watch stream: ping every 10 s, give up 10 s after an unanswered
+# ping. The broker accepts pings every 5 s or slower (kbs.server).
+_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),  # any unanswered ping, not only keepalive ones
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class WatchKind(Enum):
+    REVOKED = "revoked"
+    CHANGED = "changed"
+    HEARTBEAT = "heartbeat"
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """A hint from the broker; trust still comes only from attestation."""
+
+    kind: WatchKind
+    reason: str
+
+
+_KINDS = {
+    pb.WATCH_KIND_REVOKED: WatchKind.REVOKED,
+    pb.WATCH_KIND_CHANGED: WatchKind.CHANGED,
+    pb.WATCH_KIND_HEARTBEAT: WatchKind.HEARTBEAT,
+}
+
+
+def _watch_event(msg: pb.WatchEvent) -> WatchEvent:
+    """An unknown (newer) kind counts as CHANGED: attesting again is always safe."""
+    reason = "".join(c if c.isprintable() else "?" for c in msg.reason[:MAX_WATCH_REASON])
+    kind = _KINDS.get(msg.kind)
+    if kind is None:
+        return WatchEvent(WatchKind.CHANGED, f"unknown event kind {msg.kind}: {reason}")
+    return WatchEvent(kind, reason)
+
+
+class _StreamingCall(Protocol):
+    def __iter__(self) -> Iterator[pb.WatchEvent]: ...
+
+    def cancel(self) -> bool: ...
+
+
+class WatchStream:
+    """One open Watch call. Iterate (in one thread) for events; ``cancel()`` from any thread."""
+
+    def __init__(
+        self, call: _StreamingCall, translate: Callable[[grpc.RpcError], AgentError]
+    ) -> None:
+        self._call = call
+        self._translate = translate
+        self._lock = threading.Lock()
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[WatchEvent]:
+        """Events until the broker ends the stream or ``cancel()``; raises BrokerUnreachable,
+        NodeUnknown or BrokerError."""
+        try:
+            for msg in self._call:
+                yield _watch_event(msg)
+        except grpc.RpcError as exc:
+            with self._lock:
+                if self._cancelled:
+                    return
+            raise self._translate(exc) from None
+
+    def cancel(self) -> None:
+        """End the stream; a blocked iteration stops (StopIteration). Thread-safe, idempotent."""
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+        self._call.cancel()
+
+
+def _release(msg: pb.Release) -> ReleaseBlob:
+    return ReleaseBlob(
+        node_name=msg.node_name,
+        sealed=SealedImport(
+            duplicate=msg.duplicate,
+            in_sym_seed=msg.in_sym_seed,
+            sealed_public=msg.sealed_public,
+            pcr_bank=msg.pcr_bank,
+            pcr_indices=tuple(msg.pcr_indices),
+        ),
+        bundle_nonce=msg.bundle_nonce,
+        bundle_ciphertext=msg.bundle_ciphertext,
+    )
+
+
+def _status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """Status code and details of a failed call (the sync client's errors are also grpc.Call)."""
+    code_fn, details_fn = getattr(exc, "code", None), getattr(exc, "details", None)
+    code = code_fn() if callable(code_fn) else None
+    details = details_fn() if callable(details_fn) else None
+    return (
+        code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN,
+        details if isinstance(details, str) else str(exc),
+    )
+
+
+def _retry_after(exc: grpc.RpcError) -> float | None:
+    """The broker's ``retry-after-ms`` hint (trailing metadata), in seconds."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == "retry-after-ms" and isinstance(value, str) and value.isdigit():
+            return int(value) / 1000
+    return None
+
+
+class BrokerClient:
+    def __init__(self, cfg: AgentConfig) -> None:
+        try:
+            ca = cfg.kbs_ca.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read kbs_ca {cfg.kbs_ca}: {exc.strerror}") from None
+        self._target = cfg.kbs
+        self._timeout = cfg.rpc_timeout_seconds
+        self._channel = grpc.secure_channel(
+            cfg.kbs,
+            grpc.ssl_channel_credentials(root_certificates=ca),
+            options=[("grpc.max_receive_message_length", MAX_RELEASE_MESSAGE), *_KEEPALIVE],
+        )
+        self._stub = pb_grpc.NodeServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, rpc: str, fn: Callable[[], T], denied: type[AgentError]) -> T:
+        try:
+            return fn()
+        except grpc.RpcError as exc:
+            raise self._error(rpc, exc, denied) from None
+
+    def _error(self, rpc: str, exc: grpc.RpcError, denied: type[AgentError]) -> AgentError:
+        """The agent error for a failed call (the one translation of gRPC status codes)."""
+        code, text = _status(exc)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return BrokerBusy(f"broker {self._target} busy, retry later: {text}", _retry_after(exc))
+        if code in _UNREACHABLE:
+            return BrokerUnreachable(
+                f"broker {self._target} unreachable ({code.name.lower()}: {text})"
+            )
+        if code == grpc.StatusCode.NOT_FOUND:
+            return NodeUnknown(text or "node not enrolled")
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ALREADY_EXISTS):
+            return denied(text)
+        return BrokerError(f"broker refused {rpc} ({code.name}): {text}")
+
+    def _watch_error(self, exc: grpc.RpcError) -> AgentError:
+        code, text = _status(exc)
+        if code == grpc.StatusCode.CANCELLED:  # not by us: the broker or the connection went
+            return BrokerUnreachable(f"watch stream from broker {self._target} cut off: {text}")
+        return self._error("watch", exc, AttestationDenied)
+
+    def watch(self, node_name: str) -> WatchStream:
+        """Open the broker's hint stream for ``node_name`` (no deadline; see WatchStream).
+        Errors (unknown node, unreachable broker) surface when iterating."""
+        call: _StreamingCall = self._stub.Watch(pb.WatchRequest(node_name=node_name))
+        return WatchStream(call, self._watch_error)
+
+    def start_enrollment(
+        self,
+        node_name: str,
+        ek_certificate: bytes,
+        ek_public: bytes,
+        ak_public: bytes,
+        metadata: Mapping[str, str],
+    ) -> Challenge:
+        req = pb.StartEnrollmentRequest(
+            node_name=node_name,
+            ek_certificate=ek_certificate,
+            ek_public=ek_public,
+            ak_public=ak_public,
+            metadata=dict(metadata),
+        )
+        resp = self._call(
+            "enrollment",
+            lambda: self._stub.StartEnrollment(req, timeout=self._timeout),
+            EnrollmentRefused,
+        )
+        return Challenge(resp.enrollment_id, resp.credential_blob, resp.encrypted_secret)
+
+    def finish_enrollment(self, enrollment_id: str, secret: bytes) -> str:
+        req = pb.FinishEnrollmentRequest(enrollment_id=enrollment_id, secret=secret)
+        resp = self._call(
+            "enrollment",
+            lambda: self._stub.FinishEnrollment(req, timeout=self._timeout),
+            EnrollmentRefused,
+        )
+        return _STATES.get(resp.state, "unknown")
+
+    def get_nonce(self, node_name: str) -> bytes:
+        req = pb.GetNonceRequest(node_name=node_name)
+        resp = self._call(
+            "nonce", lambda: self._stub.GetNonce(req, timeout=self._timeout), AttestationDenied
+        )
+        return bytes(resp.nonce)
+
+    def attest(
+        self,
+        node_name: str,
+        nonce: bytes,
+        quote: Quote,
+        event_log: bytes,
+    ) -> AttestReply:
+        req = pb.AttestRequest(
+            node_name=node_name,
+            nonce=nonce,
+            quote=quote.attest,
+            signature=quote.signature,
+            pcr_bank=quote.pcr_bank,
+            pcrs=[pb.PcrValue(index=i, value=v) for i, v in sorted(quote.pcrs.items())],
+            event_log=event_log,
+        )
+        resp = self._call(
+            "attestation", lambda: self._stub.Attest(req, timeout=self._timeout), AttestationDenied
+        )
+        if resp.outcome == pb.ATTEST_OUTCOME_PENDING_APPROVAL:
+            return AttestReply(Outcome.PENDING_APPROVAL, None)
+        if resp.outcome == pb.ATTEST_OUTCOME_RELEASED and resp.HasField("release"):
+            return AttestReply(Outcome.RELEASED, _release(resp.release))
+        raise BrokerError(f"broker answered attestation with unknown outcome {resp.outcome}")

@@ -1,0 +1,34 @@
+"""The node's image keys: in the runtimes' key directories, and sealed at rest.
+
+- ``keydir``: one runtime key directory (``<root>/keylease/*.pem``), synced atomically;
+- ``dirfd``, ``staging``: its directory-fd primitives, and the fallback for filesystems without
+  ``O_TMPFILE``;
+- ``install``: every configured key directory at once (tmpfs checked), and removal;
+- ``cache``: the sealed release cache in the state directory, and which PCR changed;
+- ``ocikey``: a key is installed only if ocicrypt will parse it;
+- ``memfs``: is a key directory memory-backed?
+"""
+
+from agent.keystore.cache import PcrReader, SealedCache
+from agent.keystore.install import (
+    clear_key_directories,
+    install_keys,
+    key_directories,
+    remove_all_keys,
+)
+from agent.keystore.keydir import OWNED_DIR, InstallableKey, KeyDirectory, SyncResult
+from agent.keystore.ocikey import validate_private_key_pem
+
+__all__ = [
+    "OWNED_DIR",
+    "InstallableKey",
+    "KeyDirectory",
+    "PcrReader",
+    "SealedCache",
+    "SyncResult",
+    "clear_key_directories",
+    "install_keys",
+    "key_directories",
+    "remove_all_keys",
+    "validate_private_key_pem",
+]

@@ -1,0 +1,245 @@
+"""Operator actions behind ``keylease-kbs``: each validates its input, changes the database and
+writes one audit record naming the operator. No printing and no argument parsing here.
+
+Changes that concern nodes (revoke, approve, grants, a key's new version, policies) also record a
+row in the change feed, in the store's transaction, which the broker pushes to watching agents.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from kbs.admin.keyimport import load_private_key
+from kbs.errors import NotFound, OperatorError
+from kbs.masterkey import MasterKey, blob_key_id, key_aad
+from kbs.model import (
+    DeletedKey,
+    Grant,
+    Node,
+    NodeState,
+    Policy,
+    StoredKey,
+    check_name,
+    format_selector,
+)
+from kbs.store import Store
+
+__all__ = ["SUPPORTED_BANKS", "Admin", "check_ek_hash", "parse_pcr_list"]
+
+_RESEAL_PASSES = 5
+
+SUPPORTED_BANKS = ("sha256",)
+_EK_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def check_ek_hash(text: str) -> str:
+    """An EK hash as the broker prints it: 64 hex digits (SHA-256), normalised to lower case."""
+    value = text.strip().lower()
+    if not _EK_HASH.fullmatch(value):
+        raise OperatorError(
+            f"invalid EK hash {text[:80]!r}: expected 64 hexadecimal digits (the SHA-256 the "
+            "broker prints in refusals and `node list`)"
+        )
+    return value
+
+
+def parse_pcr_list(text: str) -> list[int]:
+    """``0,1,7`` -> [0, 1, 7]: PCR indices 0-23, each once, at least one."""
+    indices: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or not 0 <= int(part) <= 23:
+            raise OperatorError(
+                f"invalid PCR list {text[:80]!r}: write PCR indices 0-23 separated by commas, "
+                "e.g. 0,1,2,3,4,5,6,7"
+            )
+        if int(part) in indices:
+            raise OperatorError(f"PCR {int(part)} is listed twice in {text[:80]!r}")
+        indices.append(int(part))
+    return sorted(indices)
+
+
+@dataclass(frozen=True)
+class Admin:
+    """The operator's changes, each recorded in the audit log as ``actor``."""
+
+    store: Store
+    actor: str
+    clock: Callable[[], datetime]
+
+    def _audit(self, event: str, detail: str, node: str | None = None) -> None:
+        self.store.audit(
+            actor=self.actor, event=event, node=node, result="ok", detail=detail, now=self.clock()
+        )
+
+    def _node(self, name: str) -> Node:
+        node = self.store.get_node(name)
+        if node is None:
+            raise NotFound(f"no node named {name!r}; `keylease-kbs node list` shows the nodes")
+        return node
+
+    def approve_node(self, name: str, labels: Mapping[str, str]) -> Node:
+        before = self._node(name)
+        node = self.store.approve_node(name, labels, self.clock())
+        text = format_selector(labels) or "none"
+        self._audit("approve", f"state {before.state.value} -> approved; labels {text}", name)
+        return node
+
+    def revoke_node(self, name: str) -> Node:
+        before = self._node(name)
+        node = self.store.revoke_node(name, self.clock())
+        self._audit("revoke", f"state {before.state.value} -> revoked", name)
+        return node
+
+    def allow_ek(self, ek_hash: str) -> bool:
+        digest = check_ek_hash(ek_hash)
+        added = self.store.allow_ek(digest, self.clock())
+        if added:
+            self._audit("allowlist-add", f"ek {digest}")
+        return added
+
+    def import_key(self, name: str, data: bytes, source: str, master: MasterKey) -> StoredKey:
+        """Parse, seal under the master key and store key ``name`` as version 1; an existing
+        name is refused (that is ``rotate_key``)."""
+        check_name(name, "key")
+        pem, algorithm = load_private_key(data, source)
+        key = self.store.add_sealed_key(
+            name,
+            algorithm,
+            lambda version: master.seal(pem, key_aad(name, version)),
+            self.clock(),
+            must_exist=False,
+        )
+        self._audit("key-import", f"key {name} v{key.version} {algorithm}")
+        return key
+
+    def rotate_key(self, name: str, data: bytes, source: str, master: MasterKey) -> StoredKey:
+        """Store a new private key as the next version of existing key ``name``: from now on
+        that version is released, and the nodes it is granted to are told to attest again."""
+        check_name(name, "key")
+        pem, algorithm = load_private_key(data, source)
+        current = self.store.get_key(name)
+        if current is None:
+            raise NotFound(
+                f"no key named {name!r} to rotate; import it first with `keylease-kbs key import "
+                f"{name} --private-key FILE`"
+            )
+        if master.open(current.encrypted_private, key_aad(name, current.version)) == pem:
+            raise OperatorError(
+                f"{source} is the key {name!r} already has (version {current.version}); rotate "
+                "to a new key"
+            )
+        key = self.store.add_sealed_key(
+            name,
+            algorithm,
+            lambda version: master.seal(pem, key_aad(name, version)),
+            self.clock(),
+            must_exist=True,
+        )
+        self._audit("key-rotate", f"key {name} v{current.version} -> v{key.version} {algorithm}")
+        return key
+
+    def delete_key(self, name: str) -> DeletedKey:
+        """Remove every version of key ``name`` and its grants; the nodes those grants covered
+        are told to attest again (and drop the key)."""
+        check_name(name, "key")
+        deleted = self.store.delete_key(name, self.clock())
+        self._audit(
+            "key-delete",
+            f"key {name}: {deleted.versions} version(s), {deleted.grants} grant(s) removed; "
+            f"{len(deleted.nodes_notified)} node(s) told to attest again",
+        )
+        return deleted
+
+    def reseal_keys(self, master: MasterKey) -> int:
+        """Re-encrypt every stored key version not yet sealed under ``master``'s current key
+        (opening it with any key ``master`` holds); returns how many were re-encrypted. Rows
+        written meanwhile by another process are picked up by the next pass."""
+        count = 0
+        for _ in range(_RESEAL_PASSES):
+            pending = [
+                row
+                for row in self.store.sealed_key_rows()
+                if blob_key_id(row.encrypted_private) != master.current_id
+            ]
+            if not pending:
+                break
+            for row in pending:
+                aad = key_aad(row.name, row.version)
+                blob = master.seal(master.open(row.encrypted_private, aad), aad)
+                count += self.store.replace_sealed_key(row, blob)
+        else:
+            raise OperatorError(
+                "stored keys kept changing during the master-key rotation; run it again"
+            )
+        self._audit(
+            "master-key-rotate",
+            f"{count} key version(s) re-encrypted under master key {master.current_id}",
+        )
+        return count
+
+    def add_grant(self, key_name: str, selector: Mapping[str, str]) -> Grant:
+        check_name(key_name, "key")
+        grant = self.store.add_grant(key_name, selector, self.clock())
+        self._audit("grant-add", f"key {key_name} to {format_selector(selector)}")
+        return grant
+
+    def remove_grant(self, key_name: str, selector: Mapping[str, str]) -> None:
+        check_name(key_name, "key")
+        self.store.remove_grant(key_name, selector, self.clock())
+        self._audit("grant-remove", f"key {key_name} from {format_selector(selector)}")
+
+    def set_policy_from_node(
+        self, name: str, pcrs: Sequence[int], node_name: str | None, bank: str = "sha256"
+    ) -> Policy:
+        """Reference values for ``pcrs`` from the node's last verified attestation."""
+        check_name(name, "policy")
+        if bank not in SUPPORTED_BANKS:
+            raise OperatorError(f"unsupported PCR bank {bank!r}; use sha256")
+        if not pcrs:
+            raise OperatorError("a policy needs at least one PCR; empty policy means deny")
+        if node_name is None:
+            raise OperatorError(
+                "policy set needs --from-node NODE: reference values are taken only from a "
+                "node's last verified attestation (boot a reference node with the approved "
+                "image, let its agent attest, then pass its name)"
+            )
+        node = self._node(node_name)
+        if node.state is NodeState.REVOKED:
+            raise OperatorError(
+                f"node {node.name!r} is revoked; take reference values from a trusted node"
+            )
+        if node.last_attested_at is None or node.pcr_bank is None:
+            raise OperatorError(
+                f"node {node.name!r} has no verified attestation yet; run its agent "
+                "(`keylease-agent attest --once`) and try again"
+            )
+        if node.pcr_bank != bank:
+            raise OperatorError(
+                f"node {node.name!r} last attested over the {node.pcr_bank} bank, not {bank}"
+            )
+        missing = [i for i in pcrs if i not in node.pcrs]
+        if missing:
+            quoted = ",".join(str(i) for i in sorted(node.pcrs)) or "none"
+            raise OperatorError(
+                f"node {node.name!r}'s last attestation has no value for PCR "
+                f"{','.join(str(i) for i in missing)} (it quoted {quoted})"
+            )
+        values = {i: node.pcrs[i] for i in pcrs}
+        policy = self.store.set_policy(name, bank, values, self.clock())
+        self._audit(
+            "policy-set",
+            f"policy {name} {bank} pcrs {','.join(str(i) for i in sorted(values))} from node "
+            f"{node.name} attested at {node.last_attested_at.isoformat()}",
+            node.name,
+        )
+        return policy
+
+    def assign_policy(self, name: str, selector: Mapping[str, str]) -> Policy:
+        check_name(name, "policy")
+        policy = self.store.assign_policy(name, selector, self.clock())
+        self._audit("policy-assign", f"policy {name} to {format_selector(selector)}")
+        return policy

@@ -1,0 +1,161 @@
+"""Conversions between the admin API's messages (``admin.proto``) and the domain values, in both
+directions; used by ``kbs.admin.service`` (broker) and ``kbs.admin.client`` (operator).
+
+Listings leave out what no operator output shows (EK/AK public areas, certificates, ciphertext).
+Times travel as microseconds since the epoch, UTC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from kbs.errors import InvalidRequest
+from kbs.model import AuditEntry, Grant, Node, NodeState, Policy, StoredKey
+from keylease.api.v1 import admin_pb2 as pb
+
+__all__ = [
+    "audit_from_pb",
+    "audit_to_pb",
+    "from_us",
+    "grant_from_pb",
+    "grant_to_pb",
+    "key_from_pb",
+    "key_to_pb",
+    "node_from_pb",
+    "node_to_pb",
+    "policy_from_pb",
+    "policy_to_pb",
+    "to_us",
+]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_us(when: datetime) -> int:
+    delta = when - _EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_us(us: int) -> datetime:
+    try:
+        return datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000)
+    except (OverflowError, OSError, ValueError):
+        raise InvalidRequest(f"timestamp {us} is out of range") from None
+
+
+def _pcrs(pcrs: Mapping[int, bytes]) -> dict[int, bytes]:
+    return {int(i): bytes(v) for i, v in pcrs.items()}
+
+
+def node_to_pb(node: Node) -> pb.AdminNode:
+    msg = pb.AdminNode(
+        name=node.name,
+        state=node.state.value,
+        labels=dict(node.labels),
+        ek_hash=node.ek_hash,
+        metadata=dict(node.metadata),
+        enrolled_at_us=to_us(node.enrolled_at),
+        pcrs=_pcrs(node.pcrs),
+    )
+    if node.last_attested_at is not None:
+        msg.last_attested_at_us = to_us(node.last_attested_at)
+    if node.pcr_bank is not None:
+        msg.pcr_bank = node.pcr_bank
+    if node.reset_count is not None:
+        msg.reset_count = node.reset_count
+    if node.restart_count is not None:
+        msg.restart_count = node.restart_count
+    return msg
+
+
+def node_from_pb(msg: pb.AdminNode) -> Node:
+    try:
+        state = NodeState(msg.state)
+    except ValueError:
+        raise InvalidRequest(f"unknown node state {msg.state!r}") from None
+    return Node(
+        name=msg.name,
+        state=state,
+        labels=dict(msg.labels),
+        ek_hash=msg.ek_hash,
+        ek_public=b"",
+        ek_certificate=b"",
+        ak_public=b"",
+        metadata=dict(msg.metadata),
+        enrolled_at=from_us(msg.enrolled_at_us),
+        last_attested_at=(
+            from_us(msg.last_attested_at_us) if msg.HasField("last_attested_at_us") else None
+        ),
+        pcr_bank=msg.pcr_bank if msg.HasField("pcr_bank") else None,
+        pcrs=_pcrs(msg.pcrs),
+        reset_count=msg.reset_count if msg.HasField("reset_count") else None,
+        restart_count=msg.restart_count if msg.HasField("restart_count") else None,
+    )
+
+
+def key_to_pb(key: StoredKey) -> pb.AdminKey:
+    return pb.AdminKey(
+        name=key.name,
+        version=key.version,
+        algorithm=key.algorithm,
+        created_at_us=to_us(key.created_at),
+    )
+
+
+def key_from_pb(msg: pb.AdminKey) -> StoredKey:
+    return StoredKey(msg.name, msg.version, msg.algorithm, b"", from_us(msg.created_at_us))
+
+
+def grant_to_pb(grant: Grant) -> pb.AdminGrant:
+    return pb.AdminGrant(
+        key=grant.key_name, selector=dict(grant.selector), created_at_us=to_us(grant.created_at)
+    )
+
+
+def grant_from_pb(msg: pb.AdminGrant) -> Grant:
+    return Grant(msg.key, dict(msg.selector), from_us(msg.created_at_us))
+
+
+def policy_to_pb(policy: Policy) -> pb.AdminPolicy:
+    return pb.AdminPolicy(
+        name=policy.name,
+        pcr_bank=policy.pcr_bank,
+        pcrs=_pcrs(policy.pcrs),
+        selectors=[pb.AdminSelector(pairs=dict(s)) for s in policy.selectors],
+    )
+
+
+def policy_from_pb(msg: pb.AdminPolicy) -> Policy:
+    return Policy(
+        name=msg.name,
+        pcr_bank=msg.pcr_bank,
+        pcrs=_pcrs(msg.pcrs),
+        selectors=tuple(dict(s.pairs) for s in msg.selectors),
+    )
+
+
+def audit_to_pb(entry: AuditEntry) -> pb.AdminAuditEntry:
+    msg = pb.AdminAuditEntry(
+        id=entry.id,
+        at_us=to_us(entry.at),
+        actor=entry.actor,
+        event=entry.event,
+        result=entry.result,
+        detail=entry.detail,
+    )
+    if entry.node is not None:
+        msg.node = entry.node
+    return msg
+
+
+def audit_from_pb(msg: pb.AdminAuditEntry) -> AuditEntry:
+    return AuditEntry(
+        id=msg.id,
+        at=from_us(msg.at_us),
+        actor=msg.actor,
+        event=msg.event,
+        node=msg.node if msg.HasField("node") else None,
+        result=msg.result,
+        detail=msg.detail,
+    )

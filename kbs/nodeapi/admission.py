@@ -1,0 +1,259 @@
+"""Admission control for the node-facing service: a gRPC server interceptor.
+
+Every request passes, in order:
+
+1. **per-peer rate** (token bucket per client IP address, ``context.peer()``) and **per-peer
+   in-flight** cap (unfinished requests from that address; for Watch only until its request is
+   read, so a fleet behind one NAT address can keep its streams open);
+2. **receiving the request within the deadline**: unary methods are served as client-streaming
+   handlers so that the request message is read here, under ``rpc_deadline_seconds``. A client
+   that opens calls and never sends (or sends slowly) is cut off instead of holding the server's
+   concurrency slots;
+3. **per-node rate** (token bucket per node name in the request; the name is claimed, not yet
+   proven, so the per-peer limit is what bounds a peer spending another node's budget);
+4. for enrollment and attestation, a **concurrency slot** (``max_concurrent_attestations``) with
+   at most ``max_queued_attestations`` waiting: a flood queues, then is refused, and GetNonce or
+   Watch are never stuck behind it;
+5. the handler, cancelled after ``rpc_deadline_seconds`` in all (DEADLINE_EXCEEDED).
+
+Refusals answer RESOURCE_EXHAUSTED with the wait in the message and in the trailing metadata
+``retry-after-ms``. Latency and status codes per method go to ``kbs.nodeapi.metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NoReturn, cast
+
+import grpc
+
+from kbs.config import LimitSettings
+from kbs.nodeapi.metrics import BrokerMetrics
+from kbs.nodeapi.ratelimit import InflightCounter, TokenBuckets, peer_host
+from keylease.api.v1.limits import MAX_NODE_NAME
+
+__all__ = ["EXPENSIVE_METHODS", "RETRY_AFTER_KEY", "LimitInterceptor"]
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_KEY = "retry-after-ms"
+SERVICE_PREFIX = "/keylease.v1.NodeService/"  # other services on the server pass untouched
+EXPENSIVE_METHODS = frozenset({"StartEnrollment", "FinishEnrollment", "Attest"})
+BUSY_RETRY_SECONDS = 1.0
+_EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # not in grpc-stubs
+
+Context = grpc.aio.ServicerContext[Any, Any]
+UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
+StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
+
+
+class _Refused(Exception):
+    """A limit refused the request (internal to this module)."""
+
+    def __init__(
+        self,
+        limit: str,
+        text: str,
+        retry_after: float,
+        code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ) -> None:
+        super().__init__(text)
+        self.limit = limit
+        self.retry_after = retry_after
+        self.code = code
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class LimitInterceptor(_Interceptor):
+    def __init__(self, settings: LimitSettings, metrics: BrokerMetrics) -> None:
+        self._s = settings
+        self._metrics = metrics
+        self._peer_rate = _buckets(
+            settings.rate_limit_peer_per_second, settings.rate_limit_peer_burst
+        )
+        self._node_rate = _buckets(
+            settings.rate_limit_node_per_second, settings.rate_limit_node_burst
+        )
+        self._inflight = InflightCounter(settings.max_inflight_per_peer)
+        self._slots = asyncio.Semaphore(settings.max_concurrent_attestations)
+        self._waiting = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        found: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
+        if found is None or found.request_streaming or not _ours(handler_call_details.method):
+            return found  # type: ignore[return-value]  # None: unknown method, gRPC answers it
+        handler = found
+        method = handler_call_details.method.rpartition("/")[2]
+        if handler.unary_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(method, cast(UnaryBehavior, handler.unary_unary)),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._stream(method, cast(StreamBehavior, handler.unary_stream)),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _unary(self, method: str, inner: UnaryBehavior) -> Callable[..., Awaitable[Any]]:
+        async def behavior(requests: AsyncIterator[Any], context: Context) -> Any:
+            start = time.monotonic()
+            peer = peer_host(context.peer())
+            try:
+                self._admit_peer(peer, method)
+                try:
+                    async with asyncio.timeout(self._s.rpc_deadline_seconds):
+                        request = await _read_one(context)
+                        self._admit_node(request, method)
+                        if method in EXPENSIVE_METHODS:
+                            return await self._expensive(inner, request, context)
+                        return await inner(request, context)
+                finally:
+                    self._inflight.release(peer)
+            except _Refused as exc:
+                await self._refuse(context, exc, method)
+            except TimeoutError:
+                await self._timed_out(context, method, peer)
+            finally:
+                self._metrics.rpc(method, _code(context), time.monotonic() - start)
+
+        return behavior
+
+    def _stream(self, method: str, inner: StreamBehavior) -> Callable[..., AsyncIterator[Any]]:
+        async def behavior(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+            peer = peer_host(context.peer())
+            try:
+                self._admit_peer(peer, method)
+                try:
+                    async with asyncio.timeout(self._s.rpc_deadline_seconds):
+                        request = await _read_one(context)
+                finally:
+                    self._inflight.release(peer)
+                self._admit_node(request, method)
+            except _Refused as exc:
+                await self._refuse(context, exc, method)
+            except TimeoutError:
+                await self._timed_out(context, method, peer)
+            self._metrics.watch_streams.inc()
+            code = ""
+            try:
+                async for response in inner(request, context):
+                    yield response
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"  # the client went away or the server is stopping
+                raise
+            finally:
+                self._metrics.watch_streams.dec()
+                self._metrics.rpc(method, code or _code(context), None)
+
+        return behavior
+
+    def _admit_peer(self, peer: str, method: str) -> None:
+        """Per-peer rate, then take an in-flight slot (the caller releases it)."""
+        if self._peer_rate is not None:
+            wait = self._peer_rate.take(peer)
+            if wait:
+                rate = self._s.rate_limit_peer_per_second
+                raise _Refused("peer_rate", f"too many requests from {peer} ({rate:g}/s)", wait)
+        if not self._inflight.acquire(peer):
+            raise _Refused(
+                "peer_inflight",
+                f"{self._inflight.limit} requests from {peer} are already in progress",
+                BUSY_RETRY_SECONDS,
+            )
+
+    def _admit_node(self, request: Any, method: str) -> None:
+        name = getattr(request, "node_name", "")
+        if self._node_rate is None or not isinstance(name, str) or not name:
+            return
+        if len(name) > MAX_NODE_NAME:  # refused later as INVALID_ARGUMENT; no bucket for it
+            return
+        wait = self._node_rate.take(name)
+        if wait:
+            rate = self._s.rate_limit_node_per_second
+            raise _Refused("node_rate", f"too many requests for node {name!r} ({rate:g}/s)", wait)
+
+    async def _expensive(self, inner: UnaryBehavior, request: Any, context: Context) -> Any:
+        """``inner`` in an attestation slot (the caller's timeout bounds the wait)."""
+        if self._slots.locked() and self._waiting >= self._s.max_queued_attestations:
+            raise _Refused(
+                "busy",
+                f"the broker is busy ({self._s.max_concurrent_attestations} attestations running, "
+                f"{self._waiting} waiting)",
+                BUSY_RETRY_SECONDS,
+            )
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            return await inner(request, context)
+        finally:
+            self._slots.release()
+
+    async def _refuse(self, context: Context, exc: _Refused, method: str) -> NoReturn:
+        self._metrics.limited.labels(exc.limit).inc()
+        if exc.code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+            await context.abort(exc.code, str(exc))
+        ms = max(1, math.ceil(exc.retry_after * 1000))
+        log.info("%s refused: %s; retry in %d ms", method, exc, ms)
+        await context.abort(
+            exc.code, f"{exc}; retry in {ms} ms", trailing_metadata=((RETRY_AFTER_KEY, str(ms)),)
+        )
+        raise AssertionError("unreachable: context.abort raises")
+
+    async def _timed_out(self, context: Context, method: str, peer: str) -> NoReturn:
+        self._metrics.limited.labels("deadline").inc()
+        limit = self._s.rpc_deadline_seconds
+        log.warning("%s from %s cancelled: not done within %g s", method, peer, limit)
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"the request was not received and handled within the broker's {limit:g} s deadline",
+        )
+        raise AssertionError("unreachable: context.abort raises")
+
+
+def _ours(method: str) -> bool:
+    return method.startswith(SERVICE_PREFIX)
+
+
+def _buckets(rate: float, burst: int) -> TokenBuckets | None:
+    return TokenBuckets(rate, burst) if rate > 0 else None
+
+
+async def _read_one(context: Context) -> Any:
+    """The single request message of a unary call."""
+    request = await context.read()
+    if request is _EOF:
+        raise _Refused(
+            "empty", "the call carried no request message", 0, grpc.StatusCode.INVALID_ARGUMENT
+        )
+    return request
+
+
+def _code(context: Context) -> str:
+    code: object = context.code()  # None until a handler sets one
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if context.cancelled():
+        return "CANCELLED"
+    return "OK" if code in (None, 0) else str(code)

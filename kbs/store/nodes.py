@@ -1,0 +1,178 @@
+"""Enrolled nodes: their EK binding, state, labels and last verified attestation.
+
+``enroll_node`` is one transaction under the ``nodes`` unique constraints (name, EK hash),
+retried on a race with another writer, so one name or EK never yields two nodes. A state change
+by the operator records its change-feed row (``kbs.store.changes``) in the same transaction;
+revoking also drops the node's outstanding nonces and challenges. ``record_attestation`` writes
+the verified PCR values and the audit rows of the outcome together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from kbs.errors import NodeEkConflict, NotFound, StoreConflict
+from kbs.model import ChangeKind, Node, NodeState
+from kbs.store.audit import AuditEvent, write_audit
+from kbs.store.changes import purge_changes, record_change
+from kbs.store.database import Database
+from kbs.store.tables import dumps_map, dumps_pcrs, enrollments, node_from_row, nodes, nonces, ts
+
+__all__ = [
+    "ENROLL_ATTEMPTS",
+    "count_nodes_by_state",
+    "enroll_node",
+    "get_node",
+    "list_nodes",
+    "node_by_ek",
+    "record_attestation",
+    "set_state",
+]
+
+ENROLL_ATTEMPTS = 3
+
+P = sa.bindparam
+# The attestation path's statements, compiled once per dialect (``Database.run``).
+GET_NODE = sa.select(nodes).where(nodes.c.name == P("p_name"))
+RECORD_ATTESTATION = (
+    nodes.update()
+    .where(nodes.c.name == P("p_name"))
+    .values(last_attested_at=P("p_at"), pcr_bank=P("p_bank"), pcrs=P("p_pcrs"),
+            reset_count=P("p_reset"), restart_count=P("p_restart"))
+)  # fmt: skip
+
+
+def get_node(db: Database, name: str) -> Node | None:
+    with db.tx(write=False, single=True) as conn:
+        row = db.run(conn, GET_NODE, {"p_name": name}).mappings().first()
+    return None if row is None else node_from_row(row)
+
+
+def _node_or_raise(conn: sa.Connection, name: str) -> Node:
+    row = conn.execute(sa.select(nodes).where(nodes.c.name == name)).mappings().first()
+    if row is None:
+        raise NotFound(f"no node named {name!r}; `keylease-kbs node list` shows the nodes")
+    return node_from_row(row)
+
+
+def list_nodes(db: Database) -> list[Node]:
+    with db.tx(write=False, single=True) as conn:
+        rows = conn.execute(sa.select(nodes).order_by(nodes.c.name)).mappings().all()
+    return [node_from_row(r) for r in rows]
+
+
+def count_nodes_by_state(db: Database) -> dict[NodeState, int]:
+    """How many nodes are in each state (one ``GROUP BY``; states with none are absent)."""
+    query = sa.select(nodes.c.state, sa.func.count()).group_by(nodes.c.state)
+    with db.tx(write=False, single=True) as conn:
+        return {NodeState(state): int(n) for state, n in conn.execute(query).all()}
+
+
+def node_by_ek(db: Database, ek_hash: str) -> Node | None:
+    with db.tx(write=False, single=True) as conn:
+        row = conn.execute(sa.select(nodes).where(nodes.c.ek_hash == ek_hash)).mappings().first()
+    return None if row is None else node_from_row(row)
+
+
+def enroll_node(
+    db: Database,
+    *,
+    name: str,
+    ek_hash: str,
+    ek_public: bytes,
+    ek_certificate: bytes,
+    ak_public: bytes,
+    state: NodeState,
+    metadata: Mapping[str, str],
+    now: datetime,
+) -> Node:
+    """Record a new node, or re-key the AK of a known node with the same EK (state and labels
+    kept). A name bound to another EK, or this EK under another name: NodeEkConflict. A race
+    with another writer (another replica) is retried, so its loser sees the winner's row."""
+    rekey = dict(ek_certificate=ek_certificate, ak_public=ak_public,
+                 metadata=dumps_map(metadata), updated_at=ts(now))  # fmt: skip
+    new = dict(name=name, state=state.value, labels="{}", ek_hash=ek_hash, ek_public=ek_public,
+               enrolled_at=ts(now), pcrs="{}", **rekey)  # fmt: skip
+    for attempt in range(ENROLL_ATTEMPTS):
+        try:
+            with db.tx(catalog=False) as conn:
+                if _known(conn, name, ek_hash):
+                    conn.execute(nodes.update().where(nodes.c.name == name).values(rekey))
+                else:
+                    conn.execute(nodes.insert().values(new))
+                return _node_or_raise(conn, name)
+        except StoreConflict:
+            if attempt == ENROLL_ATTEMPTS - 1:
+                break
+    raise NodeEkConflict(f"node {name!r} or EK {ek_hash} keeps being enrolled concurrently")
+
+
+def _known(conn: sa.Connection, name: str, ek_hash: str) -> bool:
+    """True if node ``name`` is enrolled with this EK, False if neither is enrolled;
+    NodeEkConflict if the name is bound to another EK or the EK to another name."""
+    found = conn.execute(
+        sa.select(nodes.c.name, nodes.c.ek_hash).where(
+            sa.or_(nodes.c.name == name, nodes.c.ek_hash == ek_hash)
+        )
+    ).all()
+    by_name = next((ek for n, ek in found if n == name), None)
+    by_ek = next((n for n, ek in found if ek == ek_hash), None)
+    if by_name is not None and by_name != ek_hash:
+        raise NodeEkConflict(
+            f"node {name!r} is enrolled with another EK (sha256 {by_name}); "
+            f"this EK is {ek_hash}. If the node's TPM was replaced, revoke the old node "
+            "and enroll the new one under a new name"
+        )
+    if by_ek is not None and by_ek != name:
+        raise NodeEkConflict(
+            f"this EK ({ek_hash}) is already enrolled as node {by_ek!r}; a TPM "
+            f'enrolls under one name: set node_name = "{by_ek}" in the agent config'
+        )
+    return by_name is not None
+
+
+def set_state(
+    db: Database, name: str, state: NodeState, labels: Mapping[str, str] | None, now: datetime
+) -> Node:
+    """The operator's approval (with new labels) or revocation of a node, with its change-feed
+    row; revoking drops the node's outstanding nonces and challenges. NotFound if unknown."""
+    values: dict[str, str] = {"state": state.value, "updated_at": ts(now)}
+    if labels is not None:
+        values["labels"] = dumps_map(labels)
+    with db.tx() as conn:
+        if conn.execute(nodes.update().where(nodes.c.name == name).values(values)).rowcount != 1:
+            raise NotFound(f"no node named {name!r}; `keylease-kbs node list` shows the nodes")
+        if state is NodeState.REVOKED:
+            conn.execute(nonces.delete().where(nonces.c.node_name == name))
+            conn.execute(enrollments.delete().where(enrollments.c.node_name == name))
+            record_change(db, conn, name, ChangeKind.REVOKED, "revoked by the operator", now)
+        else:
+            record_change(
+                db, conn, name, ChangeKind.CHANGED, "state or labels changed by the operator", now
+            )
+        purge_changes(conn, now)
+        return _node_or_raise(conn, name)
+
+
+def record_attestation(
+    db: Database,
+    name: str,
+    *,
+    bank: str,
+    pcrs: Mapping[int, bytes],
+    reset_count: int | None,
+    restart_count: int | None,
+    now: datetime,
+    events: Sequence[AuditEvent] = (),
+) -> None:
+    """Store the PCR values and counters of a verified quote, and the audit rows of its
+    outcome (``events``: e.g. "attest ok" and "release"), in one transaction."""
+    params = {"p_name": name, "p_at": ts(now), "p_bank": bank, "p_pcrs": dumps_pcrs(pcrs),
+              "p_reset": reset_count, "p_restart": restart_count}  # fmt: skip
+    with db.tx(single=not events, catalog=False) as conn:
+        if db.run(conn, RECORD_ATTESTATION, params).rowcount != 1:
+            raise NotFound(f"no node named {name!r}")
+        write_audit(db, conn, events, now)

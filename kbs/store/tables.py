@@ -1,0 +1,153 @@
+"""The broker database's tables (SQLAlchemy Core) and how values are stored in them.
+
+Timestamps are UTC ISO-8601 text (fixed width, so they compare as text), PCR maps JSON
+``{"index": "hex"}``, labels and selectors canonical JSON. Rows become the frozen values of
+``kbs.model`` here, never leaving the store as rows. The tables are created and upgraded by the
+revisions in ``kbs/store/migrations``; these definitions must match them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from kbs.errors import StoreError
+from kbs.model import Node, NodeState, StoredKey
+
+__all__ = [
+    "admin_revocations",
+    "allowlist",
+    "audit_log",
+    "changes",
+    "dumps_map",
+    "dumps_pcrs",
+    "enrollments",
+    "grants",
+    "key_from_row",
+    "keys",
+    "loads_map",
+    "loads_pcrs",
+    "node_from_row",
+    "nodes",
+    "nonces",
+    "opt_dt",
+    "policies",
+    "policy_assignments",
+    "ts",
+]
+
+Row = sa.RowMapping
+
+
+def ts(when: datetime) -> str:
+    if when.tzinfo is None:
+        raise ValueError("the store takes timezone-aware datetimes only")
+    return when.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def opt_dt(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def dumps_map(mapping: Mapping[str, str]) -> str:
+    return json.dumps(dict(mapping), sort_keys=True, separators=(",", ":"))
+
+
+def loads_map(text: str) -> dict[str, str]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise StoreError("a JSON column holds something that is not an object")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def dumps_pcrs(pcrs: Mapping[int, bytes]) -> str:
+    return json.dumps({str(i): pcrs[i].hex() for i in sorted(pcrs)}, separators=(",", ":"))
+
+
+def loads_pcrs(text: str) -> dict[int, bytes]:
+    return {int(i): bytes.fromhex(v) for i, v in loads_map(text).items()}
+
+
+def node_from_row(row: Row) -> Node:
+    return Node(
+        name=row["name"],
+        state=NodeState(row["state"]),
+        labels=loads_map(row["labels"]),
+        ek_hash=row["ek_hash"],
+        ek_public=bytes(row["ek_public"]),
+        ek_certificate=bytes(row["ek_certificate"]),
+        ak_public=bytes(row["ak_public"]),
+        metadata=loads_map(row["metadata"]),
+        enrolled_at=datetime.fromisoformat(row["enrolled_at"]),
+        last_attested_at=opt_dt(row["last_attested_at"]),
+        pcr_bank=row["pcr_bank"],
+        pcrs=loads_pcrs(row["pcrs"]),
+        reset_count=row["reset_count"],
+        restart_count=row["restart_count"],
+    )
+
+
+def key_from_row(row: Row, with_secret: bool = True) -> StoredKey:
+    return StoredKey(
+        name=row["name"],
+        version=row["version"],
+        algorithm=row["algorithm"],
+        encrypted_private=bytes(row["encrypted_private"]) if with_secret else b"",
+        created_at=datetime.fromisoformat(row["created_at"]),
+    )
+
+
+META = sa.MetaData()
+BIGID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # INTEGER: SQLite's rowid alias
+
+
+def _table(name: str, *cols: sa.Column[Any]) -> sa.Table:
+    return sa.Table(name, META, *cols, sqlite_autoincrement=name in ("audit", "changes"))
+
+
+def _c(name: str, kind: Any, **kw: Any) -> sa.Column[Any]:
+    return sa.Column(name, kind, nullable=kw.pop("nullable", False), **kw)
+
+
+T, B, I = sa.Text(), sa.LargeBinary(), sa.Integer()  # noqa: E741
+nodes = _table(
+    "nodes", _c("name", T, primary_key=True), _c("state", T), _c("labels", T),
+    _c("ek_hash", T, unique=True), _c("ek_public", B), _c("ek_certificate", B),
+    _c("ak_public", B), _c("metadata", T), _c("enrolled_at", T), _c("updated_at", T),
+    _c("last_attested_at", T, nullable=True), _c("pcr_bank", T, nullable=True), _c("pcrs", T),
+    _c("reset_count", I, nullable=True), _c("restart_count", I, nullable=True),
+)  # fmt: skip
+nonces = _table("nonces", _c("nonce", B, primary_key=True), _c("node_name", T),
+                _c("expires_at", T))  # fmt: skip
+enrollments = _table(
+    "enrollments", _c("id", T, primary_key=True), _c("node_name", T), _c("ek_public", B),
+    _c("ek_certificate", B), _c("ak_public", B), _c("ek_hash", T), _c("secret_sha256", B),
+    _c("metadata", T), _c("expires_at", T),
+)  # fmt: skip
+allowlist = _table("allowlist", _c("ek_hash", T, primary_key=True), _c("added_at", T))
+keys = _table(
+    "keys", _c("name", T, primary_key=True), _c("version", I, primary_key=True),
+    _c("algorithm", T), _c("encrypted_private", B), _c("created_at", T),
+)  # fmt: skip
+grants = _table("grants", _c("key_name", T, primary_key=True),
+                _c("selector", T, primary_key=True), _c("created_at", T))  # fmt: skip
+policies = _table("policies", _c("name", T, primary_key=True), _c("pcr_bank", T),
+                  _c("pcrs", T), _c("updated_at", T))  # fmt: skip
+policy_assignments = _table(
+    "policy_assignments", _c("policy_name", T, primary_key=True),
+    _c("selector", T, primary_key=True), _c("created_at", T),
+)  # fmt: skip
+audit_log = _table(
+    "audit", _c("id", BIGID, primary_key=True, autoincrement=True), _c("at", T), _c("actor", T),
+    _c("event", T), _c("node", T, nullable=True), _c("result", T), _c("detail", T),
+)  # fmt: skip
+changes = _table(
+    "changes", _c("id", BIGID, primary_key=True, autoincrement=True), _c("at", T),
+    _c("node", T, nullable=True), _c("kind", T), _c("reason", T),
+)  # fmt: skip
+admin_revocations = _table("admin_revocations", _c("serial", T, primary_key=True),
+                          _c("name", T), _c("revoked_at", T))  # fmt: skip
