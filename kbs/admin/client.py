@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,6 +43,7 @@ from kbs.model import AuditEntry, DeletedKey, Grant, Node, Policy, StoredKey
 from keylease.api.v1 import admin_pb2 as pb
 from keylease.api.v1 import admin_pb2_grpc as pb_grpc
 from keylease.api.v1.limits import MAX_ADMIN_REPLY
+from keylease.tomlfile import read_toml
 
 __all__ = ["AdminCredentials", "RemoteOperator", "load_profile"]
 
@@ -90,12 +90,9 @@ class AdminCredentials:
 
 def load_profile(path: Path, name: str) -> tuple[str, Path]:
     """(server, admin certificate directory) of profile ``name`` in ``path``."""
-    try:
-        raw = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read client profiles {path}: {exc.strerror}") from None
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    raw = read_toml(
+        path, ConfigError, missing_hint="write it (README: Remote administration) or pass --server"
+    )
     profiles = raw.get("profile", {})
     entry = profiles.get(name) if isinstance(profiles, dict) else None
     if not isinstance(entry, dict):

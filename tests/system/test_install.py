@@ -14,8 +14,10 @@ from harness.wheelhouse import WheelhouseMissing, project_wheel, wheelhouse
 
 
 def _run(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run outside the checkout: its top-level ``systemd/`` folder (unit files) would import as a
+    namespace package and hide a missing systemd-python."""
     return subprocess.run(
-        [str(a) for a in argv], capture_output=True, text=True, timeout=300, check=False
+        [str(a) for a in argv], capture_output=True, text=True, timeout=300, check=False, cwd="/"
     )
 
 
@@ -65,7 +67,7 @@ def test_broker_extra_installs_the_broker_and_not_the_agent(
     helped = _run(bin_dir / "keylease-kbs", "--help")
     assert helped.returncode == 0, helped.stderr
     assert "serve" in helped.stdout
-    for module in ("systemd", "pyroute2"):
+    for module in ("systemd.journal", "pyroute2"):
         probe = _run(bin_dir / "python", "-c", f"import {module}")
         assert probe.returncode != 0, f"{module} is installed with the broker extra"
     agent = _run(bin_dir / "keylease-agent", "--help")
