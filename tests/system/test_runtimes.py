@@ -18,16 +18,19 @@ import shutil
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf.descriptor import FieldDescriptor
 
+from agent.config import DEFAULT_KEY_DIRS
 from harness.broker import Broker
-from harness.containerd import Containerd
+from harness.containerd import Containerd, containerd_config
 from harness.cri import CriError, api_pb2
 from harness.keys import write_key
 from harness.nodes import Node
@@ -44,6 +47,7 @@ PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 # The runtime's own messages (ocicrypt, through ctd-decoder and containerd's CRI).
 MISSING_KEY = "missing private key needed for decryption"  # no key file at all
 WRONG_KEY = "none of the private keys could be used for decryption"  # none that opens it
+CTD_GZIP = "io.containerd.ocicrypt.decoder.v1.tar.gzip"
 STREAM_PULLS = 200
 MIN_ROTATIONS = 5
 
@@ -536,6 +540,38 @@ def test_every_key_file_stays_loadable_under_a_stream_of_cri_pulls(
         f"retirements; {len(older)} pulls of images encrypted to the older of two installed "
         "versions); none failed"
     )
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_toml(heading: str) -> dict[str, Any]:
+    """The first ```toml block under ``heading`` in the README, parsed."""
+    text = README.read_text()
+    section = text[text.index(f"\n{heading}\n") :]
+    block = re.search(r"```toml\n(.*?)```", section, re.DOTALL)
+    assert block is not None, heading
+    return tomllib.loads(block.group(1))
+
+
+def test_the_readmes_runtime_configs_are_the_ones_tested(tmp_path: Path) -> None:
+    """The README's containerd config.toml is what ``harness.containerd`` runs (the tables that
+    decrypt; the harness adds only private paths), for the agent's default key directory; its
+    crio.conf names the agent's other default key directory."""
+    documented = _readme_toml("### containerd (Kubernetes through the CRI)")
+    key_dir = Path(DEFAULT_KEY_DIRS[1])
+    decoder = Path(documented["stream_processors"][CTD_GZIP]["path"])
+    tested = tomllib.loads(containerd_config(tmp_path, decoder, key_dir))
+    cri = "io.containerd.grpc.v1.cri"
+    assert documented["version"] == tested["version"] == 2
+    assert documented["plugins"][cri]["image_decryption"] == {"key_model": "node"}
+    assert tested["plugins"][cri]["image_decryption"] == {"key_model": "node"}
+    assert documented["stream_processors"] == tested["stream_processors"]
+    assert documented["stream_processors"][CTD_GZIP]["args"] == [
+        "--decryption-keys-path", str(key_dir)
+    ]  # fmt: skip
+    crio = _readme_toml("### CRI-O")
+    assert crio == {"crio": {"runtime": {"decryption_keys_path": DEFAULT_KEY_DIRS[0] + "/"}}}
 
 
 _FIELD = re.compile(r"^\s*(repeated\s+)?([\w.]+)\s+(\w+)\s*=\s*(\d+)\s*[;\[]", re.MULTILINE)
