@@ -18,13 +18,13 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
 
-from harness.postgres import PostgresServer, postgres_fixture  # noqa: F401
+from harness.postgres import postgres_fixture  # noqa: F401
 from kbs.errors import StoreError
 from kbs.model import ChangeKind, KeyState, NodeState
 from kbs.store import AdminRevocation, AuditEvent, Store
 from kbs.store.database import Database
 from kbs.store.migrate import HEAD_REVISION, MIGRATIONS
-from tests.kbs.test_store import enroll
+from tests.kbs.test_store import database_fixture, enroll  # noqa: F401
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 EK_A = "a" * 64
@@ -236,14 +236,6 @@ def test_a_revision_0002_database_gains_admin_revocations(tmp_path: Path) -> Non
         audit = AuditEvent("operator:t", "admin-cert-revoke", None, "ok", "alice")
         store.add_admin_revocations([AdminRevocation("ab", "alice", T0)], audit, T0)
         assert store.admin_revocation("ab") == AdminRevocation("ab", "alice", T0)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
-    if request.param == "sqlite":
-        return tmp_path / "kbs.db"
-    server: PostgresServer = request.getfixturevalue("postgres")
-    return server.create_database()
 
 
 def test_a_revision_0003_database_keeps_releasing_exactly_what_it_released(

@@ -29,8 +29,8 @@ T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 EK_A, EK_B = "a" * 64, "b" * 64
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+@pytest.fixture(name="database", params=["sqlite", "postgresql"])
+def database_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
     """A fresh database: a SQLite file path, or the URL of a new PostgreSQL database."""
     if request.param == "sqlite":
         return tmp_path / "kbs.db"
