@@ -37,6 +37,7 @@ from harness.runtimes import RuntimeToolMissing, runtime_tools
 from harness.swtpm import Swtpm, SwtpmCa, provision
 
 NODE = "worker-1"
+CRI_PLUGIN = 'plugins."io.containerd.grpc.v1.cri"'
 BOLD, DIM, RED, GREEN, RESET = ("\033[1m", "\033[2m", "\033[31m", "\033[32m", "\033[0m")
 
 
@@ -132,13 +133,16 @@ def cri_pull(work: Path, key_dir: Path, image: Path, public: Path) -> None:
             )  # fmt: skip
             with containerd, containerd.cri() as cri:
                 version = cri.version()
+                kept = work / "containerd-config.toml"
+                shutil.copyfile(containerd.config_path, kept)
                 print(
                     f"  {version.runtime_name} {version.runtime_version} (CRI "
-                    f"{version.runtime_api_version}) on {containerd.socket}, configured as a "
-                    f"node would be ({containerd.config_path}): CRI image_decryption "
-                    'key_model = "node", and for encrypted layers the stream processor '
-                    f"{tools.ctd_decoder} --decryption-keys-path {key_dir} (it walks the "
-                    "directory, the agent's keylease/ subdirectory included)"
+                    f"{version.runtime_api_version}), private to this demo, configured as on a "
+                    f"node (a copy of its config: {kept}):\n"
+                    f'    [{CRI_PLUGIN}.image_decryption] key_model = "node"\n'
+                    "    encrypted layers go through the stream processor\n"
+                    f"    {tools.ctd_decoder} --decryption-keys-path {key_dir}\n"
+                    "    (it reads the whole directory, the agent's keylease/ included)"
                 )
                 try:
                     pulled = cri.pull_image(reference)
