@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from agent.blobs import ReleaseBlob
 from agent.errors import ReleaseInvalid
 from agent.keystore import InstallableKey, validate_private_key_pem
+from agent.keystore.keyfile import validate_version
 from agent.tpm import Tpm
 from keylease.api.v1 import bundle_aad
 from keylease.api.v1 import keylease_pb2 as pb
@@ -72,6 +73,7 @@ def open_release(tpm: Tpm, blob: ReleaseBlob, node_name: str) -> Bundle:
     )
     for key in keys:
         validate_private_key_pem(key.name, key.pem)
+        validate_version(key.name, key.version)
     return Bundle(
         node_name=msg.node_name,
         issued_at=datetime.fromtimestamp(msg.issued_at_unix, UTC),

@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.errors import AgentError, KeystoreError
-from agent.keystore import key_directories
+from agent.keystore import key_directories, parse_key_file
 from agent.release import Bundle
 from agent.state import StateDir
 from agent.status import AgentStatus, load_status, save_status
@@ -57,14 +57,14 @@ def status_report(cfg: AgentConfig) -> dict[str, Any]:
     state = StateDir.open(cfg.state_dir)
     enrollment = state.load_enrollment()
     status = load_status(state)
-    versions = dict(status.keys) if status else {}
     directories: dict[str, Any] = {}
     for kd in key_directories(cfg):
         try:
-            names = kd.installed()
+            files = [(file, parse_key_file(file)) for file in kd.installed()]
             directories[str(kd.directory)] = [
-                {"name": n, "version": versions.get(n), "file": f"{kd.directory}/{n}.pem"}
-                for n in names
+                {"name": parsed[0], "version": parsed[1], "file": f"{kd.directory}/{file}"}
+                for file, parsed in files
+                if parsed is not None
             ]
         except KeystoreError as exc:
             directories[str(kd.directory)] = {"error": str(exc)}

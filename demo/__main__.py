@@ -6,7 +6,11 @@
    PCR values, imports an image key and grants it; the agent attests again and installs the key.
 4. skopeo encrypts a small OCI image to the key's public half and decrypts it with the key the
    agent installed; the secret inside the image is printed.
-5. A "tampered boot" (PCR 7 extended); the agent is denied, naming the PCR, and the key is removed.
+5. The same image, encrypted, in a registry on 127.0.0.1 (Debian's docker-registry), pulled the
+   way kubelet pulls it: through containerd's CRI (``ImageService.PullImage``) on a private
+   containerd 1.6 whose ctd-decoder reads the agent's containerd key directory; the secret is
+   read back from the unpacked layer.
+6. A "tampered boot" (PCR 7 extended); the agent is denied, naming the PCR, and the key is removed.
 
 Working files go to ./demo-run (replaced on every run).
 """
@@ -18,16 +22,22 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from harness.broker import AGENT, KBS, Broker, write_agent_config
+from harness.containerd import Containerd
+from harness.cri import CriError
 from harness.keys import write_key
 from harness.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
+from harness.registry import Registry
+from harness.runtimes import RuntimeToolMissing, runtime_tools
 from harness.swtpm import Swtpm, SwtpmCa, provision
 
 NODE = "worker-1"
+CRI_PLUGIN = 'plugins."io.containerd.grpc.v1.cri"'
 BOLD, DIM, RED, GREEN, RESET = ("\033[1m", "\033[2m", "\033[31m", "\033[32m", "\033[0m")
 
 
@@ -102,6 +112,55 @@ def unmount_key_tmpfs(key_dirs: list[Path]) -> None:
             subprocess.run(["umount", str(d / "keylease")], check=False)
 
 
+def cri_pull(work: Path, key_dir: Path, image: Path, public: Path) -> None:
+    """Push ``image`` encrypted to ``public`` into a registry on 127.0.0.1, then pull it
+    through the CRI of a private containerd whose ctd-decoder reads ``key_dir`` (where the
+    agent installed the key); print the secret from the unpacked layer."""
+    try:
+        tools = runtime_tools()
+    except RuntimeToolMissing as exc:
+        print(f"  {RED}skipped: {exc}{RESET}")
+        return
+    ctd_dir = Path(tempfile.mkdtemp(prefix="kl-demo-ctd-", dir="/tmp"))  # short socket path
+    try:
+        with Registry(work / "registry", tools.docker_registry) as registry:
+            reference = registry.push(image, "v1", "demo/secret-image", [public])
+            types = ", ".join(sorted(set(registry.layer_types("demo/secret-image", "v1"))))
+            print(f"  pushed {reference} (layers: {types})")
+            containerd = Containerd(
+                ctd_dir, binary=tools.containerd, ctd_decoder=tools.ctd_decoder,
+                key_dir=key_dir, insecure_registries=[registry.host],
+            )  # fmt: skip
+            with containerd, containerd.cri() as cri:
+                version = cri.version()
+                kept = work / "containerd-config.toml"
+                shutil.copyfile(containerd.config_path, kept)
+                print(
+                    f"  {version.runtime_name} {version.runtime_version} (CRI "
+                    f"{version.runtime_api_version}), private to this demo, configured as on a "
+                    f"node (a copy of its config: {kept}):\n"
+                    f'    [{CRI_PLUGIN}.image_decryption] key_model = "node"\n'
+                    "    encrypted layers go through the stream processor\n"
+                    f"    {tools.ctd_decoder} --decryption-keys-path {key_dir}\n"
+                    "    (it reads the whole directory, the agent's keylease/ included)"
+                )
+                try:
+                    pulled = cri.pull_image(reference)
+                except CriError as exc:
+                    raise SystemExit(f"{RED}demo: the CRI pull failed: {exc}{RESET}") from None
+                print(
+                    f"  CRI ImageService.PullImage {reference} -> {pulled.image_ref[:19]}... in "
+                    f"{pulled.seconds * 1000:.0f} ms (ctd-decoder decrypted the layer)"
+                )
+                found = containerd.unpacked("secret.txt")
+                if len(found) != 1:
+                    raise SystemExit(f"{RED}demo: {len(found)} unpacked secret.txt files{RESET}")
+                text = found[0].decode().strip()
+                print(f"  {GREEN}secret.txt in containerd's unpacked layer: {text}{RESET}")
+    finally:
+        shutil.rmtree(ctd_dir, ignore_errors=True)
+
+
 def run_demo(work: Path, key_dirs: list[Path]) -> int:
 
     step("1. A software TPM with an EK certificate from a local manufacturer CA (swtpm)")
@@ -157,7 +216,8 @@ def run_demo(work: Path, key_dirs: list[Path]) -> int:
 
             step("5. The agent attests again and installs the key it is granted")
             sh(agent)
-            installed = key_dirs[0] / "keylease" / "demo-key.pem"
+            installed = key_dirs[0] / "keylease" / "demo-key.v1.pem"
+            sh([*kbs, "key", "show", "demo-key"])
 
             step("6. skopeo encrypts an image to the key; the installed key file decrypts it")
             secret = b"hello from an encrypted layer: keylease works\n"
@@ -168,7 +228,10 @@ def run_demo(work: Path, key_dirs: list[Path]) -> int:
             text = read_file_from_image(work / "image-dec", "v1", "secret.txt").decode().strip()
             print(f"  {GREEN}decrypted secret.txt: {text}{RESET}")
 
-            step("7. Tampered boot: PCR 7 changes; the broker denies and the agent removes the key")
+            step("7. containerd pulls the encrypted image through its CRI, as kubelet does")
+            cri_pull(work, key_dirs[1], work / "image-plain", work / "image-key.pub")
+
+            step("8. Tampered boot: PCR 7 changes; the broker denies and the agent removes the key")
             sh(["tpm2_pcrextend", "7:sha256=" + "ab" * 32], env={"TPM2TOOLS_TCTI": tpm.tcti})
             sh(agent, expect=4)
             left = sorted(p.name for p in installed.parent.iterdir())

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import AgentConfig, load_config
+from agent.keystore import key_file_name
 from harness.broker import Broker, CliResult, agent, write_agent_config
 from harness.swtpm import Swtpm
 
@@ -29,8 +30,9 @@ class Node:
     def key_dirs(self) -> tuple[Path, Path]:
         return (self.keys_root / "crio-keys", self.keys_root / "containerd-keys")
 
-    def key_file(self, key: str, key_dir: int = 0) -> Path:
-        return self.key_dirs[key_dir] / "keylease" / f"{key}.pem"
+    def key_file(self, key: str, key_dir: int = 0, *, version: int = 1) -> Path:
+        """Where the agent installs version ``version`` of ``key``: ``<name>.v<N>.pem``."""
+        return self.key_dirs[key_dir] / "keylease" / key_file_name(key, version)
 
     def write_config(self) -> Path:
         return write_agent_config(

@@ -16,7 +16,14 @@ from datetime import datetime, timedelta
 from enum import Enum
 
 from kbs.context import BrokerContext
-from kbs.errors import InvalidRequest, KbsError, NodeRevoked, NotGranted, UnknownNode
+from kbs.errors import (
+    AttestationFailed,
+    InvalidRequest,
+    KbsError,
+    NodeRevoked,
+    NotGranted,
+    UnknownNode,
+)
 from kbs.eventlog import check_event_log
 from kbs.masterkey import key_aad
 from kbs.model import Node, NodeState, Policy, check_node_name
@@ -112,8 +119,10 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
         return AttestResult(AttestOutcome.PENDING_APPROVAL, None)
     try:
         sealed_pcrs, release = _release(ctx, node, ek, quote, policies, now)
-    except KbsError:
-        record()  # refused after a verified quote: its PCRs are kept (`policy set --from-node`)
+    except KbsError as exc:
+        # Refused after a verified quote: its PCRs are kept (`policy set --from-node`). A denial
+        # makes the agent remove its keys; a failure of the broker's own does not.
+        record(held=() if isinstance(exc, AttestationFailed) else None)
         raise
     names = ",".join(f"{n}@v{v}" for n, v in release.keys)
     record(
@@ -126,7 +135,9 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
                 actor, "release", node.name, "ok",
                 f"keys {names} until {release.not_after.isoformat()}",
             ),
-        ]
+        ],
+        held=release.keys,
+        lease_until=release.not_after,
     )  # fmt: skip
     log.info("attest node=%s result=released keys=%s", node.name, names)
     return AttestResult(AttestOutcome.RELEASED, release)

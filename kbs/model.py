@@ -23,10 +23,14 @@ __all__ = [
     "ChangeKind",
     "DeletedKey",
     "Grant",
+    "KeyDetails",
+    "KeyHolder",
+    "KeyState",
     "Node",
     "NodeState",
     "PendingEnrollment",
     "Policy",
+    "RetiredKey",
     "StoredKey",
     "check_name",
     "check_node_name",
@@ -87,6 +91,16 @@ class Policy:
     selectors: tuple[Mapping[str, str], ...]
 
 
+class KeyState(Enum):
+    """Where a key version is in its life: the newest version is the one images are encrypted
+    to (CURRENT); older ones are still released so that older images pull (ACTIVE) until an
+    operator retires them (RETIRED: never released again)."""
+
+    CURRENT = "current"
+    ACTIVE = "active"
+    RETIRED = "retired"
+
+
 @dataclass(frozen=True)
 class StoredKey:
     """One version of an image key; ``encrypted_private`` is sealed under the master key
@@ -97,6 +111,38 @@ class StoredKey:
     algorithm: str
     encrypted_private: bytes
     created_at: datetime
+    state: KeyState = KeyState.CURRENT
+    retired_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RetiredKey:
+    """What ``key retire`` did: the version retired, and the nodes told to attest again (and
+    remove its file)."""
+
+    key: StoredKey
+    nodes_notified: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KeyHolder:
+    """The versions of one key a node's latest release gave it, while that lease lasts."""
+
+    node: str
+    versions: tuple[int, ...]
+    released_at: datetime
+    lease_until: datetime
+
+
+@dataclass(frozen=True)
+class KeyDetails:
+    """``key show``: every version of one key, the selectors it is granted to, and the nodes
+    holding it."""
+
+    name: str
+    versions: tuple[StoredKey, ...]
+    grants: tuple[Mapping[str, str], ...]
+    holders: tuple[KeyHolder, ...]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Benchmark: what decryption costs a Kubernetes node's image pull (containerd CRI + ctd-decoder).
 
 Everything real, on loopback: an swtpm with an EK certificate, the broker over TLS, the agent
-(`keylease-agent attest --once`) installing the granted key into containerd's key directory,
+(`keylease-agent attest --once`) installing the granted key into containerd's key directory, one
+file per version (`image.v1.pem` ... `image.vN.pem`: the key is rotated N-1 times and the images
+are encrypted to the current version, so ctd-decoder loads every file and tries the older ones),
 Debian's registry on 127.0.0.1, Debian 12's containerd 1.6 with ctd-decoder (Debian 13's
 imgcrypt) as its stream processor, pulls through the CRI's `ImageService.PullImage` as kubelet
 does them. Each run pulls four new images, every layer random and unique (containerd skips
@@ -10,7 +12,7 @@ agent's key; the figure is the PullImage wall time. Layers are gzip-compressed r
 so their size is what travels and what is decrypted.
 
     .venv/bin/python -m scripts.bench_runtimes [--runs 7] [--layers 20] [--layer-kib 1024]
-        [--key rsa-3072|ec-p256]
+        [--key rsa-3072|ec-p256] [--versions 2]
 """
 
 from __future__ import annotations
@@ -86,7 +88,10 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=20)
     parser.add_argument("--layer-kib", type=int, default=1024)
     parser.add_argument("--key", choices=["ec-p256", "rsa-3072"], default="rsa-3072")
+    parser.add_argument("--versions", type=int, default=2, help="key versions installed")
     args = parser.parse_args()
+    if args.versions < 1:
+        parser.error("--versions must be at least 1")
     try:
         tools = runtime_tools()
     except RuntimeToolMissing as exc:
@@ -125,10 +130,14 @@ def main() -> int:
             must(broker.kbs("policy", "assign", "p", "--selector", "role=bench"))
             must(broker.kbs("key", "import", "image", "--private-key", str(key_path)))
             must(broker.kbs("grant", "add", "image", "--selector", "role=bench"))
+            for rotation in range(2, args.versions + 1):
+                key_path = write_key(work / f"image-key-v{rotation}.pem", _new_key(args.key))
+                must(broker.kbs("key", "rotate", "image", "--private-key", str(key_path)))
             must(agent(cfg, "attest", "--once"))
             installed = sorted(p.name for p in (key_dir / "keylease").iterdir())
-            if installed != ["image.pem"]:
-                raise SystemExit(f"bench: the agent installed {installed}, not image.pem")
+            expected = sorted(f"image.v{v}.pem" for v in range(1, args.versions + 1))
+            if installed != expected:
+                raise SystemExit(f"bench: the agent installed {installed}, not {expected}")
 
             containerd = Containerd(
                 work / "ctd",
@@ -155,8 +164,9 @@ def main() -> int:
     print(
         f"CRI PullImage wall time, {version.runtime_name} {version.runtime_version} + ctd-decoder "
         f"(imgcrypt, {tools.ctd_decoder}), registry on 127.0.0.1; {args.runs} runs (+1 warm-up), "
-        f"every layer new: {args.layer_kib} KiB of random bytes, gzip; key {args.key} "
-        f"installed by keylease-agent"
+        f"every layer new: {args.layer_kib} KiB of random bytes, gzip; key {args.key}, "
+        f"{args.versions} version(s) installed by keylease-agent as files {', '.join(installed)}; "
+        f"images encrypted to the current version (v{args.versions})"
     )
     for layers in (1, args.layers):
         plain, sealed = times[layers, False], times[layers, True]

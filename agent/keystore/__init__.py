@@ -1,6 +1,7 @@
 """The node's image keys: in the runtimes' key directories, and sealed at rest.
 
 - ``keydir``: one runtime key directory (``<root>/keylease/*.pem``), synced atomically;
+- ``keyfile``: a key version's file name, ``<name>.v<version>.pem``;
 - ``dirfd``, ``staging``: its directory-fd primitives, and the fallback for filesystems without
   ``O_TMPFILE``;
 - ``install``: every configured key directory at once (tmpfs checked), and removal;
@@ -17,6 +18,7 @@ from agent.keystore.install import (
     remove_all_keys,
 )
 from agent.keystore.keydir import OWNED_DIR, InstallableKey, KeyDirectory, SyncResult
+from agent.keystore.keyfile import key_file_name, parse_key_file
 from agent.keystore.ocikey import validate_private_key_pem
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "clear_key_directories",
     "install_keys",
     "key_directories",
+    "key_file_name",
+    "parse_key_file",
     "remove_all_keys",
     "validate_private_key_pem",
 ]

@@ -20,7 +20,7 @@ from agent.errors import KeystoreError
 
 __all__ = ["TEMP_FILE", "io_errors", "kind", "open_dir", "temp_name", "write_all"]
 
-TEMP_FILE = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._-]{0,62}\.pem\..+")
+TEMP_FILE = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._-]{0,80}\.pem\..+")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -43,9 +43,10 @@ def kind(mode: int) -> str:
     return "a special file"
 
 
-def temp_name(name: str) -> str:
-    """A hidden temp name for key ``name`` (``.<name>.pem.<random>``), matching TEMP_FILE."""
-    return f".{name}.pem.{secrets.token_hex(8)}"
+def temp_name(file: str) -> str:
+    """A hidden temp name for key file ``file`` (``.<file>.<random>``, ``file`` ending in
+    ``.pem``), matching TEMP_FILE."""
+    return f".{file}.{secrets.token_hex(8)}"
 
 
 def _refused_dir(path: Path, name: str, dir_fd: int | None) -> KeystoreError:

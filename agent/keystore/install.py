@@ -45,8 +45,8 @@ def install_keys(
     removed: list[str] = []
     for kd in directories:
         result = kd.sync(keys)
-        installed += [f"{kd.directory}/{n}.pem" for n in result.installed + result.unchanged]
-        removed += [f"{kd.directory}/{n}.pem" for n in result.removed]
+        installed += [f"{kd.directory}/{n}" for n in result.installed + result.unchanged]
+        removed += [f"{kd.directory}/{n}" for n in result.removed]
     return tuple(installed), tuple(removed)
 
 
@@ -58,7 +58,8 @@ def _memory_backed(kd: KeyDirectory) -> bool:
 
 
 def clear_key_directories(cfg: AgentConfig) -> tuple[str, ...]:
-    """Remove every key file this agent installed; the sealed cache stays. Returns the names."""
+    """Remove every key file this agent installed; the sealed cache stays. Returns the file
+    names."""
     removed: list[str] = []
     for kd in key_directories(cfg):
         removed += kd.clear()
@@ -71,7 +72,7 @@ def remove_all_keys(cfg: AgentConfig, cache: SealedCache) -> tuple[str, ...]:
     failures: list[KeystoreError] = []
     for kd in key_directories(cfg):
         try:
-            removed += [f"{kd.directory}/{name}.pem" for name in kd.clear()]
+            removed += [f"{kd.directory}/{name}" for name in kd.clear()]
         except KeystoreError as exc:  # clear every other directory before reporting it
             failures.append(exc)
     cache.drop()

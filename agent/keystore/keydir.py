@@ -3,8 +3,9 @@
 CRI-O and containerd's ctd-decoder walk their key directory recursively on every encrypted pull and
 fail on anything they cannot parse, and on any symlink. So:
 
-- the agent owns only ``<root>/keylease/`` and the ``<name>.pem`` files in it; nothing else in
-  ``<root>`` is ever touched;
+- the agent owns only ``<root>/keylease/`` and the key files in it, one per key version:
+  ``<name>.v<version>.pem`` (``agent.keystore.keyfile``); nothing else in ``<root>`` is ever
+  touched;
 - every directory is opened with ``O_NOFOLLOW`` and every change goes through a directory fd, so a
   symlink swapped in can't redirect a write (``agent.keystore.dirfd``);
 - a file appears only complete: its content is written to an unnamed ``O_TMPFILE`` inode, fsynced,
@@ -21,7 +22,6 @@ import errno
 import hmac
 import logging
 import os
-import re
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ from pathlib import Path
 
 from agent.errors import InvalidKey, KeystoreError
 from agent.keystore.dirfd import TEMP_FILE, io_errors, kind, open_dir, temp_name, write_all
+from agent.keystore.keyfile import key_file_name, parse_key_file, validate_version
 from agent.keystore.ocikey import check_pem_shape
 from agent.keystore.staging import Staging
 from keylease.secret import Secret
@@ -38,7 +39,6 @@ __all__ = ["OWNED_DIR", "InstallableKey", "KeyDirectory", "SyncResult"]
 log = logging.getLogger(__name__)
 
 OWNED_DIR = "keylease"
-_KEY_FILE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,62})\.pem")
 _O_TMPFILE: int | None = getattr(os, "O_TMPFILE", None)
 _NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR)
 
@@ -49,9 +49,16 @@ class InstallableKey:
     version: int
     pem: Secret
 
+    @property
+    def file_name(self) -> str:
+        """``<name>.v<version>.pem``: each version of a key has a file of its own."""
+        return key_file_name(self.name, self.version)
+
 
 @dataclass(frozen=True)
 class SyncResult:
+    """Key file names (``<name>.v<version>.pem``) by what a sync did to them."""
+
     installed: tuple[str, ...]
     unchanged: tuple[str, ...]
     removed: tuple[str, ...]
@@ -78,13 +85,16 @@ class KeyDirectory:
     # -- public API -------------------------------------------------------------------------
 
     def sync(self, keys: Sequence[InstallableKey]) -> SyncResult:
-        """Install new and changed keys, then remove owned key files not in ``keys``."""
-        wanted = {key.name for key in keys}
-        if len(wanted) != len(keys):
-            twice = sorted({k.name for k in keys if [j.name for j in keys].count(k.name) > 1})
-            raise InvalidKey(f"the release names key(s) {', '.join(twice)} twice; refusing it")
+        """Install new and changed key versions (a file each), then remove owned key files not
+        in ``keys``."""
         for key in keys:  # fully parsed when the release was opened; re-check the file shape
             check_pem_shape(key.name, key.pem)
+            validate_version(key.name, key.version)
+        files = [key.file_name for key in keys]
+        wanted = set(files)
+        if len(wanted) != len(keys):
+            twice = sorted({f"{k.name} v{k.version}" for k in keys if files.count(k.file_name) > 1})
+            raise InvalidKey(f"the release names {', '.join(twice)} twice; refusing it")
         installed: list[str] = []
         unchanged: list[str] = []
         removed: list[str] = []
@@ -101,23 +111,23 @@ class KeyDirectory:
             try:
                 self._remove(own_fd, listing.temps)
                 for key in keys:
-                    data = key.pem.reveal()
-                    current = listing.keys.get(key.name)
-                    if current is not None and self._same(own_fd, key.name, current, data):
-                        unchanged.append(key.name)
+                    data, file = key.pem.reveal(), key.file_name
+                    current = listing.keys.get(file)
+                    if current is not None and self._same(own_fd, file, current, data):
+                        unchanged.append(file)
                         continue
-                    self._publish(own_fd, staging, key.name, data, replace=current is not None)
-                    installed.append(key.name)
+                    self._publish(own_fd, staging, file, data, replace=current is not None)
+                    installed.append(file)
                 with io_errors("sync", self.directory):
                     os.fsync(own_fd)
                 removed = sorted(set(listing.keys) - wanted)
-                self._remove(own_fd, [f"{name}.pem" for name in removed])
+                self._remove(own_fd, removed)
             finally:
                 staging.remove()
         return SyncResult(tuple(installed), tuple(unchanged), tuple(removed))
 
     def clear(self) -> list[str]:
-        """Remove every key file this agent owns here; return the names removed."""
+        """Remove every key file this agent owns here; return the file names removed."""
         staging = Staging(self.root)
         with self._opened(create=False) as own_fd:
             try:
@@ -125,7 +135,7 @@ class KeyDirectory:
                     return []
                 listing = self._scan(own_fd)
                 removed = sorted(listing.keys)
-                self._remove(own_fd, [*listing.temps, *(f"{name}.pem" for name in removed)])
+                self._remove(own_fd, [*listing.temps, *removed])
                 if listing.foreign:
                     log.warning(
                         "%s holds entries keylease-agent did not write: %s",
@@ -137,7 +147,7 @@ class KeyDirectory:
                 staging.remove()
 
     def installed(self) -> list[str]:
-        """Names of the keys currently installed here."""
+        """The key files currently installed here (``<name>.v<version>.pem``)."""
         with self._opened(create=False) as own_fd:
             return [] if own_fd is None else sorted(self._scan(own_fd).keys)
 
@@ -213,20 +223,20 @@ class KeyDirectory:
                     st = os.stat(entry, dir_fd=own_fd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                if stat.S_ISREG(st.st_mode) and (match := _KEY_FILE.fullmatch(entry)):
-                    keys[match[1]] = st
+                if stat.S_ISREG(st.st_mode) and parse_key_file(entry) is not None:
+                    keys[entry] = st
                 elif stat.S_ISREG(st.st_mode) and TEMP_FILE.fullmatch(entry):
                     temps.append(entry)
                 else:
                     foreign.append(f"{entry} ({kind(st.st_mode)})")
         return _Listing(keys, tuple(temps), tuple(foreign))
 
-    def _same(self, own_fd: int, name: str, current: os.stat_result, data: bytes) -> bool:
-        """True if ``<name>.pem`` already holds exactly ``data`` with mode 0600."""
+    def _same(self, own_fd: int, file: str, current: os.stat_result, data: bytes) -> bool:
+        """True if ``file`` already holds exactly ``data`` with mode 0600."""
         if stat.S_IMODE(current.st_mode) != 0o600 or current.st_size != len(data):
             return False
-        with io_errors("read", self.directory / f"{name}.pem"):
-            fd = os.open(f"{name}.pem", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=own_fd)
+        with io_errors("read", self.directory / file):
+            fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=own_fd)
             try:
                 content = b""
                 while len(content) <= len(data) and (chunk := os.read(fd, 1 << 16)):
@@ -236,13 +246,12 @@ class KeyDirectory:
         return hmac.compare_digest(content, data)
 
     def _publish(
-        self, own_fd: int, staging: Staging, name: str, data: bytes, *, replace: bool
+        self, own_fd: int, staging: Staging, final: str, data: bytes, *, replace: bool
     ) -> None:
-        final = f"{name}.pem"
         path = self.directory / final
         fd = self._open_tmpfile(own_fd) if self._o_tmpfile else None
         if fd is None:
-            staging.publish(own_fd, self.directory, name, data)
+            staging.publish(own_fd, self.directory, final, data)
             return
         with io_errors("write", path):
             try:
@@ -256,7 +265,7 @@ class KeyDirectory:
                         return
                     except FileExistsError:
                         pass  # appeared since the scan: replace it instead
-                temp = temp_name(name)
+                temp = temp_name(final)
                 os.link(source, temp, dst_dir_fd=own_fd, follow_symlinks=True)
                 try:
                     os.rename(temp, final, src_dir_fd=own_fd, dst_dir_fd=own_fd)

@@ -44,7 +44,7 @@ def _shown(name: str) -> str:
 
 
 def validate_key_name(name: str) -> None:
-    """Raise InvalidKey unless ``name`` is usable as the file name ``<name>.pem``."""
+    """Raise InvalidKey unless ``name`` is usable in a file name (``<name>.v<N>.pem``)."""
     if not KEY_NAME.fullmatch(name):
         raise InvalidKey(
             f"key name {_shown(name)} is not allowed: it becomes a file name and must be 1-63 "

@@ -61,11 +61,11 @@ class Staging:
                     os.unlink(entry, dir_fd=self._fd)
         return self._fd
 
-    def publish(self, own_fd: int, own: Path, name: str, data: bytes) -> None:
-        """Write a complete temp file here, then rename it into ``own``."""
+    def publish(self, own_fd: int, own: Path, file: str, data: bytes) -> None:
+        """Write a complete temp file here, then rename it into ``own`` as ``file``."""
         staging = self._open(create=True)
         assert staging is not None
-        temp = temp_name(name)
+        temp = temp_name(file)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         with io_errors("write a key file in", self.path):
             fd = os.open(temp, flags, 0o600, dir_fd=staging)
@@ -76,7 +76,7 @@ class Staging:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                os.rename(temp, f"{name}.pem", src_dir_fd=staging, dst_dir_fd=own_fd)
+                os.rename(temp, file, src_dir_fd=staging, dst_dir_fd=own_fd)
             except OSError as exc:
                 if exc.errno == errno.EXDEV:
                     raise KeystoreError(

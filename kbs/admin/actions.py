@@ -1,8 +1,9 @@
 """Operator actions behind ``keylease-kbs``: each validates its input, changes the database and
 writes one audit record naming the operator. No printing and no argument parsing here.
 
-Changes that concern nodes (revoke, approve, grants, a key's new version, policies) also record a
-row in the change feed, in the store's transaction, which the broker pushes to watching agents.
+Changes that concern nodes (revoke, approve, grants, a key's new or retired version, policies)
+also record a row in the change feed, in the store's transaction, which the broker pushes to
+watching agents.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ from kbs.model import (
     Node,
     NodeState,
     Policy,
+    RetiredKey,
     StoredKey,
     check_name,
     format_selector,
 )
 from kbs.store import Store
 
-__all__ = ["SUPPORTED_BANKS", "Admin", "check_ek_hash", "parse_pcr_list"]
+__all__ = ["MAX_KEY_VERSION", "SUPPORTED_BANKS", "Admin", "check_ek_hash", "parse_pcr_list"]
 
 _RESEAL_PASSES = 5
+MAX_KEY_VERSION = 2**32 - 1  # the wire's uint32
 
 SUPPORTED_BANKS = ("sha256",)
 _EK_HASH = re.compile(r"[0-9a-f]{64}")
@@ -117,8 +120,9 @@ class Admin:
         return key
 
     def rotate_key(self, name: str, data: bytes, source: str, master: MasterKey) -> StoredKey:
-        """Store a new private key as the next version of existing key ``name``: from now on
-        that version is released, and the nodes it is granted to are told to attest again."""
+        """Store a new private key as the next version of existing key ``name``: the current
+        version from now on (the one to encrypt new images to), released beside the older
+        versions not retired; the nodes it is granted to are told to attest again."""
         check_name(name, "key")
         pem, algorithm = load_private_key(data, source)
         current = self.store.get_key(name)
@@ -141,6 +145,20 @@ class Admin:
         )
         self._audit("key-rotate", f"key {name} v{current.version} -> v{key.version} {algorithm}")
         return key
+
+    def retire_key(self, name: str, version: int) -> RetiredKey:
+        """Stop releasing version ``version`` of key ``name``; the nodes it is granted to are
+        told to attest again, and remove its file. The current version is refused."""
+        check_name(name, "key")
+        if not 1 <= version <= MAX_KEY_VERSION:
+            raise OperatorError(f"invalid key version {version}: versions are numbered from 1")
+        retired = self.store.retire_key(name, version, self.clock())
+        self._audit(
+            "key-retire",
+            f"key {name} v{version} retired; {len(retired.nodes_notified)} node(s) told to "
+            "attest again",
+        )
+        return retired
 
     def delete_key(self, name: str) -> DeletedKey:
         """Remove every version of key ``name`` and its grants; the nodes those grants covered

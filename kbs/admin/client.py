@@ -33,13 +33,23 @@ from kbs.admin.wire import (
     audit_from_pb,
     from_us,
     grant_from_pb,
+    key_details_from_pb,
     key_from_pb,
     node_from_pb,
     policy_from_pb,
 )
 from kbs.config import parse_listen
 from kbs.errors import AdminUnavailable, ConfigError, KbsError, NotFound, OperatorError
-from kbs.model import AuditEntry, DeletedKey, Grant, Node, Policy, StoredKey
+from kbs.model import (
+    AuditEntry,
+    DeletedKey,
+    Grant,
+    KeyDetails,
+    Node,
+    Policy,
+    RetiredKey,
+    StoredKey,
+)
 from keylease.api.v1 import admin_pb2 as pb
 from keylease.api.v1 import admin_pb2_grpc as pb_grpc
 from keylease.api.v1.limits import MAX_ADMIN_REPLY
@@ -197,6 +207,14 @@ class RemoteOperator:
 
     def list_keys(self) -> list[StoredKey]:
         return [key_from_pb(k) for k in self._call(self._stub.ListKeys, pb.AdminEmpty()).keys]
+
+    def retire_key(self, name: str, version: int) -> RetiredKey:
+        request = pb.AdminRetireKeyRequest(name=name, version=version)
+        reply = self._call(self._stub.RetireKey, request)
+        return RetiredKey(key_from_pb(reply.key), tuple(reply.nodes_notified))
+
+    def show_key(self, name: str) -> KeyDetails:
+        return key_details_from_pb(self._call(self._stub.ShowKey, pb.AdminKeyName(name=name)))
 
     def add_grant(self, key: str, selector: Mapping[str, str]) -> Grant:
         request = pb.AdminGrantRequest(key=key, selector=dict(selector))

@@ -22,9 +22,12 @@ from kbs.model import (
     AuditEntry,
     DeletedKey,
     Grant,
+    KeyDetails,
     Node,
     Policy,
+    RetiredKey,
     StoredKey,
+    check_name,
     parse_labels,
     parse_selector,
 )
@@ -52,8 +55,10 @@ class Operator(Protocol):
     def list_allowlist(self) -> list[tuple[str, datetime]]: ...
     def import_key(self, name: str, data: bytes, source: str) -> StoredKey: ...
     def rotate_key(self, name: str, data: bytes, source: str) -> StoredKey: ...
+    def retire_key(self, name: str, version: int) -> RetiredKey: ...
     def delete_key(self, name: str) -> DeletedKey: ...
     def list_keys(self) -> list[StoredKey]: ...
+    def show_key(self, name: str) -> KeyDetails: ...
     def add_grant(self, key: str, selector: Mapping[str, str]) -> Grant: ...
     def remove_grant(self, key: str, selector: Mapping[str, str]) -> None: ...
     def list_grants(self) -> list[Grant]: ...
@@ -100,11 +105,17 @@ class LocalOperator:
     def rotate_key(self, name: str, data: bytes, source: str) -> StoredKey:
         return self.admin.rotate_key(name, data, source, self.master())
 
+    def retire_key(self, name: str, version: int) -> RetiredKey:
+        return self.admin.retire_key(name, version)
+
     def delete_key(self, name: str) -> DeletedKey:
         return self.admin.delete_key(name)
 
     def list_keys(self) -> list[StoredKey]:
         return self.admin.store.list_keys()
+
+    def show_key(self, name: str) -> KeyDetails:
+        return self.admin.store.key_details(check_name(name, "key"), self.admin.clock())
 
     def add_grant(self, key: str, selector: Mapping[str, str]) -> Grant:
         return self.admin.add_grant(key, check_selector(selector))

@@ -34,6 +34,7 @@ from kbs.admin.operator import LocalOperator
 from kbs.admin.wire import (
     audit_to_pb,
     grant_to_pb,
+    key_details_to_pb,
     key_to_pb,
     node_to_pb,
     policy_to_pb,
@@ -190,6 +191,20 @@ class AdminService(pb_grpc.AdminServiceServicer):
     async def ListKeys(self, request: pb.AdminEmpty, context: Ctx) -> pb.AdminKeyList:
         keys = await self._run(context, "ListKeys", lambda op: op.list_keys())
         return pb.AdminKeyList(keys=[key_to_pb(k) for k in keys])
+
+    async def RetireKey(
+        self, request: pb.AdminRetireKeyRequest, context: Ctx
+    ) -> pb.AdminRetireKeyResponse:
+        retired = await self._run(
+            context, "RetireKey", lambda op: op.retire_key(request.name, request.version)
+        )
+        return pb.AdminRetireKeyResponse(
+            key=key_to_pb(retired.key), nodes_notified=retired.nodes_notified
+        )
+
+    async def ShowKey(self, request: pb.AdminKeyName, context: Ctx) -> pb.AdminKeyDetails:
+        details = await self._run(context, "ShowKey", lambda op: op.show_key(request.name))
+        return key_details_to_pb(details)
 
     async def AddGrant(self, request: pb.AdminGrantRequest, context: Ctx) -> pb.AdminGrant:
         selector = dict(request.selector)

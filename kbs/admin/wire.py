@@ -11,7 +11,17 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from kbs.errors import InvalidRequest
-from kbs.model import AuditEntry, Grant, Node, NodeState, Policy, StoredKey
+from kbs.model import (
+    AuditEntry,
+    Grant,
+    KeyDetails,
+    KeyHolder,
+    KeyState,
+    Node,
+    NodeState,
+    Policy,
+    StoredKey,
+)
 from keylease.api.v1 import admin_pb2 as pb
 
 __all__ = [
@@ -20,6 +30,8 @@ __all__ = [
     "from_us",
     "grant_from_pb",
     "grant_to_pb",
+    "key_details_from_pb",
+    "key_details_to_pb",
     "key_from_pb",
     "key_to_pb",
     "node_from_pb",
@@ -95,16 +107,56 @@ def node_from_pb(msg: pb.AdminNode) -> Node:
 
 
 def key_to_pb(key: StoredKey) -> pb.AdminKey:
-    return pb.AdminKey(
+    msg = pb.AdminKey(
         name=key.name,
         version=key.version,
         algorithm=key.algorithm,
         created_at_us=to_us(key.created_at),
+        state=key.state.value,
     )
+    if key.retired_at is not None:
+        msg.retired_at_us = to_us(key.retired_at)
+    return msg
 
 
 def key_from_pb(msg: pb.AdminKey) -> StoredKey:
-    return StoredKey(msg.name, msg.version, msg.algorithm, b"", from_us(msg.created_at_us))
+    try:
+        state = KeyState(msg.state)
+    except ValueError:
+        raise InvalidRequest(f"unknown key state {msg.state[:40]!r}") from None
+    retired_at = from_us(msg.retired_at_us) if msg.HasField("retired_at_us") else None
+    created_at = from_us(msg.created_at_us)
+    return StoredKey(msg.name, msg.version, msg.algorithm, b"", created_at, state, retired_at)
+
+
+def key_details_to_pb(details: KeyDetails) -> pb.AdminKeyDetails:
+    return pb.AdminKeyDetails(
+        name=details.name,
+        versions=[key_to_pb(k) for k in details.versions],
+        grants=[pb.AdminSelector(pairs=dict(s)) for s in details.grants],
+        holders=[
+            pb.AdminKeyHolder(
+                node=h.node,
+                versions=h.versions,
+                released_at_us=to_us(h.released_at),
+                lease_until_us=to_us(h.lease_until),
+            )
+            for h in details.holders
+        ],
+    )
+
+
+def key_details_from_pb(msg: pb.AdminKeyDetails) -> KeyDetails:
+    return KeyDetails(
+        name=msg.name,
+        versions=tuple(key_from_pb(k) for k in msg.versions),
+        grants=tuple(dict(s.pairs) for s in msg.grants),
+        holders=tuple(
+            KeyHolder(h.node, tuple(h.versions), from_us(h.released_at_us),
+                      from_us(h.lease_until_us))
+            for h in msg.holders
+        ),
+    )  # fmt: skip
 
 
 def grant_to_pb(grant: Grant) -> pb.AdminGrant:

@@ -27,7 +27,10 @@ from kbs.cli.output import (
     audit_rows,
     dump_json,
     grant_json,
+    key_details,
+    key_details_json,
     key_json,
+    key_rows,
     node_details,
     node_json,
     node_rows,
@@ -160,8 +163,21 @@ def cmd_key_rotate(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
         key = admin.rotate_key(args.name, data, str(args.private_key))
     print(
-        f"key {key.name}: version {key.version} ({key.algorithm}) is now released; granted "
-        "nodes are told to attest again (older versions stay listed)"
+        f"key {key.name}: version {key.version} ({key.algorithm}) is now current: encrypt new "
+        "images to it. Granted nodes are told to attest again and install it beside the older "
+        "versions, which stay released so that older images still pull; stop releasing one "
+        f"with `keylease-kbs key retire {key.name} --version N`"
+    )
+    return 0
+
+
+def cmd_key_retire(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        retired = admin.retire_key(args.name, args.version)
+    print(
+        f"key {retired.key.name}: version {retired.key.version} retired: no longer released; "
+        f"{len(retired.nodes_notified)} node(s) told to attest again and remove its file "
+        "(images encrypted only to it no longer pull there)"
     )
     return 0
 
@@ -179,13 +195,13 @@ def cmd_key_delete(args: argparse.Namespace) -> int:
 def cmd_key_list(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
         keys = admin.list_keys()
-    rows = [[k.name, str(k.version), k.algorithm, k.created_at.isoformat(timespec="seconds")]
-            for k in keys]  # fmt: skip
-    return _print_json_or(
-        args,
-        [key_json(k) for k in keys],
-        render_table(["NAME", "VERSION", "ALGORITHM", "CREATED_AT"], rows),
-    )
+    return _print_json_or(args, [key_json(k) for k in keys], key_rows(keys))
+
+
+def cmd_key_show(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        details = admin.show_key(args.name)
+    return _print_json_or(args, key_details_json(details), key_details(details))
 
 
 def cmd_grant_add(args: argparse.Namespace) -> int:
@@ -277,8 +293,10 @@ COMMANDS: dict[str, Handler] = {
     "allowlist list": cmd_allowlist_list,
     "key import": cmd_key_import,
     "key rotate": cmd_key_rotate,
+    "key retire": cmd_key_retire,
     "key delete": cmd_key_delete,
     "key list": cmd_key_list,
+    "key show": cmd_key_show,
     "grant add": cmd_grant_add,
     "grant remove": cmd_grant_remove,
     "grant list": cmd_grant_list,

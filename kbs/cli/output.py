@@ -10,14 +10,17 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from kbs.model import AuditEntry, Grant, Node, Policy, StoredKey, format_selector
+from kbs.model import AuditEntry, Grant, KeyDetails, Node, Policy, StoredKey, format_selector
 
 __all__ = [
     "audit_json",
     "audit_rows",
     "dump_json",
     "grant_json",
+    "key_details",
+    "key_details_json",
     "key_json",
+    "key_rows",
     "node_details",
     "node_json",
     "node_rows",
@@ -106,9 +109,72 @@ def key_json(key: StoredKey) -> Json:
     return {
         "name": key.name,
         "version": key.version,
+        "state": key.state.value,
         "algorithm": key.algorithm,
         "created_at": _when(key.created_at),
+        "retired_at": _when(key.retired_at),
     }
+
+
+def key_rows(keys: Sequence[StoredKey]) -> str:
+    return render_table(
+        ["NAME", "VERSION", "STATE", "ALGORITHM", "CREATED_AT", "RETIRED_AT"],
+        [
+            [k.name, str(k.version), k.state.value, k.algorithm, _when(k.created_at) or "",
+             _when(k.retired_at) or "-"]
+            for k in keys
+        ],
+    )  # fmt: skip
+
+
+def key_details_json(details: KeyDetails) -> Json:
+    return {
+        "name": details.name,
+        "versions": [key_json(k) for k in details.versions],
+        "grants": [format_selector(s) for s in details.grants],
+        "holders": [
+            {
+                "node": h.node,
+                "versions": list(h.versions),
+                "released_at": _when(h.released_at),
+                "lease_until": _when(h.lease_until),
+            }
+            for h in details.holders
+        ],
+    }
+
+
+def key_details(details: KeyDetails) -> str:
+    held: dict[int, int] = {}
+    for holder in details.holders:
+        for version in holder.versions:
+            held[version] = held.get(version, 0) + 1
+    versions = render_table(
+        ["VERSION", "STATE", "ALGORITHM", "CREATED_AT", "RETIRED_AT", "NODES"],
+        [
+            [str(k.version), k.state.value, k.algorithm, _when(k.created_at) or "",
+             _when(k.retired_at) or "-", str(held.get(k.version, 0))]
+            for k in details.versions
+        ],
+    )  # fmt: skip
+    lines = [
+        f"name:       {details.name}",
+        f"granted to: {' '.join(format_selector(s) for s in details.grants) or '-'}",
+        "versions:",
+        *(f"  {line}" for line in versions.splitlines()),
+        "nodes holding it (their latest release, while its lease lasts):",
+    ]
+    if not details.holders:
+        return "\n".join([*lines, "  none"])
+    holders = render_table(
+        ["NODE", "VERSIONS", "RELEASED_AT", "LEASE_UNTIL"],
+        [
+            [h.node, ",".join(str(v) for v in h.versions), _when(h.released_at) or "",
+             _when(h.lease_until) or ""]
+            for h in details.holders
+        ],
+    )  # fmt: skip
+    return "\n".join([*lines, *(f"  {line}" for line in holders.splitlines())])
 
 
 def grant_json(grant: Grant) -> Json:

@@ -37,9 +37,12 @@ _GROUPS: dict[str, tuple[str, dict[str, str]]] = {
         "image keys (stored encrypted under the master key)",
         {
             "import": "import a new key as version 1 (an existing NAME is refused)",
-            "rotate": "make a new private key the next, released version of key NAME",
+            "rotate": "make a new private key the current version of NAME (older ones stay "
+            "released until retired)",
+            "retire": "stop releasing one older version of NAME; nodes remove its file",
             "delete": "delete key NAME: every version and its grants; nodes drop it",
-            "list": "stored keys, every version",
+            "list": "stored keys, every version and its state (current, active, retired)",
+            "show": "one key: its versions, grants, and which nodes hold which version",
         },
     ),
     "grant": (
@@ -81,6 +84,12 @@ LOCAL_ONLY = ("init", "check-config", "serve", "admin-cert", "master-key")
 def _profiles_file() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "keylease" / "kbs-client.toml"
+
+
+def _key_version(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) < 2**32:
+        raise argparse.ArgumentTypeError(f"invalid key version {text[:20]!r}: a number from 1")
+    return int(text)
 
 
 def _json_flag(parser: argparse.ArgumentParser) -> None:
@@ -168,7 +177,12 @@ def _group_arguments(
     elif group == "allowlist":
         parsers["add"].add_argument("ek_hash", metavar="EK_HASH", help="SHA-256 hex of the EK")
     elif group == "key":
-        parsers["delete"].add_argument("name", metavar="NAME")
+        for action in ("delete", "show", "retire"):
+            parsers[action].add_argument("name", metavar="NAME")
+        parsers["retire"].add_argument(
+            "--version", type=_key_version, required=True, metavar="N",
+            help="the version to retire (not the current one: rotate first)",
+        )  # fmt: skip
         for action in ("import", "rotate"):
             parsers[action].add_argument("name", metavar="NAME")
             parsers[action].add_argument(

@@ -98,7 +98,7 @@ class BrokerMetrics:
         self.outcome(event, result, type(exc).__name__)
 
     def released(self, keys: tuple[tuple[str, int], ...]) -> None:
-        for name, _version in keys:
+        for name in sorted({name for name, _version in keys}):  # once per key, any versions
             self.releases.labels(name).inc()
 
     def rpc(self, method: str, code: str, seconds: float | None) -> None:

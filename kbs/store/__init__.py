@@ -32,10 +32,12 @@ from kbs.model import (
     ChangeKind,
     DeletedKey,
     Grant,
+    KeyDetails,
     Node,
     NodeState,
     PendingEnrollment,
     Policy,
+    RetiredKey,
     StoredKey,
 )
 from kbs.store import audit, changes, enrollments, keys, nodes, nonces, policies, revocations
@@ -133,10 +135,12 @@ class Store:
     def record_attestation(
         self, name: str, *, bank: str, pcrs: Mapping[int, bytes], reset_count: int | None,
         restart_count: int | None, now: datetime, events: Sequence[AuditEvent] = (),
+        held: Sequence[tuple[str, int]] | None = (), lease_until: datetime | None = None,
     ) -> None:  # fmt: skip
         nodes.record_attestation(
             self.database, name, bank=bank, pcrs=pcrs, reset_count=reset_count,
-            restart_count=restart_count, now=now, events=events,
+            restart_count=restart_count, now=now, events=events, held=held,
+            lease_until=lease_until,
         )  # fmt: skip
 
     # --- nonces and enrollment (``kbs.store.nonces``, ``kbs.store.enrollments``) ---------------
@@ -184,10 +188,17 @@ class Store:
         return keys.get_key(self.database, name)
 
     def keys_for_labels(self, labels: Mapping[str, str]) -> list[StoredKey]:
-        """Latest version of every key granted to ``labels``; cached per label set."""
+        """Every version not retired of every key granted to ``labels``; cached per label
+        set."""
         if not labels:
             return []
         return list(self._key_cache.get(labels, lambda: keys.granted_keys(self.database, labels)))
+
+    def retire_key(self, name: str, version: int, now: datetime) -> RetiredKey:
+        return keys.retire_key(self.database, name, version, now)
+
+    def key_details(self, name: str, now: datetime) -> KeyDetails:
+        return keys.key_details(self.database, name, now)
 
     def delete_key(self, name: str, now: datetime) -> DeletedKey:
         return keys.delete_key(self.database, name, now)

@@ -1,27 +1,49 @@
 """Image keys (every version, sealed under the master key) and the grants that release them.
 
 Key ciphertext is sealed by the caller (``kbs.masterkey``) for the version it gets, inside the
-transaction that stores it. A new key version, a grant added or removed and a key deleted record
-a CHANGED row for every node they concern (``kbs.store.changes``) in the same transaction, so
-those agents attest again. ``sealed_key_rows`` / ``replace_sealed_key`` serve ``master-key
-rotate``: a row is swapped for its re-encryption only if it still holds the ciphertext that was
-read (compare-and-set), so a concurrent ``key delete`` or a second rotation never loses or
-resurrects anything.
+transaction that stores it. Every version not retired is released to the nodes a grant covers;
+the newest is the one images are encrypted to, and cannot be retired. A new key version, a
+version retired, a grant added or removed and a key deleted record a CHANGED row for every node
+they concern (``kbs.store.changes``) in the same transaction, so those agents attest again.
+``sealed_key_rows`` / ``replace_sealed_key`` serve ``master-key rotate``: a row is swapped for
+its re-encryption only if it still holds the ciphertext that was read (compare-and-set), so a
+concurrent ``key delete`` or a second rotation never loses or resurrects anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
 
 from kbs.errors import NotFound, OperatorError
-from kbs.model import DeletedKey, Grant, StoredKey, format_selector, selector_matches
+from kbs.model import (
+    DeletedKey,
+    Grant,
+    KeyDetails,
+    KeyHolder,
+    KeyState,
+    RetiredKey,
+    StoredKey,
+    format_selector,
+    selector_matches,
+)
 from kbs.store.changes import notify_matching
 from kbs.store.database import Database
-from kbs.store.tables import dumps_map, grants, key_from_row, keys, loads_map, ts
+from kbs.store.tables import (
+    dumps_held,
+    dumps_map,
+    grants,
+    key_from_row,
+    keys,
+    loads_held,
+    loads_map,
+    nodes,
+    opt_dt,
+    ts,
+)
 
 __all__ = [
     "SealedRow",
@@ -30,24 +52,22 @@ __all__ = [
     "delete_key",
     "get_key",
     "granted_keys",
+    "key_details",
     "list_grants",
     "list_keys",
     "remove_grant",
     "replace_sealed_key",
+    "retire_key",
     "sealed_key_rows",
 ]
 
-_LATEST = (
-    sa.select(keys.c.name, sa.func.max(keys.c.version).label("version"))
-    .group_by(keys.c.name)
-    .subquery()
-)
-# On the attestation path: compiled once per dialect (``Database.run``).
-GRANTED_LATEST_KEYS = (
+# On the attestation path: compiled once per dialect (``Database.run``). Every version not
+# retired, with each grant of its key.
+GRANTED_KEYS = (
     sa.select(keys, grants.c.selector)
-    .join(_LATEST, sa.and_(keys.c.name == _LATEST.c.name, keys.c.version == _LATEST.c.version))
     .join(grants, grants.c.key_name == keys.c.name)
-    .order_by(keys.c.name)
+    .where(keys.c.retired_at.is_(None))
+    .order_by(keys.c.name, keys.c.version)
 )
 
 
@@ -102,7 +122,7 @@ def add_sealed_key(
         )  # fmt: skip
         if version > 1:
             notify_matching(db, conn, _grant_selectors(conn, name), "a key was rotated", now)
-    return StoredKey(name, version, algorithm, b"", now)
+    return StoredKey(name, version, algorithm, b"", now, KeyState.CURRENT)
 
 
 def _grant_selectors(conn: sa.Connection, key_name: str) -> list[dict[str, str]]:
@@ -110,32 +130,129 @@ def _grant_selectors(conn: sa.Connection, key_name: str) -> list[dict[str, str]]
     return [loads_map(selector) for (selector,) in rows]
 
 
+def _with_states(rows: Iterable[sa.RowMapping], with_secret: bool) -> list[StoredKey]:
+    """Rows ordered by name then version, as keys with their state (the last of a name is
+    its current version)."""
+    ordered = list(rows)
+    return [
+        key_from_row(
+            row,
+            current=i + 1 == len(ordered) or ordered[i + 1]["name"] != row["name"],
+            with_secret=with_secret,
+        )
+        for i, row in enumerate(ordered)
+    ]
+
+
 def list_keys(db: Database) -> list[StoredKey]:
-    """Every version of every key, by name then version (ciphertext left out)."""
+    """Every version of every key, by name then version, with its state (ciphertext left
+    out)."""
     query = sa.select(keys).order_by(keys.c.name, keys.c.version)
     with db.tx(write=False, single=True) as conn:
         rows = conn.execute(query).mappings().all()
-    return [key_from_row(r, with_secret=False) for r in rows]
+    return _with_states(rows, with_secret=False)
 
 
 def get_key(db: Database, name: str) -> StoredKey | None:
-    """The latest version of ``name``, with its ciphertext."""
+    """The current (newest) version of ``name``, with its ciphertext."""
     query = sa.select(keys).where(keys.c.name == name).order_by(keys.c.version.desc()).limit(1)
     with db.tx(write=False, single=True) as conn:
         row = conn.execute(query).mappings().first()
-    return None if row is None else key_from_row(row)
+    return None if row is None else key_from_row(row, current=True)
 
 
 def granted_keys(db: Database, labels: Mapping[str, str]) -> tuple[StoredKey, ...]:
-    """Latest version of every key with a grant whose selector is within ``labels``: one
-    statement, every grant joined to its key's latest version, filtered here."""
+    """Every version not retired of every key with a grant whose selector is within
+    ``labels``, by name then version: one statement, every grant joined to its key's released
+    versions, filtered here."""
     with db.tx(write=False, single=True) as conn:
-        rows = db.run(conn, GRANTED_LATEST_KEYS, {}).mappings().all()
-    found: dict[str, StoredKey] = {}
+        rows = db.run(conn, GRANTED_KEYS, {}).mappings().all()
+    matching: dict[tuple[str, int], sa.RowMapping] = {}
     for row in rows:
-        if row["name"] not in found and selector_matches(loads_map(row["selector"]), labels):
-            found[row["name"]] = key_from_row(row)
-    return tuple(found.values())
+        if selector_matches(loads_map(row["selector"]), labels):
+            matching.setdefault((row["name"], row["version"]), row)
+    return tuple(_with_states(matching.values(), with_secret=True))
+
+
+def retire_key(db: Database, name: str, version: int, now: datetime) -> RetiredKey:
+    """Stop releasing version ``version`` of ``name`` and tell the nodes its grants cover
+    (they attest again and remove its file). The current version is refused (rotate first), as
+    are an unknown or already retired version."""
+    with db.tx() as conn:
+        rows = conn.execute(
+            sa.select(keys).where(keys.c.name == name).order_by(keys.c.version)
+        ).mappings().all()  # fmt: skip
+        if not rows:
+            raise NotFound(f"no key named {name!r}; `keylease-kbs key list` shows the keys")
+        found = {row["version"]: row for row in rows}
+        newest = rows[-1]["version"]
+        if version not in found:
+            listed = ", ".join(str(v) for v in found)
+            raise NotFound(f"key {name!r} has no version {version} (versions: {listed})")
+        if version == newest:
+            raise OperatorError(
+                f"version {version} is key {name!r}'s current version, the one new images are "
+                f"encrypted to; rotate first (`keylease-kbs key rotate {name} --private-key "
+                f"FILE`), re-encrypt or rebuild the images still encrypted to version "
+                f"{version}, then retire it"
+            )
+        retired_at = opt_dt(found[version]["retired_at"])
+        if retired_at is not None:
+            raise OperatorError(
+                f"version {version} of key {name!r} was already retired at "
+                f"{retired_at.isoformat(timespec='seconds')}"
+            )
+        conn.execute(
+            keys.update()
+            .where(keys.c.name == name, keys.c.version == version)
+            .values(retired_at=ts(now))
+        )
+        notified = notify_matching(
+            db, conn, _grant_selectors(conn, name), "a key version was retired", now
+        )
+        row = conn.execute(
+            sa.select(keys).where(keys.c.name == name, keys.c.version == version)
+        ).mappings().one()  # fmt: skip
+    key = key_from_row(row, current=False, with_secret=False)
+    return RetiredKey(key, tuple(notified))
+
+
+def _holding(conn: sa.Connection, name: str) -> list[tuple[str, str, str | None, str | None]]:
+    """(node, held keys, lease until, last attested) of the nodes whose held keys may include
+    ``name`` (a text prefilter; the caller parses)."""
+    n = nodes.c
+    query = (
+        sa.select(n.name, n.held_keys, n.lease_until, n.last_attested_at)
+        .where(n.held_keys.contains(f'"{name}"', autoescape=True))
+        .order_by(n.name)
+    )
+    return [(str(a), str(b), c, d) for a, b, c, d in conn.execute(query).all()]
+
+
+def key_details(db: Database, name: str, now: datetime) -> KeyDetails:
+    """Every version of ``name`` with its state, its grants' selectors, and the nodes whose
+    latest release gave them a version of it and whose lease has not ended. NotFound if there
+    is no such key."""
+    with db.tx(write=False) as conn:
+        rows = conn.execute(
+            sa.select(keys).where(keys.c.name == name).order_by(keys.c.version)
+        ).mappings().all()  # fmt: skip
+        if not rows:
+            raise NotFound(f"no key named {name!r}; `keylease-kbs key list` shows the keys")
+        selectors = sorted(_grant_selectors(conn, name), key=format_selector)
+        holding = _holding(conn, name)
+    holders: list[KeyHolder] = []
+    for node, held, lease_until, released_at in holding:
+        until = opt_dt(lease_until)
+        versions = tuple(sorted(v for n, v in loads_held(held) if n == name))
+        if versions and until is not None and until > now and released_at is not None:
+            holders.append(KeyHolder(node, versions, datetime.fromisoformat(released_at), until))
+    return KeyDetails(
+        name=name,
+        versions=tuple(_with_states(rows, with_secret=False)),
+        grants=tuple(selectors),
+        holders=tuple(holders),
+    )
 
 
 def delete_key(db: Database, name: str, now: datetime) -> DeletedKey:
@@ -147,6 +264,11 @@ def delete_key(db: Database, name: str, now: datetime) -> DeletedKey:
         if not removed:
             raise NotFound(f"no key named {name!r}; `keylease-kbs key list` shows the keys")
         conn.execute(sa.delete(grants).where(grants.c.key_name == name))
+        for node, held, _until, _at in _holding(conn, name):  # a new key of this name is not
+            kept = [(n, v) for n, v in loads_held(held) if n != name]  # what they hold
+            conn.execute(
+                nodes.update().where(nodes.c.name == node).values(held_keys=dumps_held(kept))
+            )
         notified = notify_matching(db, conn, selectors, "a key was deleted", now)
     return DeletedKey(name, int(removed), len(selectors), tuple(notified))
 

@@ -4,7 +4,8 @@
 retried on a race with another writer, so one name or EK never yields two nodes. A state change
 by the operator records its change-feed row (``kbs.store.changes``) in the same transaction;
 revoking also drops the node's outstanding nonces and challenges. ``record_attestation`` writes
-the verified PCR values and the audit rows of the outcome together.
+the verified PCR values, the key versions the outcome leaves the node holding (``key show``) and
+the audit rows of the outcome together.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from kbs.model import ChangeKind, Node, NodeState
 from kbs.store.audit import AuditEvent, write_audit
 from kbs.store.changes import purge_changes, record_change
 from kbs.store.database import Database
-from kbs.store.tables import dumps_map, dumps_pcrs, enrollments, node_from_row, nodes, nonces, ts
+from kbs.store.tables import (
+    dumps_held,
+    dumps_map,
+    dumps_pcrs,
+    enrollments,
+    node_from_row,
+    nodes,
+    nonces,
+    ts,
+)
 
 __all__ = [
     "ENROLL_ATTEMPTS",
@@ -43,6 +53,7 @@ RECORD_ATTESTATION = (
     .values(last_attested_at=P("p_at"), pcr_bank=P("p_bank"), pcrs=P("p_pcrs"),
             reset_count=P("p_reset"), restart_count=P("p_restart"))
 )  # fmt: skip
+RECORD_ATTESTATION_HELD = RECORD_ATTESTATION.values(held_keys=P("p_held"), lease_until=P("p_until"))
 
 
 def get_node(db: Database, name: str) -> Node | None:
@@ -145,7 +156,8 @@ def set_state(
     with db.tx() as conn:
         if conn.execute(nodes.update().where(nodes.c.name == name).values(values)).rowcount != 1:
             raise NotFound(f"no node named {name!r}; `keylease-kbs node list` shows the nodes")
-        if state is NodeState.REVOKED:
+        if state is NodeState.REVOKED:  # its agent is told to remove its keys
+            conn.execute(nodes.update().where(nodes.c.name == name).values(held_keys="[]"))
             conn.execute(nonces.delete().where(nonces.c.node_name == name))
             conn.execute(enrollments.delete().where(enrollments.c.node_name == name))
             record_change(db, conn, name, ChangeKind.REVOKED, "revoked by the operator", now)
@@ -167,12 +179,21 @@ def record_attestation(
     restart_count: int | None,
     now: datetime,
     events: Sequence[AuditEvent] = (),
+    held: Sequence[tuple[str, int]] | None = (),
+    lease_until: datetime | None = None,
 ) -> None:
-    """Store the PCR values and counters of a verified quote, and the audit rows of its
-    outcome (``events``: e.g. "attest ok" and "release"), in one transaction."""
+    """Store the PCR values and counters of a verified quote, the key versions (name, version)
+    the node holds after it until ``lease_until`` (a release; ``()``: none, as after a denial;
+    None: unchanged, as after a failure of the broker's own), and the audit rows of its outcome
+    (``events``: e.g. "attest ok" and "release"), in one transaction."""
     params = {"p_name": name, "p_at": ts(now), "p_bank": bank, "p_pcrs": dumps_pcrs(pcrs),
               "p_reset": reset_count, "p_restart": restart_count}  # fmt: skip
+    statement = RECORD_ATTESTATION
+    if held is not None:
+        statement = RECORD_ATTESTATION_HELD
+        params |= {"p_held": dumps_held(held),
+                   "p_until": ts(lease_until) if held and lease_until else None}  # fmt: skip
     with db.tx(single=not events, catalog=False) as conn:
-        if db.run(conn, RECORD_ATTESTATION, params).rowcount != 1:
+        if db.run(conn, statement, params).rowcount != 1:
             raise NotFound(f"no node named {name!r}")
         write_audit(db, conn, events, now)

@@ -1,7 +1,8 @@
 """The broker database's tables (SQLAlchemy Core) and how values are stored in them.
 
 Timestamps are UTC ISO-8601 text (fixed width, so they compare as text), PCR maps JSON
-``{"index": "hex"}``, labels and selectors canonical JSON. Rows become the frozen values of
+``{"index": "hex"}``, labels and selectors canonical JSON, the key versions a node holds JSON
+``[["name", version], ...]``. Rows become the frozen values of
 ``kbs.model`` here, never leaving the store as rows. The tables are created and upgraded by the
 revisions in ``kbs/store/migrations``; these definitions must match them.
 """
@@ -9,26 +10,28 @@ revisions in ``kbs/store/migrations``; these definitions must match them.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
 from kbs.errors import StoreError
-from kbs.model import Node, NodeState, StoredKey
+from kbs.model import KeyState, Node, NodeState, StoredKey
 
 __all__ = [
     "admin_revocations",
     "allowlist",
     "audit_log",
     "changes",
+    "dumps_held",
     "dumps_map",
     "dumps_pcrs",
     "enrollments",
     "grants",
     "key_from_row",
     "keys",
+    "loads_held",
     "loads_map",
     "loads_pcrs",
     "node_from_row",
@@ -72,6 +75,20 @@ def loads_pcrs(text: str) -> dict[int, bytes]:
     return {int(i): bytes.fromhex(v) for i, v in loads_map(text).items()}
 
 
+def dumps_held(held: Sequence[tuple[str, int]]) -> str:
+    return json.dumps(sorted([n, v] for n, v in held), separators=(",", ":"))
+
+
+def loads_held(text: str) -> list[tuple[str, int]]:
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(
+        isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], int)
+        for e in value
+    ):
+        raise StoreError("a node's held_keys column holds something that is not [[name, version]]")
+    return [(str(n), int(v)) for n, v in value]
+
+
 def node_from_row(row: Row) -> Node:
     return Node(
         name=row["name"],
@@ -91,13 +108,21 @@ def node_from_row(row: Row) -> Node:
     )
 
 
-def key_from_row(row: Row, with_secret: bool = True) -> StoredKey:
+def key_from_row(row: Row, *, current: bool, with_secret: bool = True) -> StoredKey:
+    """A ``keys`` row; ``current``: it is its key's newest version (the caller knows)."""
+    retired_at = opt_dt(row["retired_at"])
+    if current:
+        state = KeyState.CURRENT
+    else:
+        state = KeyState.ACTIVE if retired_at is None else KeyState.RETIRED
     return StoredKey(
         name=row["name"],
         version=row["version"],
         algorithm=row["algorithm"],
         encrypted_private=bytes(row["encrypted_private"]) if with_secret else b"",
         created_at=datetime.fromisoformat(row["created_at"]),
+        state=state,
+        retired_at=retired_at,
     )
 
 
@@ -120,6 +145,7 @@ nodes = _table(
     _c("ak_public", B), _c("metadata", T), _c("enrolled_at", T), _c("updated_at", T),
     _c("last_attested_at", T, nullable=True), _c("pcr_bank", T, nullable=True), _c("pcrs", T),
     _c("reset_count", I, nullable=True), _c("restart_count", I, nullable=True),
+    _c("held_keys", T, server_default="[]"), _c("lease_until", T, nullable=True),
 )  # fmt: skip
 nonces = _table("nonces", _c("nonce", B, primary_key=True), _c("node_name", T),
                 _c("expires_at", T))  # fmt: skip
@@ -132,6 +158,7 @@ allowlist = _table("allowlist", _c("ek_hash", T, primary_key=True), _c("added_at
 keys = _table(
     "keys", _c("name", T, primary_key=True), _c("version", I, primary_key=True),
     _c("algorithm", T), _c("encrypted_private", B), _c("created_at", T),
+    _c("retired_at", T, nullable=True),
 )  # fmt: skip
 grants = _table("grants", _c("key_name", T, primary_key=True),
                 _c("selector", T, primary_key=True), _c("created_at", T))  # fmt: skip

@@ -87,7 +87,10 @@ def test_ready_only_after_the_key_files_exist(
     data = json.loads(report.stdout)
     assert data["enrolled"] is True
     assert data["state"] == "stopped"
-    assert [e["name"] for d in data["key_dirs"].values() for e in d] == ["prod-key", "prod-key"]
+    assert [(e["name"], e["version"], Path(e["file"]).name)
+            for d in data["key_dirs"].values() for e in d] == [
+        ("prod-key", 1, "prod-key.v1.pem"), ("prod-key", 1, "prod-key.v1.pem")
+    ]  # fmt: skip
 
 
 def test_restart_with_the_broker_stopped_restores_from_the_sealed_cache(
@@ -187,16 +190,21 @@ def test_operator_revocation_removes_the_keys_within_5_seconds(
     assert status(granted)["last_denial_reason"] == "the broker revoked this node", status(granted)
 
 
-def test_key_rotation_always_leaves_a_valid_version(
+def test_rotation_adds_a_version_and_retirement_removes_one_through_the_watch_stream(
     granted: Node,
     broker: Broker,
     tmp_path: Path,
     daemon_for: Callable[..., tuple[AgentDaemon, NotifySocket]],
 ) -> None:
+    """The daemon hears ``key rotate`` and ``key retire`` on its watch stream (CHANGED) and
+    attests again: the new version's file appears beside the old one, which a reader keeps
+    parsing without a single failure and which changes never; retiring the old version removes
+    exactly its file."""
     daemon, sock = daemon_for(granted)
     assert sock.ready(30) is not None, daemon.log()
-    path = granted.key_file("prod-key")
-    old = path.read_bytes()
+    v1_path = granted.key_file("prod-key", version=1)
+    v2_path = granted.key_file("prod-key", version=2)
+    old = v1_path.read_bytes()
     new_key = write_key(tmp_path / "k2.pem", ec.generate_private_key(ec.SECP384R1()))
     seen: list[bytes] = []
     problems: list[str] = []
@@ -205,7 +213,7 @@ def test_key_rotation_always_leaves_a_valid_version(
     def read() -> None:
         while not stop.is_set():
             try:
-                data = path.read_bytes()
+                data = v1_path.read_bytes()
                 load_pem_private_key(data, None)
             except (OSError, ValueError) as exc:
                 problems.append(repr(exc))
@@ -213,24 +221,33 @@ def test_key_rotation_always_leaves_a_valid_version(
             if not seen or seen[-1] != data:
                 seen.append(data)
 
+    def wait_for(condition: Callable[[], bool], timeout: float = 10) -> bool:
+        deadline = time.monotonic() + timeout
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return condition()
+
     reader = threading.Thread(target=read)
     reader.start()
     try:
         time.sleep(1.0)
         ok(broker.kbs("key", "rotate", "prod-key", "--private-key", str(new_key)))
-        deadline = time.monotonic() + 10
-        while path.read_bytes() == old and time.monotonic() < deadline:
-            time.sleep(0.05)
-        while (not seen or seen[-1] == old) and time.monotonic() < deadline + 5:
-            time.sleep(0.05)  # and the reader has read the new version too
+        assert wait_for(v2_path.exists), daemon.log()
+        time.sleep(0.5)  # the reader keeps reading v1 after v2 appeared
     finally:
         stop.set()
         reader.join()
     assert problems == []
     digests = [hashlib.sha256(data).hexdigest()[:16] for data in seen]  # no key bytes in output
-    expected = [hashlib.sha256(data).hexdigest()[:16] for data in (old, new_key.read_bytes())]
-    assert digests == expected, daemon.log()
-    assert [p.name for p in key_files(granted)] == ["prod-key.pem", "prod-key.pem"]
+    assert digests == [hashlib.sha256(old).hexdigest()[:16]], daemon.log()
+    assert v2_path.read_bytes() == new_key.read_bytes()
+    assert [p.name for p in key_files(granted)] == ["prod-key.v1.pem", "prod-key.v2.pem"] * 2
+
+    ok(broker.kbs("key", "retire", "prod-key", "--version", "1"))
+    assert wait_for(lambda: not v1_path.exists()), daemon.log()
+    assert [p.name for p in key_files(granted)] == ["prod-key.v2.pem"] * 2
+    assert v2_path.read_bytes() == new_key.read_bytes()
+    assert daemon.wait_log("broker: grants or keys changed", 5), daemon.log()
 
 
 def test_sigkill_during_installation_leaves_no_partial_or_stray_file(

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from agent.errors import InvalidKey, KeystoreError
-from agent.keystore import InstallableKey, KeyDirectory, SyncResult
+from agent.keystore import InstallableKey, KeyDirectory, SyncResult, parse_key_file
 from agent.keystore.ocikey import validate_private_key_pem
 from keylease.secret import Secret
 
@@ -37,6 +37,11 @@ def ec_pem(curve: ec.EllipticCurve | None = None) -> bytes:
 
 def key(name: str, pem: bytes, version: int = 1) -> InstallableKey:
     return InstallableKey(name=name, version=version, pem=Secret(pem))
+
+
+def f(name: str, version: int = 1) -> str:
+    """The file of one key version."""
+    return f"{name}.v{version}.pem"
 
 
 @pytest.fixture(scope="module")
@@ -114,16 +119,27 @@ def test_concurrent_reader_never_sees_a_partial_or_foreign_file(
     reader.start()
     try:
         trio = ["alpha", "beta", "gamma"]
-        assert kd.sync([key(n, pool[i]) for i, n in enumerate(trio)]).installed == tuple(trio)
-        for rotation in range(1, 62):
-            wanted = trio if rotation % 10 else trio[:2]  # every 10th: gamma revoked, then back
-            result = kd.sync(
-                [key(n, pool[(rotation + i) % len(pool)], rotation) for i, n in enumerate(wanted)]
-            )
-            assert result.installed == tuple(wanted)
-            assert result.removed == (() if rotation % 10 else ("gamma",))
-            assert names(kd.directory) == [f"{n}.pem" for n in wanted]
-        assert kd.clear() == trio
+
+        def pem(n: int, version: int) -> bytes:
+            return pool[(version + n) % len(pool)]
+
+        first = kd.sync([key(n, pem(i, 1)) for i, n in enumerate(trio)])
+        assert first.installed == tuple(f(n) for n in trio)
+
+        # Each rotation installs version r beside r-1 and drops r-2 (retired); every 10th
+        # revokes gamma (every version), the next brings it back.
+        for r in range(2, 63):
+            wanted = trio if r % 10 else trio[:2]
+            keys = [key(name, pem(i, v), v) for i, name in enumerate(wanted) for v in (r - 1, r)]
+            before = set(names(kd.directory))
+            result = kd.sync(keys)
+            files = [k.file_name for k in keys]
+            assert result.installed == tuple(file for file in files if file not in before)
+            assert result.unchanged == tuple(file for file in files if file in before)
+            assert result.removed == tuple(sorted(before - set(files)))
+            assert len(result.removed) == ({0: 4, 1: 2}.get(r % 10, 3) if r > 2 else 0)
+            assert names(kd.directory) == sorted(files)
+        assert kd.clear() == sorted(f(n, v) for n in trio for v in (61, 62))
         assert names(kd.directory) == []
         while stats.reads < 200 and reader.is_alive():  # the reader also sees the final state
             kd.sync([key("alpha", pool[1])])
@@ -152,16 +168,16 @@ def test_installs_pkcs8_files_0600_in_a_0700_subdirectory_of_a_0755_root(
         result = KeyDirectory(root).sync([key("prod", pool[0]), key("edge", pool[1])])
     finally:
         os.umask(old_umask)
-    assert result == SyncResult(installed=("prod", "edge"), unchanged=(), removed=())
+    assert result == SyncResult(installed=(f("prod"), f("edge")), unchanged=(), removed=())
     assert stat.S_IMODE(root.stat().st_mode) == 0o755
     assert stat.S_IMODE((root / "keylease").stat().st_mode) == 0o700
     assert names(root) == ["keylease"]
-    assert names(root / "keylease") == ["edge.pem", "prod.pem"]
+    assert names(root / "keylease") == ["edge.v1.pem", "prod.v1.pem"]
     for name, pem in (("prod", pool[0]), ("edge", pool[1])):
-        path = root / "keylease" / f"{name}.pem"
+        path = root / "keylease" / f(name)
         assert stat.S_IMODE(path.lstat().st_mode) == 0o600
         assert path.read_bytes() == pem
-    assert KeyDirectory(root).installed() == ["edge", "prod"]
+    assert KeyDirectory(root).installed() == ["edge.v1.pem", "prod.v1.pem"]
 
 
 def test_unchanged_keys_are_not_rewritten_and_changed_ones_are(
@@ -169,17 +185,17 @@ def test_unchanged_keys_are_not_rewritten_and_changed_ones_are(
 ) -> None:
     kd = KeyDirectory(tmp_path / "keys")
     kd.sync([key("a", pool[0]), key("b", pool[1])])
-    before = {n: (kd.directory / f"{n}.pem").stat() for n in ("a", "b")}
-    result = kd.sync([key("a", pool[0], 2), key("b", pool[2], 2)])
-    assert result == SyncResult(installed=("b",), unchanged=("a",), removed=())
-    after_a = (kd.directory / "a.pem").stat()
+    before = {n: (kd.directory / f(n)).stat() for n in ("a", "b")}
+    result = kd.sync([key("a", pool[0]), key("b", pool[2])])  # b v1 changed (not in practice)
+    assert result == SyncResult(installed=(f("b"),), unchanged=(f("a"),), removed=())
+    after_a = (kd.directory / f("a")).stat()
     assert (after_a.st_ino, after_a.st_mtime_ns) == (before["a"].st_ino, before["a"].st_mtime_ns)
-    assert (kd.directory / "b.pem").stat().st_ino != before["b"].st_ino
-    assert (kd.directory / "b.pem").read_bytes() == pool[2]
+    assert (kd.directory / f("b")).stat().st_ino != before["b"].st_ino
+    assert (kd.directory / f("b")).read_bytes() == pool[2]
     # A file whose mode drifted is rewritten with 0600.
-    os.chmod(kd.directory / "a.pem", 0o644)
-    assert kd.sync([key("a", pool[0]), key("b", pool[2])]).installed == ("a",)
-    assert stat.S_IMODE((kd.directory / "a.pem").stat().st_mode) == 0o600
+    os.chmod(kd.directory / f("a"), 0o644)
+    assert kd.sync([key("a", pool[0]), key("b", pool[2])]).installed == (f("a"),)
+    assert stat.S_IMODE((kd.directory / f("a")).stat().st_mode) == 0o600
 
 
 def test_keys_no_longer_granted_are_removed_after_new_ones_are_installed(
@@ -188,10 +204,47 @@ def test_keys_no_longer_granted_are_removed_after_new_ones_are_installed(
     kd = KeyDirectory(tmp_path / "keys")
     kd.sync([key("old", pool[0]), key("kept", pool[1])])
     result = kd.sync([key("kept", pool[1]), key("new", pool[2])])
-    assert result == SyncResult(installed=("new",), unchanged=("kept",), removed=("old",))
-    assert names(kd.directory) == ["kept.pem", "new.pem"]
-    assert kd.sync([]).removed == ("kept", "new")
+    assert result == SyncResult(installed=(f("new"),), unchanged=(f("kept"),), removed=(f("old"),))
+    assert names(kd.directory) == ["kept.v1.pem", "new.v1.pem"]
+    assert kd.sync([]).removed == (f("kept"), f("new"))
     assert names(kd.directory) == []
+
+
+def test_each_key_version_has_a_file_of_its_own(tmp_path: Path, pool: list[bytes]) -> None:
+    """A rotation adds a file beside the older versions; a retirement removes exactly one; a
+    key whose name looks like a version suffix keeps a file name of its own."""
+    kd = KeyDirectory(tmp_path / "keys")
+    kd.sync([key("prod", pool[0], 1)])
+    rotated = kd.sync([key("prod", pool[0], 1), key("prod", pool[1], 2)])
+    assert rotated == SyncResult(installed=(f("prod", 2),), unchanged=(f("prod", 1),), removed=())
+    assert (kd.directory / f("prod", 1)).read_bytes() == pool[0]
+    assert (kd.directory / f("prod", 2)).read_bytes() == pool[1]
+    tricky = [key("prod.v1", pool[2], 3), key("prod.v2", pool[3], 1), key("prod", pool[1], 2)]
+    retired = kd.sync(tricky)  # version 1 of prod retired; two keys named like versions
+    assert retired.removed == (f("prod", 1),)
+    assert names(kd.directory) == ["prod.v1.v3.pem", "prod.v2.pem", "prod.v2.v1.pem"]
+    assert (kd.directory / "prod.v2.pem").read_bytes() == pool[1]  # prod v2, not key prod.v2
+    assert (kd.directory / "prod.v2.v1.pem").read_bytes() == pool[3]
+    assert parse_key_file("prod.v1.v3.pem") == ("prod.v1", 3)
+    assert parse_key_file("prod.v2.v1.pem") == ("prod.v2", 1)
+    assert parse_key_file("prod.pem") == ("prod", None)
+    assert parse_key_file(".prod.v1.pem.0123") is None
+
+
+def test_files_of_agents_from_before_key_versions_are_replaced(
+    tmp_path: Path, pool: list[bytes]
+) -> None:
+    """``<name>.pem`` (one file per key, as earlier agents wrote it) is the agent's own: a sync
+    installs ``<name>.v<N>.pem`` and then removes it."""
+    kd = KeyDirectory(tmp_path / "keys")
+    kd.sync([])
+    legacy = kd.directory / "prod.pem"
+    legacy.write_bytes(pool[0])
+    legacy.chmod(0o600)
+    assert kd.installed() == ["prod.pem"]
+    result = kd.sync([key("prod", pool[0], 4)])
+    assert result == SyncResult(installed=(f("prod", 4),), unchanged=(), removed=("prod.pem",))
+    assert names(kd.directory) == ["prod.v4.pem"]
 
 
 def test_foreign_files_in_the_root_are_never_touched(tmp_path: Path, pool: list[bytes]) -> None:
@@ -208,7 +261,7 @@ def test_foreign_files_in_the_root_are_never_touched(tmp_path: Path, pool: list[
     kd = KeyDirectory(root)
     kd.sync([key("a", pool[0])])
     kd.sync([key("a", pool[1])])
-    assert kd.clear() == ["a"]
+    assert kd.clear() == [f("a")]
     for path, content in foreign.items():
         assert path.read_bytes() == content
         assert path.stat().st_mtime_ns == stamps[path]
@@ -287,11 +340,11 @@ def test_entries_the_agent_did_not_write_in_its_directory_are_refused(
         kd.sync([key("a", pool[1]), key("b", pool[2])])
     assert "intruder" in str(refused.value)
     assert "move it out" in str(refused.value)
-    assert (kd.directory / "a.pem").read_bytes() == pool[0]  # nothing changed
-    assert not (kd.directory / "b.pem").exists()
+    assert (kd.directory / f("a")).read_bytes() == pool[0]  # nothing changed
+    assert not (kd.directory / f("b")).exists()
     assert not (tmp_path / "target.pem").exists()
     # Clearing (on a denial) still removes every key the agent owns, and nothing else.
-    assert kd.clear() == ["a"]
+    assert kd.clear() == [f("a")]
     assert names(kd.directory) == ["intruder"]
 
 
@@ -301,19 +354,20 @@ def test_leftovers_of_a_crash_are_cleaned_up(
 ) -> None:
     kd = KeyDirectory(tmp_path / "keys", o_tmpfile=o_tmpfile)
     kd.sync([key("a", pool[0])])
-    (kd.directory / ".a.pem.0123456789abcdef").write_bytes(pool[1])
-    (kd.directory / ".b.pem.fedcba9876543210").write_bytes(pool[1][:100])
+    (kd.directory / ".a.v1.pem.0123456789abcdef").write_bytes(pool[1])
+    (kd.directory / ".b.pem.fedcba9876543210").write_bytes(pool[1][:100])  # an older agent's
+    (kd.directory / f".{'x' * 63}.v4294967295.pem.fedcba9876543210").write_bytes(b"")
     staging = tmp_path / ".keylease-staging-keys"
     staging.mkdir()
-    (staging / ".c.pem.00112233445566aa").write_bytes(pool[2][:50])
-    assert kd.sync([key("a", pool[0])]) == SyncResult((), ("a",), ())
-    assert names(kd.directory) == ["a.pem"]
+    (staging / ".c.v2.pem.00112233445566aa").write_bytes(pool[2][:50])
+    assert kd.sync([key("a", pool[0])]) == SyncResult((), (f("a"),), ())
+    assert names(kd.directory) == [f("a")]
     assert names(tmp_path) == ["keys"]
 
-    (kd.directory / ".a.pem.0123456789abcdef").write_bytes(pool[1])
+    (kd.directory / ".a.v1.pem.0123456789abcdef").write_bytes(pool[1])
     staging.mkdir()
-    (staging / ".a.pem.00112233445566aa").write_bytes(pool[2][:50])
-    assert kd.clear() == ["a"]
+    (staging / ".a.v1.pem.00112233445566aa").write_bytes(pool[2][:50])
+    assert kd.clear() == [f("a")]
     assert names(kd.directory) == []
     assert names(tmp_path) == ["keys"]
 
@@ -330,11 +384,13 @@ def test_invalid_or_duplicate_keys_are_refused_before_anything_is_written(
     )
     with pytest.raises(InvalidKey, match="'bad'"):
         kd.sync([key("b", pool[1]), key("bad", sec1)])
-    with pytest.raises(InvalidKey, match="twice"):
-        kd.sync([key("b", pool[1]), key("b", pool[2])])
+    with pytest.raises(InvalidKey, match="names b v2 twice"):
+        kd.sync([key("b", pool[1], 2), key("b", pool[2], 2)])
+    with pytest.raises(InvalidKey, match="versions start at 1"):
+        kd.sync([key("b", pool[1], 0)])
     with pytest.raises(InvalidKey, match="not allowed"):
         kd.sync([key("../escape", pool[1])])
-    assert names(kd.directory) == ["a.pem"]
+    assert names(kd.directory) == [f("a")]
     assert not (tmp_path / "escape.pem").exists()
 
 

@@ -336,10 +336,28 @@ def test_remote_and_local_outputs_match(admin_broker: Broker, tmp_path: Path) ->
     ok(broker.kbs("policy", "set", "boot", "--pcrs", "0,1,7", "--from-node", "w1"))
     ok(broker.kbs("policy", "assign", "boot", "--selector", "zone=a"))
     ok(broker.kbs("allowlist", "add", "cd" * 32))
+    for n in (2, 3):  # key versions: rotated and retired remotely, listed and shown both ways
+        new_key = write_key(tmp_path / f"k{n}.pem", ec.generate_private_key(ec.SECP384R1()))
+        ok(remote(broker, alice, "key", "rotate", "img", "--private-key", str(new_key)))
+    with Store.open(load_config(broker.config).database) as store:
+        now = dt.datetime.now(dt.UTC)
+        store.record_attestation("w1", bank="sha256", pcrs={}, reset_count=3, restart_count=0,
+                                 now=now, held=[("img", 1), ("img", 2), ("img", 3)],
+                                 lease_until=now + dt.timedelta(hours=1))  # fmt: skip
+    refused = remote(broker, alice, "key", "retire", "img", "--version", "3")
+    assert refused.returncode == 2
+    assert "rotate first" in refused.stderr
+    retired = remote(broker, alice, "key", "retire", "img", "--version", "1")
+    ok(retired)
+    assert "1 node(s) told to attest again" in retired.stdout
+    shown = json.loads(remote(broker, alice, "key", "show", "img", "--json").stdout)
+    assert [v["state"] for v in shown["versions"]] == ["retired", "active", "current"]
+    assert [(h["node"], h["versions"]) for h in shown["holders"]] == [("w1", [1, 2, 3])]
     for argv in (
         ["node", "list"], ["node", "list", "--json"], ["node", "show", "w1"],
         ["node", "show", "w1", "--json"], ["node", "show", "w2"], ["key", "list"],
-        ["key", "list", "--json"], ["grant", "list"], ["grant", "list", "--json"],
+        ["key", "list", "--json"], ["key", "show", "img"], ["key", "show", "img", "--json"],
+        ["grant", "list"], ["grant", "list", "--json"],
         ["policy", "list"], ["policy", "list", "--json"], ["allowlist", "list", "--json"],
         ["audit"], ["audit", "--json", "--node", "w1", "--limit", "2"],
     ):  # fmt: skip

@@ -257,7 +257,8 @@ def test_rotation_is_a_new_version_and_reimport_is_refused(
     assert "already has (version 1)" in same.err
     rotated = kbs("key", "rotate", "rotating", "--private-key", str(v2))
     assert rotated.code == 0, rotated
-    assert "version 2 (EC-P384) is now released" in rotated.out
+    assert "version 2 (EC-P384) is now current: encrypt new images to it" in rotated.out
+    assert "older versions, which stay released" in rotated.out
     with open_store(config) as store:
         latest = store.get_key("rotating")
     assert latest is not None
@@ -271,14 +272,81 @@ def test_rotation_is_a_new_version_and_reimport_is_refused(
     ]
     listing = kbs("key", "list", "--json")
     assert listing.code == 0
-    assert [(k["name"], k["version"], k["algorithm"]) for k in json.loads(listing.out)] == [
-        ("rotating", 1, "EC-P256"),
-        ("rotating", 2, "EC-P384"),
+    assert [
+        (k["name"], k["version"], k["state"], k["algorithm"], k["retired_at"])
+        for k in json.loads(listing.out)
+    ] == [
+        ("rotating", 1, "active", "EC-P256", None),
+        ("rotating", 2, "current", "EC-P384", None),
     ]
     table = kbs("key", "list")
-    assert "rotating" in table.out
-    assert "EC-P384" in table.out
+    assert table.out.splitlines()[0].split() == [
+        "NAME", "VERSION", "STATE", "ALGORITHM", "CREATED_AT", "RETIRED_AT"
+    ]  # fmt: skip
+    assert table.out.splitlines()[2].split()[:4] == ["rotating", "2", "current", "EC-P384"]
     assert "BEGIN" not in table.out
+
+
+def test_key_retire_stops_releasing_one_older_version(
+    kbs: Kbs, config: Path, tmp_path: Path
+) -> None:
+    """``key retire`` refuses the current version (saying to rotate first), an unknown or
+    retired one and a bad number, changing nothing; otherwise it tells the granted nodes and
+    ``key list`` / ``key show`` say "retired"."""
+    add_node(config)
+    assert kbs("node", "approve", "worker-1", "--label", "cluster=prod").code == 0
+    for n in (1, 2, 3):
+        verb = "import" if n == 1 else "rotate"
+        key_file = ec_key_file(tmp_path / f"v{n}.pem")
+        assert kbs("key", verb, "k", "--private-key", str(key_file)).code == 0
+    assert kbs("grant", "add", "k", "--selector", "cluster=prod").code == 0
+    with open_store(config) as store:
+        last = store.last_change_id()
+    audit_rows = len(events(config))
+    current = kbs("key", "retire", "k", "--version", "3")
+    assert current.code == 2
+    assert "version 3 is key 'k''s current version" in current.err
+    assert "rotate first (`keylease-kbs key rotate k --private-key FILE`)" in current.err
+    unknown = kbs("key", "retire", "k", "--version", "7")
+    assert (unknown.code, unknown.err.strip()) == (
+        2, "keylease-kbs: key 'k' has no version 7 (versions: 1, 2, 3)"
+    )  # fmt: skip
+    assert "no key named 'ghost'" in kbs("key", "retire", "ghost", "--version", "1").err
+    for bad in (["--version", "0"], ["--version", "-1"], ["--version", "x"],
+                ["--version", "4294967296"], []):  # fmt: skip
+        usage = kbs("key", "retire", "k", *bad)
+        assert usage.code == 2
+        assert "--version" in usage.err
+    with open_store(config) as store:
+        assert store.changes_since(last) == []
+    assert len(events(config)) == audit_rows
+
+    retired = kbs("key", "retire", "k", "--version", "1")
+    assert retired.code == 0, retired
+    assert "version 1 retired: no longer released; 1 node(s) told" in retired.out
+    again = kbs("key", "retire", "k", "--version", "1")
+    assert again.code == 2
+    assert "version 1 of key 'k' was already retired at" in again.err
+    assert events(config)[-1] == ("operator", "key-retire", "ok")
+    with open_store(config) as store:
+        assert [(c.node, c.kind.value) for c in store.changes_since(last)] == [
+            ("worker-1", "changed")
+        ]
+        assert [k.version for k in store.keys_for_labels({"cluster": "prod"})] == [2, 3]
+    listed = json.loads(kbs("key", "list", "--json").out)
+    assert [(k["version"], k["state"]) for k in listed] == [
+        (1, "retired"), (2, "active"), (3, "current")
+    ]  # fmt: skip
+    assert listed[0]["retired_at"] is not None
+    shown = kbs("key", "show", "k", "--json")
+    assert shown.code == 0, shown
+    details = json.loads(shown.out)
+    assert [v["state"] for v in details["versions"]] == ["retired", "active", "current"]
+    assert (details["grants"], details["holders"]) == (["cluster=prod"], [])
+    text = kbs("key", "show", "k").out
+    assert "granted to: cluster=prod" in text
+    assert "none" in text.splitlines()[-1]
+    assert kbs("key", "show", "ghost").code == 2
 
 
 # --- grants and selectors ---------------------------------------------------------------------
@@ -489,6 +557,8 @@ def test_audit_shows_refusal_details(kbs: Kbs, config: Path) -> None:
         ["grant", "add"],
         ["grant", "remove"],
         ["key", "rotate"],
+        ["key", "retire"],
+        ["key", "show"],
         ["grant", "list"],
         ["policy", "set"],
         ["policy", "assign"],
@@ -575,6 +645,8 @@ def test_operator_changes_notify_exactly_the_nodes_they_concern(
         (("grant", "add", "k", "--selector", "cluster=prod"), [("a", "changed")]),
         (("grant", "add", "k", "--selector", "cluster=prod"), []),  # refused: already granted
         (("key", "rotate", "k", "--private-key", str(keys[1])), [("a", "changed")]),
+        (("key", "retire", "k", "--version", "2"), []),  # refused: the current version
+        (("key", "retire", "k", "--version", "1"), [("a", "changed")]),
         (("policy", "set", "boot", "--pcrs", "0", "--from-node", "a"), []),  # assigned to none
         (("policy", "assign", "boot", "--selector", "cluster=dev"), [("b", "changed")]),
         (("policy", "set", "boot", "--pcrs", "0", "--from-node", "a"), [("b", "changed")]),

@@ -1,6 +1,7 @@
 """Prometheus metrics of a real broker, scraped over HTTP after real attestations (swtpm agents):
-attestations by result and reason, releases by key, latency per RPC, nodes by state, watch
-streams; one registry per broker; the endpoint's own errors."""
+attestations by result and reason, releases by key (once per key, however many versions),
+latency per RPC, nodes by state, watch streams; one registry per broker; the endpoint's own
+errors."""
 
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ def test_metrics_after_real_attestations(
     assert node.attest().returncode == 3  # enrolled, pending approval
     grant_node(broker, node, write_key(tmp_path / "k.pem", ec.generate_private_key(ec.SECP256R1())))
     ok(node.attest())
-    ok(node.attest())
+    rotated = write_key(tmp_path / "k2.pem", ec.generate_private_key(ec.SECP256R1()))
+    ok(broker.kbs("key", "rotate", "prod-key", "--private-key", str(rotated)))
+    ok(node.attest())  # two versions of one key: one release of that key
     ok(broker.kbs("node", "revoke", node.name))
     assert node.attest().returncode == 4
 

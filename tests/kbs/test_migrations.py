@@ -1,23 +1,30 @@
 """Migrations: a database written before Alembic (``schema_version`` 1 or 2, the exact DDL of
 that code, below) upgrades in place with its rows intact, as does one at revision 0002 (gaining
-``admin_revocations``); a newer revision and a file that is not a database are refused; SQLite
-files are private, WAL, shared by threads and processes."""
+``admin_revocations``) and one at 0003 (gaining key versions: SQLite and PostgreSQL); a newer
+revision and a file that is not a database are refused; SQLite files are private, WAL, shared by
+threads and processes."""
 
 from __future__ import annotations
 
 import sqlite3
 import stat
 import threading
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
 
+from harness.postgres import postgres_fixture  # noqa: F401
 from kbs.errors import StoreError
-from kbs.model import ChangeKind, NodeState
+from kbs.model import ChangeKind, KeyState, NodeState
 from kbs.store import AdminRevocation, AuditEvent, Store
-from kbs.store.migrate import HEAD_REVISION
-from tests.kbs.test_store import enroll
+from kbs.store.database import Database
+from kbs.store.migrate import HEAD_REVISION, MIGRATIONS
+from tests.kbs.test_store import database_fixture, enroll  # noqa: F401
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 EK_A = "a" * 64
@@ -188,17 +195,40 @@ def test_migrates_an_empty_database_file(tmp_path: Path) -> None:
             "admin_revocations"} <= tables  # fmt: skip
 
 
+Sql = tuple[str, Mapping[str, object]]
+
+
+def at_revision(database: Path | str, revision: str, *statements: Sql) -> None:
+    """A database as revision ``revision`` of the migrations left it, with ``statements``
+    (SQL text, parameters) run on it."""
+    db = Database.connect(database)
+    try:
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with db.tx() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+            for sql, params in statements:
+                conn.execute(sa.text(sql), params)
+    finally:
+        db.close()
+
+
+NODE_N1: Sql = (
+    "INSERT INTO nodes (name, state, labels, ek_hash, ek_public, ek_certificate, ak_public, "
+    "metadata, enrolled_at, updated_at, pcrs) VALUES ('n1', 'approved', :labels, :ek, :b, :b, "
+    ":b, '{}', :at, :at, '{}')",
+    {"labels": '{"cluster":"prod"}', "ek": EK_A, "b": b"\x01", "at": T0.isoformat()},
+)
+
+
 def test_a_revision_0002_database_gains_admin_revocations(tmp_path: Path) -> None:
     path = tmp_path / "kbs.db"
+    key_row: Sql = ("INSERT INTO keys VALUES ('k', 1, 'EC-P256', :c, :at)",
+               {"c": b"ciphertext", "at": T0.isoformat()})  # fmt: skip
+    at_revision(path, "0002", NODE_N1, key_row)
     with Store.open(path) as store:
-        enroll(store, "n1", EK_A)
-        store.add_key("k", "EC-P256", b"ciphertext", T0)
-    with sqlite3.connect(path) as raw:  # back to what revision 0002 left
-        raw.execute("DROP TABLE admin_revocations")
-        raw.execute("UPDATE alembic_version SET version_num = '0002'")
-    raw.close()
-    with Store.open(path) as store:
-        assert store.schema_version() == HEAD_REVISION == "0003"
+        assert store.schema_version() == HEAD_REVISION
         assert [n.name for n in store.list_nodes()] == ["n1"]
         key = store.get_key("k")
         assert key is not None
@@ -206,6 +236,47 @@ def test_a_revision_0002_database_gains_admin_revocations(tmp_path: Path) -> Non
         audit = AuditEvent("operator:t", "admin-cert-revoke", None, "ok", "alice")
         store.add_admin_revocations([AdminRevocation("ab", "alice", T0)], audit, T0)
         assert store.admin_revocation("ab") == AdminRevocation("ab", "alice", T0)
+
+
+def test_a_revision_0003_database_keeps_releasing_exactly_what_it_released(
+    database: Path | str,
+) -> None:
+    """Before key versions, only a key's newest version was released. Upgraded in place, every
+    older version is retired (at the time of the upgrade), so no node receives a key it was not
+    receiving; nodes hold nothing recorded until their next release."""
+    at = T0.isoformat()
+    at_revision(
+        database,
+        "0003",
+        NODE_N1,
+        *(
+            ("INSERT INTO keys VALUES (:n, :v, 'EC-P256', :c, :at)",
+             {"n": n, "v": v, "c": f"{n}{v}".encode(), "at": at})
+            for n, v in (("k", 1), ("k", 2), ("k", 3), ("single", 1))
+        ),
+        ("INSERT INTO grants VALUES ('k', :s, :at), ('single', :s, :at)",
+         {"s": '{"cluster":"prod"}', "at": at}),
+    )  # fmt: skip
+    before = datetime.now(UTC)
+    with Store.open(database) as store:
+        assert store.schema_version() == HEAD_REVISION
+        released = store.keys_for_labels({"cluster": "prod"})
+        assert [(k.name, k.version, k.encrypted_private) for k in released] == [
+            ("k", 3, b"k3"), ("single", 1, b"single1")
+        ]  # fmt: skip
+        listed = store.list_keys()
+        assert [(k.name, k.version, k.state) for k in listed] == [
+            ("k", 1, KeyState.RETIRED), ("k", 2, KeyState.RETIRED), ("k", 3, KeyState.CURRENT),
+            ("single", 1, KeyState.CURRENT),
+        ]  # fmt: skip
+        for key in listed[:2]:
+            assert key.retired_at is not None
+            assert before - timedelta(seconds=5) < key.retired_at <= datetime.now(UTC)
+        assert store.key_details("k", T0).holders == ()
+        store.record_attestation("n1", bank="sha256", pcrs={}, reset_count=None,
+                                 restart_count=None, now=T0, held=[("k", 3)],
+                                 lease_until=T0 + timedelta(hours=1))  # fmt: skip
+        assert [h.node for h in store.key_details("k", T0).holders] == ["n1"]
 
 
 def test_newer_schema_and_garbage_are_refused(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from kbs.errors import (
     NotFound,
     OperatorError,
 )
-from kbs.model import ChangeKind, Node, NodeState, PendingEnrollment
+from kbs.model import ChangeKind, KeyState, Node, NodeState, PendingEnrollment
 from kbs.store import AuditEvent, Store
 from kbs.store.cache import CHECK_INTERVAL, MAX_AGE, LabelCache
 
@@ -29,8 +29,8 @@ T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 EK_A, EK_B = "a" * 64, "b" * 64
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+@pytest.fixture(name="database", params=["sqlite", "postgresql"])
+def database_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
     """A fresh database: a SQLite file path, or the URL of a new PostgreSQL database."""
     if request.param == "sqlite":
         return tmp_path / "kbs.db"
@@ -209,6 +209,7 @@ def test_keys_for_labels_matches_selectors(store: Store) -> None:
         return [(k.name, k.version, k.encrypted_private) for k in store.keys_for_labels(labels)]
 
     assert names({"cluster": "prod", "region": "eu", "extra": "x"}) == [
+        ("alpha", 1, b"a1"),  # every version not retired is released
         ("alpha", 2, b"a2"),
         ("zeta", 1, b"z1"),
     ]
@@ -232,6 +233,96 @@ def test_keys_for_labels_matches_selectors(store: Store) -> None:
     assert latest.encrypted_private == b"a2"
     assert store.get_key("nope") is None
     assert len(store.list_grants()) == 2
+
+
+def test_every_version_not_retired_is_released_and_the_current_one_cannot_be_retired(
+    store: Store,
+) -> None:
+    enroll(store, "n1", EK_A)
+    store.approve_node("n1", {"cluster": "prod"}, T0)
+    enroll(store, "n2", EK_B)
+    store.approve_node("n2", {"cluster": "dev"}, T0)
+    for n in (1, 2, 3):
+        store.add_key("k", "EC-P256", f"k{n}".encode(), T0)
+    store.add_grant("k", {"cluster": "prod"}, T0)
+    released = store.keys_for_labels({"cluster": "prod"})
+    assert [(k.version, k.state) for k in released] == [
+        (1, KeyState.ACTIVE), (2, KeyState.ACTIVE), (3, KeyState.CURRENT)
+    ]  # fmt: skip
+    last = store.last_change_id()
+    with pytest.raises(OperatorError, match=r"version 3 is key 'k'.s current .* rotate first"):
+        store.retire_key("k", 3, T0)
+    with pytest.raises(NotFound, match=r"key 'k' has no version 9 \(versions: 1, 2, 3\)"):
+        store.retire_key("k", 9, T0)
+    with pytest.raises(NotFound, match="no key named 'nope'"):
+        store.retire_key("nope", 1, T0)
+    assert store.changes_since(last) == []  # refused: nothing changed, nobody told
+
+    later = T0 + timedelta(hours=1)
+    retired = store.retire_key("k", 1, later)
+    assert (retired.key.version, retired.key.state, retired.key.retired_at) == (
+        1, KeyState.RETIRED, later
+    )  # fmt: skip
+    assert retired.nodes_notified == ("n1",)
+    assert [(c.node, c.kind, c.reason) for c in store.changes_since(last)] == [
+        ("n1", ChangeKind.CHANGED, "a key version was retired")
+    ]
+    with pytest.raises(OperatorError, match="already retired at 2026-01-02T04:04:05"):
+        store.retire_key("k", 1, later)
+    assert [k.version for k in store.keys_for_labels({"cluster": "prod"})] == [2, 3]
+    assert [(k.version, k.state, k.retired_at) for k in store.list_keys()] == [
+        (1, KeyState.RETIRED, later), (2, KeyState.ACTIVE, None), (3, KeyState.CURRENT, None)
+    ]  # fmt: skip
+    details = store.key_details("k", T0)
+    assert details.versions == tuple(store.list_keys())
+    assert details.grants == ({"cluster": "prod"},)
+
+
+def test_key_details_name_the_nodes_holding_each_version(store: Store) -> None:
+    """What each node's latest release gave it, while the lease lasts: replaced by the next
+    release, cleared by a denial or a revocation, kept through a failure of the broker's own;
+    a deleted key leaves nothing behind for a new key of the same name."""
+    for name, ek in (("n1", EK_A), ("n2", EK_B), ("n3", "c" * 64)):
+        enroll(store, name, ek)
+        store.approve_node(name, {"cluster": "prod"}, T0)
+    for name in ("k", "k_2", "other"):
+        store.add_key(name, "EC-P256", b"c", T0)
+        store.add_grant(name, {"cluster": "prod"}, T0)
+    store.add_key("k", "EC-P256", b"c2", T0)
+    until = T0 + timedelta(hours=1)
+
+    def release(node: str, held: list[tuple[str, int]] | None, at: datetime = T0) -> None:
+        store.record_attestation(node, bank="sha256", pcrs={0: b"\0" * 32}, reset_count=1,
+                                 restart_count=0, now=at, held=held, lease_until=until)  # fmt: skip
+
+    def holders(name: str = "k", now: datetime = T0) -> list[tuple[str, tuple[int, ...]]]:
+        return [(h.node, h.versions) for h in store.key_details(name, now).holders]
+
+    release("n1", [("k", 1), ("k", 2), ("other", 1)])
+    release("n2", [("k", 2), ("k_2", 1)])
+    release("n3", [("other", 1)])
+    assert holders() == [("n1", (1, 2)), ("n2", (2,))]
+    first = store.key_details("k", T0).holders[0]
+    assert (first.released_at, first.lease_until) == (T0, until)
+    assert holders("k_2") == [("n2", (1,))]  # "_" is no wildcard
+    assert holders("other") == [("n1", (1,)), ("n3", (1,))]
+    assert holders(now=until) == []  # the lease ended: the agents removed their keys
+
+    release("n1", [("k", 2)], T0 + timedelta(minutes=1))  # v1 retired: the next release
+    assert holders() == [("n1", (2,)), ("n2", (2,))]
+    release("n1", None)  # the broker failed (not a denial): the agent keeps its keys
+    assert holders() == [("n1", (2,)), ("n2", (2,))]
+    release("n2", [])  # denied: the agent removed its keys
+    assert holders() == [("n1", (2,))]
+    store.revoke_node("n1", T0)
+    assert holders() == []
+    assert holders("other") == [("n3", (1,))]
+
+    release("n2", [("k", 1), ("k", 2), ("k_2", 1)])
+    store.delete_key("k", T0)
+    store.add_key("k", "EC-P256", b"new", T0)
+    assert holders() == []
+    assert holders("k_2") == [("n2", (1,))]
 
 
 def test_sealed_key_sees_its_own_version(store: Store) -> None:
@@ -370,6 +461,8 @@ def test_catalog_cache_follows_writes_of_this_and_other_processes(
     assert [p.name for p in store.policies_for_labels(labels)] == ["boot"]
     # A write by this store object is seen at once.
     store.add_key("k", "EC-P256", b"k2", T0)
+    assert [k.encrypted_private for k in store.keys_for_labels(labels)] == [b"k1", b"k2"]
+    store.retire_key("k", 1, T0)
     assert [k.encrypted_private for k in store.keys_for_labels(labels)] == [b"k2"]
     # Another writer (the operator CLI, another replica): seen within CHECK_INTERVAL.
     with Store.open(database) as other:

@@ -1,6 +1,7 @@
 """Revocation push and key rotation against a real broker subprocess: the Watch stream delivers
 REVOKED and CHANGED to the nodes they concern (and only to them), refuses unknown and malformed
-names, never holds up the broker's shutdown, and a rotated key reaches the node's key dirs."""
+names, never holds up the broker's shutdown, and a rotated key reaches the node's key dirs beside
+the older version until that is retired."""
 
 from __future__ import annotations
 
@@ -133,12 +134,15 @@ def test_changes_reach_granted_nodes_only(
     rotated = ec_key(tmp_path / "k1b.pem")
     ok(broker.kbs("key", "rotate", "prod-key", "--private-key", str(rotated)))
     assert "rotated" in watch_granted.wait(WatchKind.CHANGED).reason
+    ok(broker.kbs("key", "retire", "prod-key", "--version", "1"))
+    assert "retired" in watch_granted.wait(WatchKind.CHANGED).reason
     ok(broker.kbs("key", "rotate", "second", "--private-key", str(tmp_path / "k1.pem")))
+    ok(broker.kbs("key", "retire", "second", "--version", "1"))
 
     # The other node's first notice is the one about itself: nothing before it was for it.
     ok(broker.kbs("node", "approve", other.name, "--label", "cluster=dev", "--label", "tier=gpu"))
     assert "labels" in watch_other.wait(WatchKind.CHANGED).reason
-    # ... and the rotation of a key granted to nobody reached no one.
+    # ... and the rotation and retirement of a key granted to nobody reached no one.
     ok(broker.kbs("node", "approve", granted.name, "--label", "cluster=prod"))
     assert "labels" in watch_granted.wait(WatchKind.CHANGED).reason
 
@@ -200,13 +204,16 @@ def test_broker_stops_within_its_grace_with_20_open_streams(
     assert log.count("ended (the broker is stopping)") == 20, log
 
 
-def test_rotated_key_is_installed_and_both_versions_listed(
+def test_rotation_adds_a_version_file_and_retirement_removes_one(
     broker: Broker, make_node: NodeFactory, tmp_path: Path
 ) -> None:
+    """``key rotate`` installs the new version beside the old one (both released, one file
+    each, in every key directory); ``key retire`` removes the old file at the next attestation;
+    ``key list`` and ``key show`` say so, naming what the node holds."""
     node = enrolled(make_node, "rotator")
-    grant_node(broker, node, write_key(tmp_path / "v1.pem", rsa.generate_private_key(65537, 2048)))
+    v1 = write_key(tmp_path / "v1.pem", rsa.generate_private_key(65537, 2048))
+    grant_node(broker, node, v1)
     ok(node.attest())
-    first = node.key_file("prod-key").read_bytes()
     v2 = write_key(tmp_path / "v2.pem", ec.generate_private_key(ec.SECP384R1()))
     refused = broker.kbs("key", "import", "prod-key", "--private-key", str(v2))
     assert refused.returncode == 2, refused
@@ -214,15 +221,35 @@ def test_rotated_key_is_installed_and_both_versions_listed(
     ok(broker.kbs("key", "rotate", "prod-key", "--private-key", str(v2)))
     ok(node.attest())
     for key_dir in range(2):
-        installed = node.key_file("prod-key", key_dir)
-        assert installed.read_bytes() == v2.read_bytes() != first
-        assert sorted(p.name for p in installed.parent.iterdir()) == ["prod-key.pem"]
+        assert node.key_file("prod-key", key_dir, version=1).read_bytes() == v1.read_bytes()
+        assert node.key_file("prod-key", key_dir, version=2).read_bytes() == v2.read_bytes()
+        assert sorted(p.name for p in node.key_dirs[key_dir].joinpath("keylease").iterdir()) == [
+            "prod-key.v1.pem",
+            "prod-key.v2.pem",
+        ]
     listing = broker.kbs("key", "list", "--json")
     ok(listing)
-    assert [(k["name"], k["version"], k["algorithm"]) for k in json.loads(listing.stdout)] == [
-        ("prod-key", 1, "RSA-2048"),
-        ("prod-key", 2, "EC-P384"),
-    ]
+    assert [(k["name"], k["version"], k["algorithm"], k["state"])
+            for k in json.loads(listing.stdout)] == [
+        ("prod-key", 1, "RSA-2048", "active"),
+        ("prod-key", 2, "EC-P384", "current"),
+    ]  # fmt: skip
+    shown = json.loads(broker.kbs("key", "show", "prod-key", "--json").stdout)
+    assert [(h["node"], h["versions"]) for h in shown["holders"]] == [("rotator", [1, 2])]
+
+    ok(broker.kbs("key", "retire", "prod-key", "--version", "1"))
+    shown = json.loads(broker.kbs("key", "show", "prod-key", "--json").stdout)
+    assert [(h["node"], h["versions"]) for h in shown["holders"]] == [("rotator", [1, 2])]
+    ok(node.attest())  # what the CHANGED the retirement sent asks the agent to do
+    for key_dir in range(2):
+        assert not node.key_file("prod-key", key_dir, version=1).exists()
+        assert node.key_file("prod-key", key_dir, version=2).read_bytes() == v2.read_bytes()
+    shown = json.loads(broker.kbs("key", "show", "prod-key", "--json").stdout)
+    assert [v["state"] for v in shown["versions"]] == ["retired", "current"]
+    assert [(h["node"], h["versions"]) for h in shown["holders"]] == [("rotator", [2])]
+    text = broker.kbs("key", "show", "prod-key").stdout
+    assert "rotator" in text
+    assert "BEGIN" not in text
 
 
 def test_a_frozen_broker_ends_the_stream_within_30_seconds(

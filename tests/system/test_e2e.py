@@ -46,7 +46,7 @@ def test_release_install_decrypt_then_tampered_boot(
         installed = node.key_file("prod-key", key_dir)
         assert stat.S_IMODE(installed.stat().st_mode) == 0o600
         assert installed.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----\n")
-        assert sorted(p.name for p in installed.parent.iterdir()) == ["prod-key.pem"]
+        assert sorted(p.name for p in installed.parent.iterdir()) == ["prod-key.v1.pem"]
 
     # A real image encrypted to the key's public half decrypts with the installed file.
     secret = b"the image secret " + tmp_path.name.encode()
@@ -104,8 +104,8 @@ def test_ec_key_and_regrant_after_rotation_of_grants(
     ok(broker.kbs("grant", "add", "second", "--selector", "region=eu"))
     ok(node.attest())
     assert sorted(p.name for p in node.key_file("prod-key").parent.iterdir()) == [
-        "prod-key.pem",
-        "second.pem",
+        "prod-key.v1.pem",
+        "second.v1.pem",
     ]
     assert foreign.read_bytes() == b"not ours"
 

@@ -103,7 +103,7 @@ def test_keys_installed_by_the_agent_decrypt_among_others(
         ]
     )
     installed = sorted((kd.root / "keylease").iterdir())
-    assert [p.name for p in installed] == ["decoy.pem", "image.pem"]
+    assert [p.name for p in installed] == ["decoy.v1.pem", "image.v3.pem"]
     skopeo_decrypt(tmp_path / "enc", "v1", tmp_path / "dec", installed)
     assert read_file_from_image(tmp_path / "dec", "v1", "secret.txt") == secret
 

@@ -11,22 +11,26 @@ plaintext chain id without asking for a key.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import secrets
 import shutil
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf.descriptor import FieldDescriptor
 
+from agent.config import DEFAULT_KEY_DIRS
 from harness.broker import Broker
-from harness.containerd import Containerd
+from harness.containerd import Containerd, containerd_config
 from harness.cri import CriError, api_pb2
 from harness.keys import write_key
 from harness.nodes import Node
@@ -41,7 +45,9 @@ ContainerdFactory = Callable[[Node], Containerd]
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 # The runtime's own messages (ocicrypt, through ctd-decoder and containerd's CRI).
-MISSING_KEY = "missing private key needed for decryption"
+MISSING_KEY = "missing private key needed for decryption"  # no key file at all
+WRONG_KEY = "none of the private keys could be used for decryption"  # none that opens it
+CTD_GZIP = "io.containerd.ocicrypt.decoder.v1.tar.gzip"
 STREAM_PULLS = 200
 MIN_ROTATIONS = 5
 
@@ -176,7 +182,7 @@ def test_cri_pull_decrypts_with_the_agents_keys_and_fails_once_revoked(
         assert cri.image_status(first.reference) is None
 
         ok(node.attest())
-        assert [p.name for p in _installed(node, 1)] == ["prod-key.pem"]
+        assert [p.name for p in _installed(node, 1)] == ["prod-key.v1.pem"]
         pulled = cri.pull_image(first.reference)
         assert pulled.image_ref.startswith("sha256:")
         status = cri.image_status(first.reference)
@@ -204,6 +210,65 @@ def test_cri_pull_decrypts_with_the_agents_keys_and_fails_once_revoked(
         assert third.secret not in containerd.unpacked("secret.txt")
 
 
+def _holders(broker: Broker, key: str) -> list[tuple[str, list[int]]]:
+    shown = broker.kbs("key", "show", key, "--json")
+    ok(shown)
+    return [(h["node"], h["versions"]) for h in json.loads(shown.stdout)["holders"]]
+
+
+def test_an_image_encrypted_to_an_older_version_pulls_until_that_version_is_retired(
+    broker: Broker,
+    make_node: NodeFactory,
+    containerd_for: ContainerdFactory,
+    images: Images,
+    tmp_path: Path,
+) -> None:
+    """Images live longer than a key version: after ``key rotate`` (RSA v1 -> EC v2) the node
+    has both files and an image encrypted to v1 still pulls through the CRI, as does one
+    encrypted to v2. ``key retire --version 1`` (refused for v2, the current version) removes
+    v1's file at the next attestation: an image encrypted to v1 then fails with the runtime's
+    own error (ocicrypt: none of the installed keys opens it), and one encrypted to v2 still
+    pulls. Every image has a layer of its own."""
+    node = make_node("versions-1")
+    assert node.attest().returncode == 3
+    v1 = write_key(tmp_path / "v1.pem", _new_key("rsa-2048"))
+    grant_node(broker, node, v1)
+    ok(node.attest())
+    containerd = containerd_for(node)
+    old_public = v1.with_suffix(".pub")
+
+    with containerd.cri() as cri:
+        cri.pull_image(images.push([old_public]).reference)
+
+        v2 = write_key(tmp_path / "v2.pem", _new_key("ec-p256"))
+        ok(broker.kbs("key", "rotate", "prod-key", "--private-key", str(v2)))
+        ok(node.attest())
+        assert [p.name for p in _installed(node, 1)] == ["prod-key.v1.pem", "prod-key.v2.pem"]
+        assert _holders(broker, "prod-key") == [(node.name, [1, 2])]
+        new_public = v2.with_suffix(".pub")
+        older, newer = images.push([old_public]), images.push([new_public])
+        cri.pull_image(older.reference)
+        cri.pull_image(newer.reference)
+        assert {older.secret, newer.secret} <= set(containerd.unpacked("secret.txt"))
+
+        stale, fresh = images.push([old_public]), images.push([new_public])
+        current = broker.kbs("key", "retire", "prod-key", "--version", "2")
+        assert current.returncode == 2, current
+        assert "rotate first" in current.stderr
+        ok(broker.kbs("key", "retire", "prod-key", "--version", "1"))
+        ok(node.attest())
+        assert [p.name for p in _installed(node, 1)] == ["prod-key.v2.pem"]
+        assert _holders(broker, "prod-key") == [(node.name, [2])]
+        with pytest.raises(CriError, match=WRONG_KEY) as retired:
+            cri.pull_image(stale.reference)
+        assert "DecryptLayer" in retired.value.message
+        assert cri.image_status(stale.reference) is None
+        cri.pull_image(fresh.reference)
+        unpacked = containerd.unpacked("secret.txt")
+        assert fresh.secret in unpacked
+        assert stale.secret not in unpacked
+
+
 @pytest.fixture
 def two_keys(broker: Broker, make_node: NodeFactory, tmp_path: Path) -> tuple[Node, Path, Path]:
     """A node granted an RSA key (``prod-key``) and an EC key (``second``), both installed."""
@@ -215,7 +280,7 @@ def two_keys(broker: Broker, make_node: NodeFactory, tmp_path: Path) -> tuple[No
     ok(broker.kbs("key", "import", "second", "--private-key", str(ec_key)))
     ok(broker.kbs("grant", "add", "second", "--selector", "cluster=prod"))
     ok(node.attest())
-    assert [p.name for p in _installed(node, 0)] == ["prod-key.pem", "second.pem"]
+    assert [p.name for p in _installed(node, 0)] == ["prod-key.v1.pem", "second.v1.pem"]
     return node, rsa_key.with_suffix(".pub"), ec_key.with_suffix(".pub")
 
 
@@ -263,8 +328,8 @@ def test_podman_runs_an_image_decrypted_with_the_installed_key_files(
 
         # Without the key that opens it, the runtime refuses with ocicrypt's message.
         image = images.push([rsa_public])
-        only_ec = [k for k in keys if k.name == "second.pem"]
-        with pytest.raises(ContainerToolError, match="none of the private keys could be used"):
+        only_ec = [k for k in keys if k.name == "second.v1.pem"]
+        with pytest.raises(ContainerToolError, match=WRONG_KEY):
             pull(image.reference, only_ec)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -281,12 +346,12 @@ def test_skopeo_1_18_decrypts_with_the_installed_key_files(
         skopeo_fetch(image.reference, out, "v1", keys, binary=tools.skopeo_trixie)
         assert read_file_from_image(out, "v1", "secret.txt") == image.secret
     image = images.push([ec_public])
-    with pytest.raises(RuntimeError, match="none of the private keys could be used"):
+    with pytest.raises(RuntimeError, match=WRONG_KEY):
         skopeo_fetch(
             image.reference,
             tmp_path / "wrong",
             "v1",
-            [k for k in keys if k.name == "prod-key.pem"],
+            [k for k in keys if k.name == "prod-key.v1.pem"],
             binary=tools.skopeo_trixie,
         )
 
@@ -296,33 +361,51 @@ class Pull:
     started: float
     ended: float
     error: str  # "" when the pull succeeded
+    recipient: str  # the key version the image was encrypted to, e.g. "rotating v3"
+    newest: str  # the newest version of the rotating key published when it was pushed
+
+
+Recipient = tuple[str, Path]  # (label, public key file)
 
 
 class PullStream:
     """A thread pushing unique images and pulling each through the CRI, one after the other,
-    until told to stop; odd images are encrypted to ``steady``, even ones to every public key
-    ``publish`` has been given so far (an operator re-encrypts images to a new key version
-    before rotating to it)."""
+    until told to stop. Each image is encrypted to one key version: odd ones to ``steady``,
+    even ones in turn to ``first`` and each version ``publish``ed, until ``withdraw``n (an operator
+    encrypts new images to a version once nodes have it, and retires a version once no image
+    needs it), so every installed file must decrypt on its own."""
 
-    def __init__(self, containerd: Containerd, images: Images, steady: Path) -> None:
+    def __init__(
+        self, containerd: Containerd, images: Images, steady: Recipient, first: Recipient
+    ) -> None:
         self.containerd = containerd
         self.images = images
         self.steady = steady
         self.pulls: list[Pull] = []
         self.secrets: list[bytes] = []
         self.crash: BaseException | None = None
-        self._published: list[Path] = []
-        self._pulled_generation = 0  # the longest published list a finished pull was pushed with
+        self._active: list[Recipient] = [first]
+        self._generation = 0  # changes to _active so far
+        self._pulled_generation = 0  # the generation the last finished pull was pushed with
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._guarded, daemon=True)
 
-    def publish(self, public: Path) -> None:
-        """Add a recipient for the images to come; return once every image in flight was
-        pushed with it (pulls run one at a time)."""
+    def publish(self, recipient: Recipient) -> None:
+        """Encrypt images to ``recipient`` from now on, beside the other active versions."""
+        self._change(lambda active: active.append(recipient))
+
+    def withdraw(self, recipient: Recipient) -> None:
+        """Stop encrypting images to ``recipient``; return once no image in flight uses it."""
+        self._change(lambda active: active.remove(recipient))
+
+    def _change(self, edit: Callable[[list[Recipient]], None]) -> None:
+        """Apply ``edit``; return once a pull of an image pushed after it has finished (pulls
+        run one at a time, so no earlier image is still in flight)."""
         with self._cond:
-            self._published.append(public)
-            generation = len(self._published)
+            edit(self._active)
+            self._generation += 1
+            generation = self._generation
             if not self._cond.wait_for(
                 lambda: self._pulled_generation >= generation or self.crash is not None, 120
             ):
@@ -342,8 +425,9 @@ class PullStream:
                 if self._stop.is_set():
                     return
                 with self._cond:
-                    published = list(self._published)
-                image = self.images.push([self.steady] if n % 2 else published)
+                    active, generation = list(self._active), self._generation
+                label, public = self.steady if n % 2 else active[(n // 2) % len(active)]
+                image = self.images.push([public])
                 started = time.monotonic()
                 try:
                     cri.pull_image(image.reference)
@@ -352,8 +436,8 @@ class PullStream:
                 except CriError as exc:
                     error = exc.message
                 with self._cond:
-                    self.pulls.append(Pull(started, time.monotonic(), error))
-                    self._pulled_generation = len(published)
+                    self.pulls.append(Pull(started, time.monotonic(), error, label, active[-1][0]))
+                    self._pulled_generation = generation
                     self._cond.notify_all()
 
     def __enter__(self) -> PullStream:
@@ -375,11 +459,12 @@ def test_every_key_file_stays_loadable_under_a_stream_of_cri_pulls(
     images: Images,
     tmp_path: Path,
 ) -> None:
-    """≥ 200 CRI pulls while the agent installs, rotates and removes keys, all the while: a
-    steady RSA key, a rotated EC key (images are encrypted to every version of it, so a gap
-    between the old file and the new one would fail a pull) and keys granted and removed
-    around them. ctd-decoder loads every file in the directory for every encrypted layer: one
-    unparseable, partial or temporary file fails the pull. None may fail."""
+    """≥ 200 CRI pulls while the agent installs, rotates, retires and removes keys, all the
+    while: a steady RSA key, a rotated EC key (each rotation adds a file beside the previous
+    version, images are then encrypted to either, and retiring the previous version removes
+    its file once no image needs it) and keys granted and removed around them. ctd-decoder
+    loads every file in the directory for every encrypted layer: one unparseable, partial or
+    temporary file fails the pull. None may fail."""
     node = make_node("stream-1")
     assert node.attest().returncode == 3
     steady = write_key(tmp_path / "steady.pem", _new_key("rsa-2048"))
@@ -388,7 +473,7 @@ def test_every_key_file_stays_loadable_under_a_stream_of_cri_pulls(
     ok(broker.kbs("key", "import", "rotating", "--private-key", str(first)))
     ok(broker.kbs("grant", "add", "rotating", "--selector", "cluster=prod"))
     ok(node.attest())
-    assert [p.name for p in _installed(node, 1)] == ["rotating.pem", "steady.pem"]
+    assert [p.name for p in _installed(node, 1)] == ["rotating.v1.pem", "steady.v1.pem"]
     containerd = containerd_for(node)
     attests: list[tuple[float, float]] = []
 
@@ -397,30 +482,41 @@ def test_every_key_file_stays_loadable_under_a_stream_of_cri_pulls(
         ok(node.attest())
         attests.append((started, time.monotonic()))
 
+    def rotating(version: int) -> Recipient:
+        return f"rotating v{version}", tmp_path / f"rotating-v{version}.pub"
+
     started = time.monotonic()
-    rotations = 0
-    with PullStream(containerd, images, steady.with_suffix(".pub")) as stream:
-        stream.publish(first.with_suffix(".pub"))
-        while len(stream.pulls) < STREAM_PULLS or rotations < MIN_ROTATIONS:
-            rotations += 1
-            rotated = write_key(tmp_path / f"rotating-v{rotations + 1}.pem", _new_key("ec-p256"))
-            stream.publish(rotated.with_suffix(".pub"))
+    version = 1
+    with PullStream(
+        containerd, images, ("steady", steady.with_suffix(".pub")), rotating(1)
+    ) as stream:
+        while len(stream.pulls) < STREAM_PULLS or version <= MIN_ROTATIONS:
+            version += 1
+            rotated = write_key(tmp_path / f"rotating-v{version}.pem", _new_key("ec-p256"))
             ok(broker.kbs("key", "rotate", "rotating", "--private-key", str(rotated)))
-            attest()
-            assert node.key_file("rotating", 1).read_bytes() == rotated.read_bytes()
-            churn = f"churn-{rotations}"
-            churn_key = _new_key(["rsa-2048", "ec-p384"][rotations % 2])
+            attest()  # adds rotating.v<N>.pem beside rotating.v<N-1>.pem
+            assert node.key_file("rotating", 1, version=version).read_bytes() == (
+                rotated.read_bytes()
+            )
+            assert node.key_file("rotating", 1, version=version - 1).exists()
+            stream.publish(rotating(version))
+            churn = f"churn-{version}"
+            churn_key = _new_key(["rsa-2048", "ec-p384"][version % 2])
             churn_path = write_key(tmp_path / f"{churn}.pem", churn_key)
             ok(broker.kbs("key", "import", churn, "--private-key", str(churn_path)))
             ok(broker.kbs("grant", "add", churn, "--selector", "region=eu"))
             attest()
             assert node.key_file(churn, 1).exists()
-            if rotations % 2:
+            if version % 2:
                 ok(broker.kbs("key", "delete", churn))
             else:
                 ok(broker.kbs("grant", "remove", churn, "--selector", "region=eu"))
             attest()
             assert not node.key_file(churn, 1).exists()
+            stream.withdraw(rotating(version - 1))
+            ok(broker.kbs("key", "retire", "rotating", "--version", str(version - 1)))
+            attest()  # removes rotating.v<N-1>.pem
+            assert not node.key_file("rotating", 1, version=version - 1).exists()
     elapsed = time.monotonic() - started
 
     failed = [p.error for p in stream.pulls if p.error]
@@ -432,14 +528,50 @@ def test_every_key_file_stays_loadable_under_a_stream_of_cri_pulls(
         if any(p.started < end and p.ended > start for start, end in attests)
     ]
     assert len(during_installs) >= len(attests), (len(during_installs), len(attests))
-    assert [p.name for p in _installed(node, 1)] == ["rotating.pem", "steady.pem"]
+    older = [p for p in stream.pulls if p.recipient not in ("steady", p.newest)]
+    assert len(older) >= MIN_ROTATIONS, "too few pulls of images encrypted to an older version"
+    assert [p.name for p in _installed(node, 1)] == [f"rotating.v{version}.pem", "steady.v1.pem"]
     unpacked = containerd.unpacked("secret.txt")
     assert len(unpacked) == len(stream.pulls)
     assert sorted(unpacked) == sorted(stream.secrets)
     print(
         f"\n{len(stream.pulls)} CRI pulls in {elapsed:.1f} s, {len(during_installs)} of them "
-        f"during one of {len(attests)} agent installs ({rotations} rotations); none failed"
+        f"during one of {len(attests)} agent installs ({version - 1} rotations, as many "
+        f"retirements; {len(older)} pulls of images encrypted to the older of two installed "
+        "versions); none failed"
     )
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_toml(heading: str) -> dict[str, Any]:
+    """The first ```toml block under ``heading`` in the README, parsed."""
+    text = README.read_text()
+    section = text[text.index(f"\n{heading}\n") :]
+    block = re.search(r"```toml\n(.*?)```", section, re.DOTALL)
+    assert block is not None, heading
+    return tomllib.loads(block.group(1))
+
+
+def test_the_readmes_runtime_configs_are_the_ones_tested(tmp_path: Path) -> None:
+    """The README's containerd config.toml is what ``harness.containerd`` runs (the tables that
+    decrypt; the harness adds only private paths), for the agent's default key directory; its
+    crio.conf names the agent's other default key directory."""
+    documented = _readme_toml("### containerd (Kubernetes through the CRI)")
+    key_dir = Path(DEFAULT_KEY_DIRS[1])
+    decoder = Path(documented["stream_processors"][CTD_GZIP]["path"])
+    tested = tomllib.loads(containerd_config(tmp_path, decoder, key_dir))
+    cri = "io.containerd.grpc.v1.cri"
+    assert documented["version"] == tested["version"] == 2
+    assert documented["plugins"][cri]["image_decryption"] == {"key_model": "node"}
+    assert tested["plugins"][cri]["image_decryption"] == {"key_model": "node"}
+    assert documented["stream_processors"] == tested["stream_processors"]
+    assert documented["stream_processors"][CTD_GZIP]["args"] == [
+        "--decryption-keys-path", str(key_dir)
+    ]  # fmt: skip
+    crio = _readme_toml("### CRI-O")
+    assert crio == {"crio": {"runtime": {"decryption_keys_path": DEFAULT_KEY_DIRS[0] + "/"}}}
 
 
 _FIELD = re.compile(r"^\s*(repeated\s+)?([\w.]+)\s+(\w+)\s*=\s*(\d+)\s*[;\[]", re.MULTILINE)

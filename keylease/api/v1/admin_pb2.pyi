@@ -127,16 +127,60 @@ class AdminKeyName(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class AdminKey(_message.Message):
-    __slots__ = ("name", "version", "algorithm", "created_at_us")
+    __slots__ = ("name", "version", "algorithm", "created_at_us", "state", "retired_at_us")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_US_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_AT_US_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     algorithm: str
     created_at_us: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., algorithm: _Optional[str] = ..., created_at_us: _Optional[int] = ...) -> None: ...
+    state: str
+    retired_at_us: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., algorithm: _Optional[str] = ..., created_at_us: _Optional[int] = ..., state: _Optional[str] = ..., retired_at_us: _Optional[int] = ...) -> None: ...
+
+class AdminRetireKeyRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class AdminRetireKeyResponse(_message.Message):
+    __slots__ = ("key", "nodes_notified")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    NODES_NOTIFIED_FIELD_NUMBER: _ClassVar[int]
+    key: AdminKey
+    nodes_notified: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[_Union[AdminKey, _Mapping]] = ..., nodes_notified: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AdminKeyHolder(_message.Message):
+    __slots__ = ("node", "versions", "released_at_us", "lease_until_us")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_AT_US_FIELD_NUMBER: _ClassVar[int]
+    LEASE_UNTIL_US_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    versions: _containers.RepeatedScalarFieldContainer[int]
+    released_at_us: int
+    lease_until_us: int
+    def __init__(self, node: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., released_at_us: _Optional[int] = ..., lease_until_us: _Optional[int] = ...) -> None: ...
+
+class AdminKeyDetails(_message.Message):
+    __slots__ = ("name", "versions", "grants", "holders")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
+    HOLDERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    versions: _containers.RepeatedCompositeFieldContainer[AdminKey]
+    grants: _containers.RepeatedCompositeFieldContainer[AdminSelector]
+    holders: _containers.RepeatedCompositeFieldContainer[AdminKeyHolder]
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[AdminKey, _Mapping]]] = ..., grants: _Optional[_Iterable[_Union[AdminSelector, _Mapping]]] = ..., holders: _Optional[_Iterable[_Union[AdminKeyHolder, _Mapping]]] = ...) -> None: ...
 
 class AdminKeyList(_message.Message):
     __slots__ = ("keys",)

@@ -84,6 +84,16 @@ class AdminServiceStub:
                 request_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminEmpty.SerializeToString,
                 response_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminKeyList.FromString,
                 _registered_method=True)
+        self.RetireKey = channel.unary_unary(
+                '/keylease.v1.AdminService/RetireKey',
+                request_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminRetireKeyRequest.SerializeToString,
+                response_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminRetireKeyResponse.FromString,
+                _registered_method=True)
+        self.ShowKey = channel.unary_unary(
+                '/keylease.v1.AdminService/ShowKey',
+                request_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminKeyName.SerializeToString,
+                response_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminKeyDetails.FromString,
+                _registered_method=True)
         self.AddGrant = channel.unary_unary(
                 '/keylease.v1.AdminService/AddGrant',
                 request_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminGrantRequest.SerializeToString,
@@ -184,6 +194,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetireKey(self, request, context):
+        """Stop releasing one version of a key (not the current one); granted nodes remove its file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShowKey(self, request, context):
+        """Every version of a key, its grants, and the nodes holding which version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AddGrant(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -278,6 +302,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListKeys,
                     request_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminEmpty.FromString,
                     response_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminKeyList.SerializeToString,
+            ),
+            'RetireKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireKey,
+                    request_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminRetireKeyRequest.FromString,
+                    response_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminRetireKeyResponse.SerializeToString,
+            ),
+            'ShowKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShowKey,
+                    request_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminKeyName.FromString,
+                    response_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminKeyDetails.SerializeToString,
             ),
             'AddGrant': grpc.unary_unary_rpc_method_handler(
                     servicer.AddGrant,
@@ -585,6 +619,60 @@ class AdminService:
             '/keylease.v1.AdminService/ListKeys',
             keylease_dot_api_dot_v1_dot_admin__pb2.AdminEmpty.SerializeToString,
             keylease_dot_api_dot_v1_dot_admin__pb2.AdminKeyList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keylease.v1.AdminService/RetireKey',
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminRetireKeyRequest.SerializeToString,
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminRetireKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShowKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keylease.v1.AdminService/ShowKey',
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminKeyName.SerializeToString,
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminKeyDetails.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,7 +35,7 @@ __all__ = ["NODE", "POLICY_PCRS", "StepResult", "run_scenario"]
 
 NODE = "kl-worker"
 KEY = "vm-key"
-KEY_FILE = f"{KEY}.pem"
+KEY_FILE = f"{KEY}.v1.pem"
 SECRET = b"keylease VM acceptance secret\n"
 # PCR 4 holds the kernel's EFI-stub image, 8/9 what the stub measures (command line, initrd).
 POLICY_PCRS = "0,1,2,3,4,5,7,8,9"
