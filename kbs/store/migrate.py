@@ -2,8 +2,8 @@
 
 The revisions live in ``kbs/store/migrations`` and run programmatically, under ``BEGIN
 IMMEDIATE`` on SQLite and a transaction-scoped advisory lock on PostgreSQL, so replicas starting
-together migrate once. A database written by a newer keylease-kbs (a revision above
-``HEAD_REVISION``) is refused rather than touched. Alembic's own INFO lines are quietened by the
+together migrate once. A database written by a newer keylease-kbs (a revision this one does not
+know) is refused rather than touched. Alembic's own INFO lines are quietened by the
 command line (``kbs.cli``), which configures logging; one line per upgrade is logged here.
 """
 
@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from kbs.errors import StoreError
 from kbs.store.database import Database
@@ -42,7 +43,8 @@ def migrate(db: Database) -> None:
         else:
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK)))
         current = MigrationContext.configure(conn).get_current_revision()
-        if current is not None and current > HEAD_REVISION:
+        known = {rev.revision for rev in ScriptDirectory.from_config(cfg).walk_revisions()}
+        if current is not None and current not in known:
             raise StoreError(
                 f"database {db.where} has schema revision {current}, newer than this "
                 f"keylease-kbs understands ({HEAD_REVISION}); upgrade keylease-kbs"
