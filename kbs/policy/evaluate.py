@@ -75,10 +75,13 @@ def _allowed_text(rule: Rule) -> str:
 
 
 def _failure(rule: Rule, found: Component | None, policy: str) -> str:
-    where = f"PCR {','.join(map(str, rule.pcrs))}, {component_label(rule.component)} "
-    where += f"[{rule.component}]"
-    if found is not None and not rule.component.startswith("pcr."):
-        where += f" ({found.summary})"
+    pcrs = ",".join(map(str, rule.pcrs))
+    if rule.component.startswith("pcr."):
+        where = f"PCR {pcrs} [{rule.component}]"
+    else:
+        where = f"PCR {pcrs}, {component_label(rule.component)} [{rule.component}]"
+        if found is not None:
+            where += f" ({found.summary})"
     value = found.value if found is not None else ABSENT
     if rule.allowed and value not in rule.values:
         if found is None or value == ABSENT:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kbs.errors import OperatorError, StoreError
-from kbs.eventlog.bootstate import component_pcrs, is_component_name
+from kbs.eventlog.bootstate import COMPONENT_GROUPS, component_pcrs, is_component_name
 
 __all__ = [
     "ABSENT",
@@ -192,10 +192,13 @@ def check_document(bank: str, rules: Iterable[Rule]) -> Document:
     return Document(bank, tuple(sorted(checked, key=lambda r: _order(r.component))))
 
 
-def _order(component: str) -> tuple[int, int, str]:
+def _order(component: str) -> tuple[int, int, int]:
+    """Display order: by PCR, then as ``COMPONENT_GROUPS`` lists them, then by index."""
     pcrs = component_pcrs(component)
     kind, _, n = component.partition(".")
-    return (pcrs[0], int(n) if n.isdigit() else 0, kind)
+    members = next((m for g, m in COMPONENT_GROUPS.items() if g == pcrs), ())
+    position = members.index(kind) if kind in members else 0
+    return (pcrs[0], position, int(n) if n.isdigit() else 0)
 
 
 def document_json(doc: Document) -> str:

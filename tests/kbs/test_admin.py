@@ -124,7 +124,7 @@ def add_nodes(broker: Broker) -> None:
                               ek_certificate=b"cert", ak_public=b"ak", state=NodeState.PENDING,
                               metadata={"os": "debian"}, now=dt.datetime.now(dt.UTC))  # fmt: skip
         pcrs = {i: bytes([i]) * 32 for i in range(8)}
-        store.record_attestation("w1", bank="sha256", pcrs=pcrs, reset_count=3, restart_count=0,
+        store.record_attestation("w1", banks={"sha256": pcrs}, reset_count=3, restart_count=0,
                                  now=dt.datetime.now(dt.UTC))  # fmt: skip
 
 
@@ -341,6 +341,8 @@ def test_remote_and_local_outputs_match(admin_broker: Broker, tmp_path: Path) ->
         ["node", "show", "w1", "--json"], ["node", "show", "w2"], ["key", "list"],
         ["key", "list", "--json"], ["grant", "list"], ["grant", "list", "--json"],
         ["policy", "list"], ["policy", "list", "--json"], ["allowlist", "list", "--json"],
+        ["policy", "show", "boot"], ["policy", "show", "boot", "--json"],
+        ["policy", "export", "boot"], ["policy", "diff", "boot", "--node", "w1", "--json"],
         ["audit"], ["audit", "--json", "--node", "w1", "--limit", "2"],
     ):  # fmt: skip
         local, far = broker.kbs(*argv), remote(broker, alice, *argv)

@@ -137,7 +137,7 @@ def test_quote_with_one_byte_changed_is_refused(
         quote = fresh_quote(tpm, ak, nonce)
         tampered = bytearray(quote.attest)
         tampered[-40] ^= 0x01
-        bad = Quote(bytes(tampered), quote.signature, quote.pcr_bank, quote.pcrs)
+        bad = Quote(bytes(tampered), quote.signature, quote.banks)
         with pytest.raises(AttestationDenied):
             client.attest(node.name, nonce, bad, b"")
     assert releases(broker, node.name) == 0
@@ -149,13 +149,13 @@ def test_pcr_value_lied_about_is_refused(broker: Broker, granted: tuple[Node, Ak
     with session(node) as (tpm, client, _):
         nonce = client.get_nonce(node.name)
         quote = fresh_quote(tpm, ak, nonce)
-        pcrs = dict(quote.pcrs)
+        pcrs = dict(quote.banks["sha256"])
         pcrs[7] = b"\x01" * 32
         with pytest.raises(AttestationDenied):
             client.attest(
                 node.name,
                 nonce,
-                Quote(quote.attest, quote.signature, "sha256", pcrs),
+                Quote(quote.attest, quote.signature, {"sha256": pcrs}),
                 b"",
             )
     assert any("PcrDigestMismatch" in d for d in audit_details(broker, node.name))
@@ -278,8 +278,7 @@ def test_malformed_attestation_gets_invalid_argument_and_broker_keeps_serving(
             req = pb.AttestRequest(
                 node_name=node.name,
                 nonce=nonce,
-                pcr_bank="sha256",
-                pcrs=[pb.PcrValue(index=0, value=b"\x00" * 32)],
+                banks=[pb.PcrBank(bank="sha256", pcrs=[pb.PcrValue(index=0, value=b"\x00" * 32)])],
                 **fields,
             )
             with pytest.raises(grpc.RpcError) as info:
