@@ -116,6 +116,22 @@ def test_the_two_ovmf_boots_differ_in_the_kernel_command_line_only() -> None:
     assert {k for k in base if base[k] != changed[k]} == {"kernel-cmdline"}
 
 
+def test_the_three_bank_ovmf_boot_shows_the_same_components_in_every_bank() -> None:
+    """The same guest booted on a TPM with sha1, sha256 and sha384 active: three digests per
+    event; in sha256 the boot state is that of the sha256-only boot."""
+    multi = verify_event_log(
+        (DATA / "ovmf-multibank.bin").read_bytes(), _quoted(DATA / "ovmf-multibank.bin")
+    )
+    assert multi.banks == ("sha1", "sha256", "sha384")
+    base = verify_event_log((DATA / "ovmf-base.bin").read_bytes(), _quoted(DATA / "ovmf-base.bin"))
+    assert multi.states["sha256"] == base.states["sha256"]
+    names = {b: [c.name for c in s.components] for b, s in multi.states.items()}
+    assert names["sha1"] == names["sha256"] == names["sha384"]
+    app = multi.states["sha384"].get("boot-app.1")
+    assert app is not None
+    assert len(app.value) == 96
+
+
 def _spec(**changes: object) -> BootSpec:
     spec = BootSpec(
         db_certs=(signing_certificate("Test db CA"),),
