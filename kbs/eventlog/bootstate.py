@@ -170,11 +170,9 @@ def _describe(event: Event) -> str:
     return name
 
 
-def _firmware(events: Sequence[Event], value: bytes) -> str:
+def _firmware(events: Sequence[Event], value: bytes, bank: str) -> str:
     crtm = [ev.text(e.data) for e in events if e.type == EV_S_CRTM_VERSION]
-    blobs = [
-        _short(next(iter(e.digests.values()))) for e in events if e.type in (EV_BLOB, EV_BLOB2)
-    ]
+    blobs = [_short(e.digests[bank]) for e in events if e.type in (EV_BLOB, EV_BLOB2)]
     known = (EV_S_CRTM_VERSION, EV_BLOB, EV_BLOB2, EV_SEPARATOR)
     other = sorted({ev.event_name(e.type) for e in events if e.type not in known})
     parts = [f"CRTM version '{crtm[0]}'" if crtm else "no CRTM version"]
@@ -298,7 +296,7 @@ def _entries(entries: Iterable[ev.SignatureEntry]) -> str:
     )
     parts += [f"{hashes} sha256 hash(es)"] if hashes else []
     parts += [f"{other} other"] if other else []
-    return f"{len(items)} entries: " + ", ".join(parts)
+    return f"{len(items)} entr{'y' if len(items) == 1 else 'ies'}: " + ", ".join(parts)
 
 
 def _loader(d: _Deriver, events: Sequence[Event]) -> list[Component]:
@@ -345,7 +343,7 @@ def derive(log: EventLog, bank: str, replayed: Mapping[int, bytes]) -> BootState
     out: list[Component] = []
     if 0 in by_pcr:
         out.append(
-            Component("firmware", (0,), replayed[0].hex(), _firmware(by_pcr[0], replayed[0]))
+            Component("firmware", (0,), replayed[0].hex(), _firmware(by_pcr[0], replayed[0], bank))
         )
     if 1 in by_pcr:
         out.append(
