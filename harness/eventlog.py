@@ -188,6 +188,7 @@ class BootSpec:
     cmdline: str = "root=/dev/vda1 ro quiet"
     initrd: bytes = b"initrd.img-6.1.0-27-amd64 contents"
     extra: tuple[LogEvent, ...] = ()  # appended as they are (e.g. unknown event types)
+    grub_measures: bool = True  # GRUB measures into PCR 8/9; else the kernel's EFI stub does
 
     def with_app(self, n: int, path: str, image: bytes) -> BootSpec:
         apps = list(self.apps)
@@ -237,6 +238,16 @@ def boot_events(spec: BootSpec) -> list[LogEvent]:
                           OWNER.bytes_le + spec.db_certs[0])
             )  # fmt: skip
     kernel = spec.apps[-1][0].replace("\\", "/").rsplit("/", 1)[-1]
+    if not spec.grub_measures:  # the EFI stub: load options and initrd, tagged, in PCR 9
+        options = (spec.cmdline + "\0").encode("utf-16-le")
+        return [
+            *events,
+            measured(9, EV_EVENT_TAG, tagged(0x8F3B22ED, b"LOADED_IMAGE::LoadOptions\0"),
+                     measure=options),
+            measured(9, EV_EVENT_TAG, tagged(0x8F3B22EC, b"Linux initrd\0"), measure=spec.initrd),
+            measured(5, EV_EFI_ACTION, b"Exit Boot Services Invocation"),
+            *spec.extra,
+        ]  # fmt: skip
     events += [
         measured(8, EV_IPL, f"grub_cmd: linux /boot/{kernel} {spec.cmdline}".encode() + b"\0",
                  measure=f"linux /boot/{kernel} {spec.cmdline}".encode()),
