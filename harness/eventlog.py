@@ -41,6 +41,7 @@ __all__ = [
     "measured",
     "oracle_events",
     "oracle_pcrs",
+    "replace_digest",
     "signature_list",
     "signing_certificate",
     "tagged",
@@ -324,3 +325,10 @@ def oracle_pcrs(path: Path) -> dict[str, dict[int, bytes]]:
             int(i): bytes.fromhex(v) for i, v in re.findall(r"(\d+)\s*:\s*0x([0-9a-fA-F]+)", body)
         }
     return banks
+
+
+def replace_digest(log: bytes, old: bytes, new: bytes) -> bytes:
+    """``log`` with one event's digest swapped (e.g. another kernel image loaded)."""
+    if len(old) != len(new) or log.count(old) != 1:
+        raise ValueError("the digest to replace must occur exactly once, replaced by one as long")
+    return log.replace(old, new)

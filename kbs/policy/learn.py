@@ -52,7 +52,7 @@ def _evidence(node: Node, boot: BootRecord | None, bank: str) -> BootState | Non
 
 
 def _note(found: Component | None, verb: str, node: Node, when: datetime) -> str:
-    what = "absent" if found is None else found.summary[:MAX_SUMMARY_IN_NOTE]
+    what = "not measured" if found is None else found.summary[:MAX_SUMMARY_IN_NOTE]
     return f"{what}; {verb} {node.name} {when:%Y-%m-%d}"
 
 
@@ -191,8 +191,6 @@ def change_lines(before: Policy | None, after: Policy, selectors_given: bool = T
     for rule in after.document.rules:
         was = old.get(rule.component)
         was_values = {a.value: a for a in was.allowed} if was else {}
-        if was is None:
-            lines.append(f"+ component {rule.component}")
         for a in rule.allowed:
             if a.value not in was_values:
                 lines.append(f"+ {rule.component}: {short_value(a.value)} ({a.note})")
