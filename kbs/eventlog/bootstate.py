@@ -183,8 +183,11 @@ def _firmware(events: Sequence[Event], value: bytes, bank: str) -> str:
 
 
 def _boot_variables(events: Sequence[Event], value: bytes) -> str:
-    names = []
+    names: list[str] = []
     for e in events:
+        if len(names) > 8:
+            names.append("")  # counted, not decoded
+            continue
         var = ev.variable(e.data) if e.type != EV_SEPARATOR else None
         if var is not None:
             names.append(
@@ -197,7 +200,8 @@ def _boot_variables(events: Sequence[Event], value: bytes) -> str:
             )
         elif e.type != EV_SEPARATOR:
             names.append(ev.event_name(e.type))
-    return (", ".join(names[:8]) or "no variables") + f" (PCR 1 {_short(value)})"
+    more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
+    return (", ".join(names[:8]) or "no variables") + more + f" (PCR 1 {_short(value)})"
 
 
 def _load_option(data: bytes) -> str:
@@ -303,24 +307,25 @@ def _loader(d: _Deriver, events: Sequence[Event]) -> list[Component]:
     """PCR 8/9: kernel command line, initrd, everything else the bootloader measured."""
     groups: dict[str, list[Event]] = {"kernel-cmdline": [], "initrd": [], "bootloader-config": []}
     texts: dict[str, list[str]] = {k: [] for k in groups}
-    for e in events:
+    for e in events:  # text is decoded for the first few of each group only (summaries)
         if e.type == EV_SEPARATOR:
             continue
         tagged = ev.tagged_event(e.data) if e.type == EV_EVENT_TAG else None
-        words = ev.text(e.data) if e.type == EV_IPL else ""
+        ipl = e.type == EV_IPL
         if tagged is not None and tagged[0] in ev.LINUX_TAGS:
             key = "kernel-cmdline" if tagged[0] == 0x8F3B22ED else "initrd"
-            texts[key].append(f"EFI stub {ev.LINUX_TAGS[tagged[0]]} {_short(e.digests[d.bank])}")
-        elif words.startswith("kernel_cmdline:"):
+            text = f"EFI stub {ev.LINUX_TAGS[tagged[0]]} {_short(e.digests[d.bank])}"
+        elif ipl and e.data.startswith(b"kernel_cmdline:"):
             key = "kernel-cmdline"
-            texts[key].append(words.removeprefix("kernel_cmdline:").strip())
-        elif e.pcr == 9 and e.type == EV_IPL and "initrd" in words:
+            text = "" if len(texts[key]) > 4 else ev.text(e.data[15:]).strip()
+        elif ipl and e.pcr == 9 and b"initrd" in e.data:
             key = "initrd"
-            texts[key].append(words)
+            text = "" if len(texts[key]) > 4 else ev.text(e.data)
         else:
             key = "bootloader-config"
-            texts[key].append(_describe(e))
+            text = "" if len(texts[key]) > 4 else _describe(e)
         groups[key].append(e)
+        texts[key].append(text)
     return [
         Component(
             name,

@@ -79,6 +79,8 @@ def event_name(event_type: int) -> str:
 
 def printable(value: str, limit: int = MAX_TEXT) -> str:
     """``value`` with every non-printable character escaped, cut to ``limit`` characters."""
+    if value.isprintable():
+        return value[:limit] + ("…" if len(value) > limit else "")
     out = "".join(c if c.isprintable() else f"\\x{ord(c) & 0xFF:02x}" for c in value[:limit])
     return out + ("…" if len(value) > limit else "")
 

@@ -118,11 +118,29 @@ def _check_event(number: int, pcr: int, etype: int, size: int, at: int) -> None:
 def _agile_events(data: bytes, sizes: dict[int, int], pos: int) -> list[Event]:
     names = {alg: _bank(alg) for alg in sizes}
     expected = len(sizes)
+    # Every real log writes each event's digests in the header's order: one unpack per event
+    # (the fast path); any other order goes through the checks of ``_digests``.
+    fast = struct.Struct("<III" + "".join(f"H{size}s" for size in sizes.values()) + "I")
+    order = tuple(sizes)
+    bank_names = tuple(names[alg] for alg in order)
     events: list[Event] = []
     end_of_log = len(data)
     while pos < end_of_log:
         number = len(events) + 1
         at = pos
+        if at + fast.size <= end_of_log:
+            fields = fast.unpack_from(data, at)
+            pcr, etype, count = fields[0], fields[1], fields[2]
+            if count == expected and fields[3:-1:2] == order:
+                size, pos = fields[-1], at + fast.size
+                end = pos + size
+                if end > end_of_log:
+                    raise _truncated(f"event {number}'s data", pos)
+                _check_event(number, pcr, etype, size, at)
+                digests = dict(zip(bank_names, fields[4:-1:2], strict=True))
+                events.append(Event(number, pcr, etype, digests, data[pos:end]))
+                pos = end
+                continue
         pos = _take(data, at, 12, f"event {number}'s header")
         pcr, etype, count = _HEAD2.unpack_from(data, at)
         if count != expected:
@@ -130,25 +148,34 @@ def _agile_events(data: bytes, sizes: dict[int, int], pos: int) -> list[Event]:
                 f"event {number} (byte {at}) carries {count} digests; the header announces "
                 f"{expected}"
             )
-        digests: dict[str, bytes] = {}
-        for _ in range(count):
-            alg_end = _take(data, pos, 2, f"event {number}'s digest algorithm")
-            alg = data[pos] | data[pos + 1] << 8
-            size = sizes.get(alg)
-            name = names.get(alg)
-            if size is None or name is None or name in digests:
-                raise EventLogInvalid(
-                    f"event {number} (byte {at}) carries a digest of algorithm 0x{alg:04x}, "
-                    "which the header does not announce (or twice)"
-                )
-            pos = _take(data, alg_end, size, f"event {number}'s digest")
-            digests[name] = data[alg_end:pos]
+        digests, pos = _digests(data, pos, count, sizes, names, number, at)
         size_end = _take(data, pos, 4, f"event {number}'s data size")
         (size,) = _U32.unpack_from(data, pos)
         _check_event(number, pcr, etype, size, at)
         pos = _take(data, size_end, size, f"event {number}'s data")
         events.append(Event(number, pcr, etype, digests, data[size_end:pos]))
     return events
+
+
+def _digests(
+    data: bytes, pos: int, count: int, sizes: dict[int, int], names: dict[int, str],
+    number: int, at: int,
+) -> tuple[dict[str, bytes], int]:  # fmt: skip
+    """The digests of one event in any order; each announced algorithm once."""
+    digests: dict[str, bytes] = {}
+    for _ in range(count):
+        alg_end = _take(data, pos, 2, f"event {number}'s digest algorithm")
+        alg = data[pos] | data[pos + 1] << 8
+        size = sizes.get(alg)
+        name = names.get(alg)
+        if size is None or name is None or name in digests:
+            raise EventLogInvalid(
+                f"event {number} (byte {at}) carries a digest of algorithm 0x{alg:04x}, "
+                "which the header does not announce (or twice)"
+            )
+        pos = _take(data, alg_end, size, f"event {number}'s digest")
+        digests[name] = data[alg_end:pos]
+    return digests, pos
 
 
 def _legacy_events(data: bytes) -> list[Event]:
