@@ -146,9 +146,7 @@ def run_demo(work: Path, key_dirs: list[Path]) -> int:
             step("3. The agent enrolls (EK cert, AK credential activation) and attests")
             sh(agent, expect=3)
 
-            step(
-                "4. The operator approves the node, learns its boot policy, imports, grants a key"
-            )
+            step("4. The operator approves the node, learns its boot policy, imports, grants a key")
             sh([*kbs, "node", "list"])
             sh([*kbs, "node", "approve", NODE, "--label", "cluster=demo"])
             sh([*kbs, "policy", "learn", "demo-boot", "--from-node", NODE])

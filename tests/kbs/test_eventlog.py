@@ -139,7 +139,7 @@ def _spec(**changes: object) -> BootSpec:
         pk_cert=signing_certificate("Test PK"),
         dbx_hashes=(b"\x11" * 32, b"\x22" * 32),
     )
-    return BootSpec(**{**spec.__dict__, **changes})  # type: ignore[arg-type]
+    return BootSpec(**{**spec.__dict__, **changes})
 
 
 def test_synthetic_secure_boot_log_against_tpm2_eventlog(tmp_path: Path) -> None:

@@ -276,7 +276,8 @@ def test_policies_for_labels(store: Store) -> None:
     assert store.policies_for_labels({}) == []
     # Updating the values keeps the assignments.
     before, updated = store.put_policy("boot", raw({7: b"\x17" * 32}), T0)
-    assert before is not None and before.document == raw({0: b"\x00" * 32, 7: b"\x07" * 32})
+    assert before is not None
+    assert before.document == raw({0: b"\x00" * 32, 7: b"\x07" * 32})
     assert updated.document == raw({7: b"\x17" * 32})
     assert len(updated.selectors) == 2
     with pytest.raises(OperatorError, match="already assigned"):
