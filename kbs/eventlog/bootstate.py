@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from kbs.eventlog import events as ev
+import kbs.eventlog.events as ev
 from kbs.eventlog.parse import EV_NO_ACTION, Event, EventLog
 from kbs.eventlog.replay import HASHES
 
