@@ -11,6 +11,7 @@ against the quoted values is redone on every call.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -39,24 +40,30 @@ class _Analysed:
 
 
 class _Cache:
-    """SHA-256 of the log -> its analysis; holds no log bytes (a log can be 1 MiB)."""
+    """SHA-256 of the log -> its analysis, least recently used out; holds no log bytes (a log
+    can be 1 MiB). Thread-safe (on PostgreSQL attestations run in worker threads)."""
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._entries: dict[bytes, _Analysed] = {}
+        self._lock = threading.Lock()
 
     def get(self, data: bytes) -> tuple[bytes, _Analysed]:
         key = hashlib.sha256(data).digest()
-        found = self._entries.pop(key, None)
+        with self._lock:
+            found = self._entries.pop(key, None)
         if found is None:
-            found = _analysis(parse_event_log(data))
-            if len(self._entries) >= self._size:
+            found = _analysis(parse_event_log(data))  # outside the lock: it may take ms
+        with self._lock:
+            self._entries.pop(key, None)
+            while len(self._entries) >= self._size:
                 self._entries.pop(next(iter(self._entries)))
-        self._entries[key] = found  # most recently used last
+            self._entries[key] = found  # most recently used last
         return key, found
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
 
 def _analysis(log: EventLog) -> _Analysed:
