@@ -61,7 +61,7 @@ def attest_once(cfg: AgentConfig, tpm: Tpm, client: BrokerClient, state: StateDi
         )
     bundle = open_release(tpm, reply.release, cfg.node_name)
     installed, removed = install_keys(cfg, bundle.keys)
-    cache.save(reply.release, quote.pcrs)
+    cache.save(reply.release, quote.banks.get(reply.release.sealed.pcr_bank, {}))
     log.info(
         "attest node=%s result=ok keys=%s until=%s",
         cfg.node_name,

@@ -23,16 +23,15 @@ class AkBlobs:
 
 @dataclass(frozen=True)
 class EkInfo:
-    certificate: bytes  # DER from NV 0x01c00002 (RSA-2048 EK certificate)
-    public: bytes  # marshalled TPM2B_PUBLIC of the RSA-2048 EK
+    certificate: bytes  # DER from NV 0x01c00002 (RSA-2048) or 0x01c0000a (ECC P-256)
+    public: bytes  # marshalled TPM2B_PUBLIC of the EK that certificate certifies
 
 
 @dataclass(frozen=True)
 class Quote:
     attest: bytes  # marshalled TPM2B_ATTEST as TPM2_Quote returned it
     signature: bytes  # marshalled TPMT_SIGNATURE
-    pcr_bank: str
-    pcrs: Mapping[int, bytes]  # the quoted PCR values, read right after the quote
+    banks: Mapping[str, Mapping[int, bytes]]  # the quoted PCR values per bank, read after it
 
 
 @dataclass(frozen=True)

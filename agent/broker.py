@@ -298,8 +298,13 @@ class BrokerClient:
             nonce=nonce,
             quote=quote.attest,
             signature=quote.signature,
-            pcr_bank=quote.pcr_bank,
-            pcrs=[pb.PcrValue(index=i, value=v) for i, v in sorted(quote.pcrs.items())],
+            banks=[
+                pb.PcrBank(
+                    bank=bank,
+                    pcrs=[pb.PcrValue(index=i, value=v) for i, v in sorted(values.items())],
+                )
+                for bank, values in quote.banks.items()
+            ],
             event_log=event_log,
         )
         resp = self._call(

@@ -1,16 +1,21 @@
 """keylease demo on embedded defaults: everything real, nothing mocked, all on this machine.
 
-1. Provision a software TPM (swtpm) with an EK certificate from a local TPM-manufacturer CA.
+1. Provision a software TPM (swtpm) with an EK certificate from a local TPM-manufacturer CA, and
+   "boot" it: its PCRs are extended with the events of a real OVMF boot event log (captured from
+   the project's VM, tests/data/eventlogs), which the agent sends as its firmware's log.
 2. Start the broker (keylease-kbs) on SQLite with TLS on 127.0.0.1.
-3. The agent enrolls and attests; the operator approves the node, sets a boot policy from its
-   PCR values, imports an image key and grants it; the agent attests again and installs the key.
+3. The agent enrolls and attests; the operator approves the node, learns a boot policy from its
+   verified boot (named components: firmware, boot application, Secure Boot, kernel command
+   line...), shows it, imports an image key and grants it; the agent attests again and installs
+   the key.
 4. skopeo encrypts a small OCI image to the key's public half and decrypts it with the key the
    agent installed; the secret inside the image is printed.
 5. The same image, encrypted, in a registry on 127.0.0.1 (Debian's docker-registry), pulled the
    way kubelet pulls it: through containerd's CRI (``ImageService.PullImage``) on a private
    containerd 1.6 whose ctd-decoder reads the agent's containerd key directory; the secret is
    read back from the unpacked layer.
-6. A "tampered boot" (PCR 7 extended); the agent is denied, naming the PCR, and the key is removed.
+6. Another kernel boots (the firmware measures a different image into PCR 4): the broker denies,
+   naming the boot application and what the policy allows, and the agent removes the key.
 
 Working files go to ./demo-run (replaced on every run).
 """
@@ -30,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from harness.broker import AGENT, KBS, Broker, write_agent_config
 from harness.containerd import Containerd
 from harness.cri import CriError
+from harness.eventlog import extend_tpm, oracle_events, replace_digest
 from harness.keys import write_key
 from harness.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
 from harness.registry import Registry
@@ -38,6 +44,8 @@ from harness.swtpm import Swtpm, SwtpmCa, provision
 
 NODE = "worker-1"
 CRI_PLUGIN = 'plugins."io.containerd.grpc.v1.cri"'
+OVMF_LOG = Path(__file__).resolve().parents[1] / "tests" / "data" / "eventlogs" / "ovmf-base.bin"
+KERNEL = bytes.fromhex("80ab823ee197f0732f8715ff0872fb2805978defeaf61709237883fe92a905aa")
 BOLD, DIM, RED, GREEN, RESET = ("\033[1m", "\033[2m", "\033[31m", "\033[32m", "\033[0m")
 
 
@@ -170,6 +178,11 @@ def run_demo(work: Path, key_dirs: list[Path]) -> int:
     print(f"  TPM state {work / 'tpm'}; EK roots {work / 'ek-roots.pem'}")
 
     with Swtpm(work / "tpm") as tpm:
+        boot_log = work / "binary_bios_measurements"
+        boot_log.write_bytes(OVMF_LOG.read_bytes())
+        extend_tpm(tpm.tcti, oracle_events(boot_log))
+        print(f"  booted: PCRs extended with the {len(oracle_events(boot_log)) - 1} events of a")
+        print(f"  real OVMF boot log ({OVMF_LOG.name}); the agent sends it as {boot_log.name}")
         step("2. The broker: init (TLS CA, server cert, master key) and serve on 127.0.0.1")
         broker = Broker(work / "kbs", work / "ek-roots.pem", enrollment="manual")
         print("  " + broker.init_output.strip().replace("\n", "\n  "))
@@ -185,29 +198,18 @@ def run_demo(work: Path, key_dirs: list[Path]) -> int:
                 key_dirs=key_dirs,
                 node_name=NODE,
                 extra_lines=extra,
+                event_log=boot_log,
             )
             agent = [AGENT, "--config", str(agent_cfg), "attest", "--once"]
 
             step("3. The agent enrolls (EK cert, AK credential activation) and attests")
             sh(agent, expect=3)
 
-            step(
-                "4. The operator approves the node, sets its boot policy, imports and grants a key"
-            )
+            step("4. The operator approves the node, learns its boot policy, imports, grants a key")
             sh([*kbs, "node", "list"])
             sh([*kbs, "node", "approve", NODE, "--label", "cluster=demo"])
-            sh(
-                [
-                    *kbs,
-                    "policy",
-                    "set",
-                    "demo-boot",
-                    "--pcrs",
-                    "0,1,2,3,4,5,6,7",
-                    "--from-node",
-                    NODE,
-                ]
-            )
+            sh([*kbs, "policy", "learn", "demo-boot", "--from-node", NODE])
+            sh([*kbs, "policy", "show", "demo-boot"])
             sh([*kbs, "policy", "assign", "demo-boot", "--selector", "cluster=demo"])
             write_key(work / "image-key.pem", rsa.generate_private_key(65537, 3072))
             sh([*kbs, "key", "import", "demo-key", "--private-key", str(work / "image-key.pem")])
@@ -231,13 +233,21 @@ def run_demo(work: Path, key_dirs: list[Path]) -> int:
             step("7. containerd pulls the encrypted image through its CRI, as kubelet does")
             cri_pull(work, key_dirs[1], work / "image-plain", work / "image-key.pub")
 
-            step("8. Tampered boot: PCR 7 changes; the broker denies and the agent removes the key")
-            sh(["tpm2_pcrextend", "7:sha256=" + "ab" * 32], env={"TPM2TOOLS_TCTI": tpm.tcti})
+            step(
+                "8. Another kernel boots: the broker denies, naming the boot application, and "
+                "the agent removes the key"
+            )
+            tpm.restart()  # a reboot: the PCRs start over
+            other = replace_digest(OVMF_LOG.read_bytes(), KERNEL, bytes.fromhex("9f2c" * 16))
+            boot_log.write_bytes(other)
+            extend_tpm(tpm.tcti, oracle_events(boot_log))
+            print("  rebooted; the firmware measured another kernel image into PCR 4")
             sh(agent, expect=4)
             left = sorted(p.name for p in installed.parent.iterdir())
             print(f"  {installed.parent}: {left or 'empty'}")
             if installed.exists():
                 raise SystemExit(f"{RED}demo: the key was not removed{RESET}")
+            sh([*kbs, "node", "show", NODE])
             sh([*kbs, "audit", "--node", NODE])
     print(f"\n{GREEN}{BOLD}demo complete{RESET} (files in {work})")
     return 0

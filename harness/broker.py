@@ -163,6 +163,7 @@ def write_agent_config(
     key_dirs: Sequence[Path],
     node_name: str,
     extra_lines: Sequence[str] = (),
+    event_log: Path | None = None,
 ) -> Path:
     path.write_text(
         "\n".join(
@@ -173,7 +174,7 @@ def write_agent_config(
                 f'state_dir = "{state_dir}"',
                 f'node_name = "{node_name}"',
                 "key_dirs = [" + ", ".join(f'"{d}"' for d in key_dirs) + "]",
-                'event_log = ""',
+                f'event_log = "{event_log or ""}"',
                 *extra_lines,
                 "",
             ]

@@ -21,6 +21,7 @@ class Node:
     keys_root: Path  # on a tmpfs: the agent refuses key directories that would reach a disk
     broker: Broker
     config_extra: list[str] = field(default_factory=list)  # more agent.toml lines
+    event_log: Path | None = None  # the boot event log the agent sends (none by default)
 
     @property
     def config_path(self) -> Path:
@@ -43,6 +44,7 @@ class Node:
             key_dirs=self.key_dirs,
             node_name=self.name,
             extra_lines=self.config_extra,
+            event_log=self.event_log,
         )
 
     def config(self) -> AgentConfig:

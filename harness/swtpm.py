@@ -12,17 +12,29 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-__all__ = ["Swtpm", "SwtpmCa", "SwtpmToolMissing", "copy_state", "provision", "require_tools"]
+__all__ = [
+    "EK_ECC256_CERT_INDEX",
+    "Swtpm",
+    "SwtpmCa",
+    "SwtpmToolMissing",
+    "copy_state",
+    "provision",
+    "provision_ecc256",
+    "require_tools",
+]
 
 TOOLS = ("swtpm", "swtpm_setup", "swtpm_localca", "certtool")
 STATE_FILE = "tpm2-00.permall"
 SOCKET = "tpm.sock"
 MAX_SOCKET_PATH = 100  # sun_path is 108 bytes; leave room for the ".ctrl" suffix's NUL
 START_TIMEOUT = 10.0
+EK_ECC256_CERT_INDEX = 0x01C0000A  # TCG EK profile: the low-range ECC NIST P-256 EK certificate
 
 
 class SwtpmToolMissing(RuntimeError):
@@ -89,12 +101,15 @@ class SwtpmCa:
         return root.rstrip(b"\n") + b"\n" + intermediate.rstrip(b"\n") + b"\n"
 
 
-def provision(state_dir: Path, ca: SwtpmCa) -> None:
-    """Manufacture a TPM in ``state_dir``: RSA-2048 and ECC EKs with certificates signed by
-    ``ca``, a platform certificate, and only the sha256 PCR bank active."""
+def provision(
+    state_dir: Path, ca: SwtpmCa, banks: Sequence[str] = ("sha256",), *, ek_certs: bool = True
+) -> None:
+    """Manufacture a TPM in ``state_dir``: RSA-2048 and ECC P-384 EKs with certificates signed by
+    ``ca`` and a platform certificate (``ek_certs``), and only ``banks`` active."""
     require_tools()
     state_dir.mkdir(parents=True, exist_ok=True)
     log = state_dir / "swtpm_setup.log"
+    certs = ["--create-ek-cert", "--create-platform-cert"] if ek_certs else []
     proc = subprocess.run(
         [
             "swtpm_setup",
@@ -103,8 +118,9 @@ def provision(state_dir: Path, ca: SwtpmCa) -> None:
             str(state_dir),
             "--config",
             str(ca.setup_config),
-            "--create-ek-cert",
-            "--create-platform-cert",
+            *certs,
+            "--pcr-banks",
+            ",".join(banks),
             "--overwrite",
             "--logfile",
             str(log),
@@ -242,3 +258,79 @@ def copy_state(source: Path, state_dir: Path) -> None:
     """Copy a provisioned TPM state (the same TPM, same EK) into ``state_dir``."""
     state_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source / STATE_FILE, state_dir / STATE_FILE)
+
+
+def provision_ecc256(state_dir: Path, ca: SwtpmCa, banks: Sequence[str] = ("sha256",)) -> None:
+    """A TPM whose only EK certificate is for the ECC P-256 EK, at NV 0x01c0000a, as many
+    hardware TPMs ship: swtpm_setup itself writes RSA-2048 and P-384 certificates only, so this
+    creates the EK from the TCG template, has ``ca``'s intermediate certify it (EKU
+    2.23.133.8.1, the TPM attributes swtpm_localca puts in the subjectAltName) and writes the
+    certificate to its NV index."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from tpm2_pytss import (
+        ESAPI,
+        ESYS_TR,
+        TPM2_ECC,
+        TPM2B_NV_PUBLIC,
+        TPM2B_SENSITIVE_CREATE,
+        TPMA_NV,
+        TPMS_NV_PUBLIC,
+        TCTILdr,
+    )
+    from tpm2_pytss.constants import TPM2_ALG
+    from tpm2_pytss.utils import NVReadEK, create_ek_template
+
+    provision(state_dir, ca, banks, ek_certs=False)
+    issuer = x509.load_pem_x509_certificate(ca.intermediate_cert.read_bytes())
+    signer = serialization.load_pem_private_key((ca.directory / "signkey.pem").read_bytes(), None)
+    assert isinstance(signer, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
+    with Swtpm(state_dir) as tpm, TCTILdr.parse(tpm.tcti) as loader, ESAPI(loader) as esys:
+        _, template = create_ek_template("EK-ECC256", NVReadEK(esys))
+        handle, public, *_ = esys.create_primary(
+            TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT
+        )
+        esys.flush_context(handle)
+        point = public.publicArea.unique.ecc
+        assert public.publicArea.parameters.eccDetail.curveID == TPM2_ECC.NIST_P256
+        key = ec.EllipticCurvePublicNumbers(
+            int.from_bytes(bytes(point.x), "big"), int.from_bytes(bytes(point.y), "big"),
+            ec.SECP256R1(),
+        ).public_key()  # fmt: skip
+        tpm_attrs = x509.Name(
+            [
+                x509.NameAttribute(x509.ObjectIdentifier("2.23.133.2.1"), "id:00001014"),
+                x509.NameAttribute(x509.ObjectIdentifier("2.23.133.2.2"), "swtpm"),
+                x509.NameAttribute(x509.ObjectIdentifier("2.23.133.2.3"), "id:20191023"),
+            ]
+        )
+        now = datetime.now(UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(issuer.subject)
+            .public_key(key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=3650))
+            .add_extension(x509.SubjectAlternativeName([x509.DirectoryName(tpm_attrs)]), True)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+            .add_extension(x509.ExtendedKeyUsage([x509.ObjectIdentifier("2.23.133.8.1")]), False)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, True, False, False, False, False), True
+            )
+            .sign(signer, hashes.SHA256())
+        ).public_bytes(serialization.Encoding.DER)
+        nv = TPM2B_NV_PUBLIC(
+            nvPublic=TPMS_NV_PUBLIC(
+                nvIndex=EK_ECC256_CERT_INDEX,
+                nameAlg=TPM2_ALG.SHA256,
+                attributes=TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHREAD
+                | TPMA_NV.NO_DA | TPMA_NV.PPREAD,
+                dataSize=len(cert),
+            )
+        )  # fmt: skip
+        index = esys.nv_define_space(None, nv, ESYS_TR.OWNER)
+        for offset in range(0, len(cert), 512):
+            esys.nv_write(index, cert[offset : offset + 512], offset, ESYS_TR.OWNER)

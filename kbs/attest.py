@@ -1,9 +1,11 @@
 """Attestation (DESIGN.md step 2) and the release decision (step 3).
 
 Fixed order: node known -> nonce consumed (single use, even if what follows fails; issued by
-``kbs.nonces``) -> quote verified with the enrolled AK (``kbs.quote``) -> event log replayed
-(``kbs.eventlog``) -> PCRs recorded -> node state -> policy (``kbs.policy``) -> grants ->
-release (``kbs.release``). Anything that fails raises a specific ``AttestationFailed``.
+``kbs.nonces``) -> quote verified with the enrolled AK (``kbs.quote``) -> event log parsed and
+replayed against the quoted banks (``kbs.eventlog``) -> PCRs and boot state recorded -> node state
+-> policy (``kbs.policy.evaluate``) -> grants -> release (``kbs.release``). Anything that fails
+raises a specific error; a denial after a verified quote is recorded on the node (``node show``)
+with the text the node is told.
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ from kbs.errors import (
     KbsError,
     NodeRevoked,
     NotGranted,
+    PolicyDenied,
     UnknownNode,
 )
-from kbs.eventlog import check_event_log
+from kbs.eventlog import VerifiedLog, verify_event_log
 from kbs.masterkey import key_aad
 from kbs.model import Node, NodeState, Policy, check_node_name
-from kbs.policy import evaluate, required_pcrs
+from kbs.policy.evaluate import Sealing, evaluate, sealed_pcrs
 from kbs.quote import VerifiedQuote, verify_quote
 from kbs.release import GrantedKey, SealedRelease, build_release
-from kbs.store import AuditEvent
+from kbs.store import AuditEvent, BootUpdate
 from kbs.tpm.objects import TpmPublic, parse_public
 from keylease.api.v1 import NONCE_BYTES, qualifying_data
 
@@ -38,7 +41,6 @@ __all__ = ["AttestOutcome", "AttestResult", "Evidence", "attest"]
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_BANKS = frozenset({"sha256"})
 PENDING_DETAIL = "quote verified; node awaits operator approval"
 
 
@@ -53,8 +55,7 @@ class Evidence:
     nonce: bytes
     quote: bytes
     signature: bytes
-    pcr_bank: str
-    pcrs: Mapping[int, bytes]
+    banks: Mapping[str, Mapping[int, bytes]]  # bank -> PCR index -> value, as sent
     event_log: bytes
 
 
@@ -75,8 +76,26 @@ def _known_node(ctx: BrokerContext, name: str) -> Node:
 def _check_shape(ev: Evidence) -> None:
     if len(ev.nonce) != NONCE_BYTES:
         raise InvalidRequest(f"nonce must be {NONCE_BYTES} bytes, got {len(ev.nonce)}")
-    if ev.pcr_bank not in SUPPORTED_BANKS:
-        raise InvalidRequest(f"unsupported PCR bank {ev.pcr_bank[:32]!r}; use sha256")
+
+
+def _required(policies: Sequence[Policy]) -> dict[str, set[int]]:
+    """The PCRs the quote must cover for these policies (none when there are none, or when they
+    cannot be combined: ``evaluate`` says so once the quote is verified and recorded)."""
+    if not policies:
+        return {}
+    try:
+        bank, pcrs = sealed_pcrs(policies)
+    except PolicyDenied:
+        return {}
+    return {bank: set(pcrs)}
+
+
+def _boot_update(node: Node, log: VerifiedLog | None) -> BootUpdate | None:
+    """What to record of the event log: nothing when it is the one already recorded."""
+    digest = log.digest if log is not None else None
+    if digest == node.boot_log_digest:
+        return None
+    return BootUpdate(digest, log.states if log is not None else {})
 
 
 def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
@@ -96,21 +115,19 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
         ev.quote,
         ev.signature,
         qualifying_data(ev.nonce),
-        ev.pcr_bank,
-        ev.pcrs,
-        required=set(required_pcrs(policies)),
+        ev.banks,
+        required=_required(policies),
         ek=ek,
     )
-    if ev.event_log:
-        check_event_log(ev.event_log, quote.pcr_bank, quote.pcrs)
+    boot_log = verify_event_log(ev.event_log, quote.banks) if ev.event_log else None
     record = functools.partial(
         ctx.store.record_attestation,
         node.name,
-        bank=quote.pcr_bank,
-        pcrs=quote.pcrs,
+        banks=quote.banks,
         reset_count=quote.reset_count,
         restart_count=quote.restart_count,
         now=now,
+        boot=_boot_update(node, boot_log),
     )
     actor = f"node:{node.name}"
     if node.state is NodeState.PENDING:
@@ -118,18 +135,22 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
         log.info("attest node=%s result=pending", node.name)
         return AttestResult(AttestOutcome.PENDING_APPROVAL, None)
     try:
-        sealed_pcrs, release = _release(ctx, node, ek, quote, policies, now)
+        sealing, release = _release(ctx, node, ek, quote, boot_log, policies, now)
     except KbsError as exc:
-        # Refused after a verified quote: its PCRs are kept (`policy set --from-node`). A denial
-        # makes the agent remove its keys; a failure of the broker's own does not.
-        record(held=() if isinstance(exc, AttestationFailed) else None)
+        # Refused after a verified quote: its PCRs and boot state are kept (`policy learn`,
+        # `policy allow --from-node`), and the denial is shown by `node show`. A denial makes
+        # the agent remove its keys; a failure of the broker's own does not.
+        denied = isinstance(exc, AttestationFailed)
+        record(held=() if denied else None, denial=str(exc) if denied else None)
         raise
     names = ",".join(f"{n}@v{v}" for n, v in release.keys)
+    matched = ",".join(p.name for p in policies)
     record(
         events=[
             AuditEvent(
                 actor, "attest", node.name, "ok",
-                f"pcrs {','.join(str(i) for i in sorted(sealed_pcrs))} match policy",
+                f"boot allowed by policy {matched} ({sealing.bank} PCRs "
+                f"{','.join(str(i) for i in sorted(sealing.pcrs))})",
             ),
             AuditEvent(
                 actor, "release", node.name, "ok",
@@ -148,11 +169,13 @@ def _release(
     node: Node,
     ek: TpmPublic,
     quote: VerifiedQuote,
+    boot_log: VerifiedLog | None,
     policies: Sequence[Policy],
     now: datetime,
-) -> tuple[Mapping[int, bytes], SealedRelease]:
-    """The policy decision and the sealed release for an approved node's verified quote."""
-    sealed_pcrs = evaluate(policies, quote.pcr_bank, quote.pcrs)
+) -> tuple[Sealing, SealedRelease]:
+    """The policy decision and the sealed release for an approved node's verified evidence."""
+    states = boot_log.states if boot_log is not None else None
+    sealing = evaluate(policies, quote.banks, states)
     stored = ctx.store.keys_for_labels(node.labels)
     if not stored:
         labels = ",".join(f"{k}={v}" for k, v in sorted(node.labels.items())) or "none"
@@ -171,10 +194,10 @@ def _release(
     release = build_release(
         node_name=node.name,
         ek=ek,
-        pcr_bank=quote.pcr_bank,
-        pcrs=sealed_pcrs,
+        pcr_bank=sealing.bank,
+        pcrs=sealing.pcrs,
         keys=granted,
         issued_at=now,
         not_after=now + timedelta(seconds=ctx.config.lease_seconds),
     )
-    return sealed_pcrs, release
+    return sealing, release

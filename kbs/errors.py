@@ -20,7 +20,9 @@ __all__ = [
     "DatabaseUnavailable",
     "EkPublicMismatch",
     "EnrollmentRefused",
+    "EventLogInvalid",
     "EventLogMismatch",
+    "EventLogMissing",
     "FeedClosed",
     "IncorrectSignature",
     "InvalidRequest",
@@ -85,6 +87,10 @@ class NotFound(OperatorError):
 
 class InvalidRequest(KbsError):
     """Malformed input on the wire: bad sizes, truncated or garbage TPM structures."""
+
+
+class EventLogInvalid(InvalidRequest):
+    """The boot event log is not a TCG PC Client event log (truncated, garbage, over limits)."""
 
 
 class UnknownNode(KbsError):
@@ -170,6 +176,10 @@ class EventLogMismatch(AttestationFailed):
     """The boot event log does not replay to the quoted PCR values."""
 
 
+class EventLogMissing(AttestationFailed):
+    """A policy names boot components but the node sent no boot event log."""
+
+
 class NodeNotApproved(AttestationFailed):
     """The node is not approved (pending)."""
 
@@ -183,7 +193,7 @@ class NoPolicy(AttestationFailed):
 
 
 class PolicyDenied(AttestationFailed):
-    """The node's PCR values differ from its attestation policy."""
+    """The node's boot components or PCR values are not allowed by its attestation policy."""
 
     def __init__(self, message: str, pcrs: Sequence[int] = ()) -> None:
         super().__init__(message)

@@ -16,9 +16,12 @@ from datetime import datetime
 from enum import Enum
 
 from kbs.errors import InvalidRequest, OperatorError
+from kbs.eventlog.bootstate import BootState
+from kbs.policy.rules import Document, Rule
 
 __all__ = [
     "AuditEntry",
+    "BootRecord",
     "Change",
     "ChangeKind",
     "DeletedKey",
@@ -39,6 +42,7 @@ __all__ = [
     "parse_labels",
     "parse_selector",
     "selector_matches",
+    "selectors_overlap",
 ]
 
 
@@ -60,10 +64,21 @@ class Node:
     metadata: Mapping[str, str]
     enrolled_at: datetime
     last_attested_at: datetime | None
-    pcr_bank: str | None
-    pcrs: Mapping[int, bytes]
+    pcr_banks: Mapping[str, Mapping[int, bytes]]  # last verified quote: bank -> PCR -> value
     reset_count: int | None
     restart_count: int | None
+    boot_log_digest: str | None = None  # SHA-256 of the last verified event log, if any
+    last_denial: str | None = None  # the last denial's text, as the node was told
+    last_denial_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class BootRecord:
+    """The boot state of a node's last verified event log, in each bank it was checked in."""
+
+    log_digest: str
+    states: Mapping[str, BootState]
+    recorded_at: datetime
 
 
 @dataclass(frozen=True)
@@ -83,12 +98,20 @@ class PendingEnrollment:
 
 @dataclass(frozen=True)
 class Policy:
-    """PCR reference values; ``selectors`` are the label selectors it is assigned to."""
+    """Allowed values per boot component (``kbs.policy.rules``); ``selectors`` are the label
+    selectors it is assigned to."""
 
     name: str
-    pcr_bank: str
-    pcrs: Mapping[int, bytes]
+    document: Document
     selectors: tuple[Mapping[str, str], ...]
+
+    @property
+    def pcr_bank(self) -> str:
+        return self.document.bank
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return self.document.rules
 
 
 class KeyState(Enum):
@@ -270,6 +293,11 @@ def parse_selector(text: str) -> dict[str, str]:
 def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     """True when every pair of a (non-empty) selector is among ``labels``."""
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def selectors_overlap(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
+    """True when one node's labels could match both selectors (no key with two values)."""
+    return all(b.get(k, v) == v for k, v in a.items())
 
 
 def format_selector(selector: Mapping[str, str]) -> str:

@@ -5,9 +5,10 @@
 3. magic TPM_GENERATED_VALUE, type TPM_ST_ATTEST_QUOTE, signer is the AK
    (``QuoteStructureInvalid``)
 4. qualifying data = H(label || nonce) (``QualifyingDataMismatch``)
-5. one selection, over the requested bank; the PCRs sent are exactly the signed selection and it
-   covers every PCR policy requires (``PcrSelectionMismatch``)
-6. the PCR values sent hash to the signed digest (``PcrDigestMismatch``)
+5. the banks and PCRs sent are exactly the signed selection (one entry per bank, each of sha1,
+   sha256 or sha384) and it covers every PCR policy requires (``PcrSelectionMismatch``)
+6. the PCR values sent, banks in the selection's order and indices ascending, hash to the
+   signed digest (``PcrDigestMismatch``)
 
 Nothing in the attestation is interpreted before its signature has been checked. A quote's
 TPMS_ATTEST and an ECDSA/RSA TPMT_SIGNATURE are parsed here with ``struct`` (TPM 2.0 Part 2,
@@ -42,7 +43,9 @@ from kbs.tpm.objects import TpmPublic
 
 __all__ = ["BANKS", "VerifiedQuote", "verify_quote"]
 
-BANKS = {"sha256": (TPM2_ALG.SHA256, hashlib.sha256)}
+BANKS = {"sha1": (TPM2_ALG.SHA1, 20), "sha256": (TPM2_ALG.SHA256, 32),
+         "sha384": (TPM2_ALG.SHA384, 48)}  # fmt: skip
+_BANK_OF_ALG = {int(alg): name for name, (alg, _) in BANKS.items()}
 TPM_RH_ENDORSEMENT = 0x4000000B
 TPM_ST_ATTEST_QUOTE = 0x8018
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
@@ -50,8 +53,7 @@ _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 @dataclass(frozen=True)
 class VerifiedQuote:
-    pcr_bank: str
-    pcrs: Mapping[int, bytes]  # the signed selection's values, verified against the digest
+    banks: Mapping[str, Mapping[int, bytes]]  # the signed selection's values, per bank
     reset_count: int
     restart_count: int
     clock: int
@@ -233,15 +235,21 @@ def qualified_name(ek: TpmPublic, ak: TpmPublic) -> bytes:
     return ak.name[:2] + digest(ek_qn + ak.name).digest()
 
 
-def _selection(attest: _Attest, bank: str) -> set[int]:
-    if len(attest.selections) != 1:
-        raise PcrSelectionMismatch(
-            f"the quote must select PCRs of exactly one bank, it selects {len(attest.selections)}"
-        )
-    alg, bitmap = attest.selections[0]
-    if alg != BANKS[bank][0]:
-        raise PcrSelectionMismatch(f"the quote is not over the {bank} bank")
-    return {8 * i + b for i, byte in enumerate(bitmap) for b in range(8) if byte >> b & 1}
+def _selection(attest: _Attest) -> dict[str, list[int]]:
+    """The signed selection: bank -> PCR indices, in the quote's order."""
+    selected: dict[str, list[int]] = {}
+    for alg, bitmap in attest.selections:
+        bank = _BANK_OF_ALG.get(alg)
+        if bank is None:
+            raise PcrSelectionMismatch(
+                f"the quote selects PCRs of algorithm 0x{alg:04x}; use sha1, sha256 or sha384"
+            )
+        if bank in selected:
+            raise PcrSelectionMismatch(f"the quote selects the {bank} bank twice")
+        selected[bank] = [
+            8 * i + b for i, byte in enumerate(bitmap) for b in range(8) if byte >> b & 1
+        ]
+    return selected
 
 
 def verify_quote(
@@ -249,15 +257,18 @@ def verify_quote(
     quote: bytes,
     signature: bytes,
     qualifying_data: bytes,
-    bank: str,
-    pcrs: Mapping[int, bytes],
+    banks: Mapping[str, Mapping[int, bytes]],
     *,
-    required: Set[int] = frozenset(),
+    required: Mapping[str, Set[int]] | None = None,
     ek: TpmPublic | None = None,
 ) -> VerifiedQuote:
     """Verify a TPM2_Quote made by ``ak``; return the verified PCR values. Raises QuoteInvalid."""
-    if bank not in BANKS:
-        raise InvalidRequest(f"unsupported PCR bank {bank[:32]!r}; use sha256")
+    unknown = [b for b in banks if b not in BANKS]
+    if unknown or not banks:
+        raise InvalidRequest(
+            f"unsupported PCR bank {unknown[0][:32] if unknown else 'none'!r}; use sha1, sha256 "
+            "or sha384"
+        )
     attest, signed = _unmarshal_attest(quote)
     sig = _unmarshal_signature(signature)
     _check_signature(ak, sig, signed)
@@ -273,30 +284,37 @@ def verify_quote(
             "the quote was made over another nonce (qualifyingData differs); "
             "request a new nonce and quote again"
         )
-    selected = _selection(attest, bank)
-    if set(pcrs) != selected:
+    selected = _selection(attest)
+    if set(banks) != set(selected) or any(set(banks[b]) != set(selected[b]) for b in selected):
         raise PcrSelectionMismatch(
-            f"PCRs sent ({_list(pcrs)}) are not the PCRs the quote signed ({_list(selected)})"
+            f"PCRs sent ({_describe(banks)}) are not the PCRs the quote signed "
+            f"({_describe(selected)})"
         )
-    missing = sorted(set(required) - selected)
-    if missing:
-        raise PcrSelectionMismatch(f"PCRs {_list(missing)} required by policy are not quoted")
-    hash_fn = BANKS[bank][1]
-    size = hash_fn().digest_size
-    if any(len(v) != size for v in pcrs.values()):
-        raise InvalidRequest(f"every {bank} PCR value must be {size} bytes")
-    digest = hash_fn(b"".join(pcrs[i] for i in sorted(pcrs))).digest()
-    if not hmac.compare_digest(digest, attest.pcr_digest):
+    for bank, indices in (required or {}).items():
+        missing = sorted(set(indices) - set(selected.get(bank, ())))
+        if missing:
+            raise PcrSelectionMismatch(
+                f"PCRs {_list(missing)} ({bank}) required by policy are not quoted"
+            )
+    for bank, values in banks.items():
+        size = BANKS[bank][1]
+        if any(len(v) != size for v in values.values()):
+            raise InvalidRequest(f"every {bank} PCR value must be {size} bytes")
+    ordered = b"".join(banks[b][i] for b, indices in selected.items() for i in indices)
+    if not hmac.compare_digest(hashlib.sha256(ordered).digest(), attest.pcr_digest):
         raise PcrDigestMismatch(
             "the PCR values sent do not hash to the digest the TPM signed: they were altered"
         )
     return VerifiedQuote(
-        pcr_bank=bank,
-        pcrs={i: pcrs[i] for i in sorted(pcrs)},
+        banks={b: {i: banks[b][i] for i in indices} for b, indices in selected.items()},
         reset_count=attest.reset_count,
         restart_count=attest.restart_count,
         clock=attest.clock,
     )
+
+
+def _describe(banks: Mapping[str, Iterable[int]]) -> str:
+    return "; ".join(f"{b}: {_list(v)}" for b, v in banks.items()) or "none"
 
 
 def _list(indices: Iterable[int]) -> str:

@@ -88,8 +88,11 @@ class _Worker:
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         self.ek_ca = EkCa(key, x509.load_pem_x509_certificate(spec.ek_ca_cert_pem))
         self.contexts: dict[str, bytes] = {}  # node name -> saved AK context
-        self.pcrs: list[pb.PcrValue] = [
-            pb.PcrValue(index=i, value=v) for i, v in sorted(self.tpm.pcrs().items())
+        self.banks = [
+            pb.PcrBank(
+                bank="sha256",
+                pcrs=[pb.PcrValue(index=i, value=v) for i, v in sorted(self.tpm.pcrs().items())],
+            )
         ]
         self.channels: dict[str, grpc.aio.Channel] = {}
 
@@ -150,8 +153,7 @@ class _Worker:
                 nonce=reply.nonce,
                 quote=quote,
                 signature=signature,
-                pcr_bank="sha256",
-                pcrs=self.pcrs,
+                banks=self.banks,
             ),
             timeout=RPC_TIMEOUT,
         )

@@ -71,7 +71,7 @@ class Tpm:
     # --- EK and AK --------------------------------------------------------------------------
 
     def read_ek(self) -> EkInfo:
-        """The RSA-2048 EK certificate (DER) and the public area of the EK it certifies."""
+        """The EK certificate (DER: RSA-2048, else ECC P-256) and the public area of its EK."""
         _, ek = self._opened()
         return ek.info()
 
@@ -88,8 +88,8 @@ class Tpm:
     # --- quote and PCRs ---------------------------------------------------------------------
 
     def quote(self, ak: AkBlobs, qualifying_data: bytes) -> Quote:
-        """TPM2_Quote over sha256 PCRs 0-23 with the AK's own scheme, plus the PCR values
-        (read right after the quote and checked against its digest)."""
+        """TPM2_Quote over PCRs 0-23 of every active bank (sha1, sha256, sha384) with the AK's
+        own scheme, plus the PCR values (read right after the quote, checked against it)."""
         return quote(*self._opened(), ak, qualifying_data)
 
     def read_pcrs(self, bank: str, indices: Sequence[int]) -> dict[int, bytes]:
@@ -98,7 +98,7 @@ class Tpm:
         return read_pcrs(esys, bank, indices)
 
     def extend_pcr(self, index: int, data: bytes) -> None:
-        """Extend sha256 PCR ``index`` with SHA-256(data)."""
+        """Extend PCR ``index`` of every active bank with that bank's hash of ``data``."""
         esys, _ = self._opened()
         extend_pcr(esys, index, data)
 

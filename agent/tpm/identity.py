@@ -1,10 +1,12 @@
-"""The TPM's identity: the EK (RSA-2048, with its certificate) and the AK created under it.
+"""The TPM's identity: the EK (with its certificate) and the AK created under it.
 
-The EK is the parent of every object the agent loads: the persistent EK at 0x81010001 when it
-is exactly the key the EK template creates (checked once per open TPM; it spares an RSA
-CreatePrimary per command, seconds on some hardware TPMs), else a fresh primary flushed after
-use. The AK is an ECC P-256 restricted signing key (ECDSA-SHA256); its blobs are kept by the
-caller and loaded for each use.
+The EK is the RSA-2048 one when the TPM holds its certificate (NV 0x01c00002), else the ECC
+P-256 one (certificate at NV 0x01c0000a): the TCG EK profile's low-range templates, which every
+TPM that has those certificates can recreate. The EK is the parent of every object the agent
+loads: the persistent EK (0x81010001 RSA, 0x81010002 ECC) when it is exactly the key the EK
+template creates (checked once per open TPM; it spares an RSA CreatePrimary per command,
+seconds on some hardware TPMs), else a fresh primary flushed after use. The AK is an ECC P-256
+restricted signing key (ECDSA-SHA256); its blobs are kept by the caller and loaded for each use.
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ __all__ = ["EndorsementKey", "activate_credential", "create_ak", "loaded_ak"]
 
 log = logging.getLogger(__name__)
 
-EK_TEMPLATE = "EK-RSA2048"
-EK_CERT_NV_INDEX = 0x01C00002
-EK_PERSISTENT_HANDLE = 0x81010001
+# (template name, certificate NV index, persistent handle, description), in order of preference
+EK_KINDS = (
+    ("EK-RSA2048", 0x01C00002, 0x81010001, "RSA-2048"),
+    ("EK-ECC256", 0x01C0000A, 0x81010002, "ECC P-256"),
+)
 
 _AK_ATTRIBUTES = (
     TPMA_OBJECT.FIXEDTPM
@@ -58,11 +62,12 @@ class EndorsementKey:
         self._esys = esys
         self._template: Any = None
         self._certificate: bytes | None = None
-        self._persistent: Any = None  # ESYS_TR of 0x81010001 once it proved to be our EK
+        self._persistent: Any = None  # ESYS_TR of the persistent EK once it proved to be ours
+        self._handle = 0
         self._checked = False
 
     def info(self) -> EkInfo:
-        """The RSA-2048 EK certificate (DER) and the public area of the EK it certifies."""
+        """The EK certificate (DER) and the public area of the EK it certifies."""
         cert, _ = self._read_template()
         handle, public = self._create()
         flush(self._esys, handle)
@@ -95,18 +100,20 @@ class EndorsementKey:
 
     def _read_template(self) -> tuple[bytes, Any]:
         if self._template is None:
-            try:
-                cert, template = create_ek_template(EK_TEMPLATE, NVReadEK(self._esys))
-            except TSS2_Exception as exc:
-                raise tpm_error("NV_Read (EK certificate and template)", exc) from None
-            if not cert:
+            for name, _index, handle, _what in EK_KINDS:
+                try:
+                    cert, template = create_ek_template(name, NVReadEK(self._esys))
+                except TSS2_Exception as exc:
+                    raise tpm_error("NV_Read (EK certificate and template)", exc) from None
+                if cert:
+                    self._certificate, self._template, self._handle = bytes(cert), template, handle
+                    break
+            else:
+                where = " or ".join(f"{what} at NV 0x{index:08x}" for _, index, _, what in EK_KINDS)
                 raise TpmError(
-                    f"the TPM has no RSA-2048 EK certificate at NV 0x{EK_CERT_NV_INDEX:08x}; "
-                    "it cannot be enrolled (for swtpm, provision it with swtpm_setup "
-                    "--create-ek-cert)"
+                    f"the TPM has no EK certificate ({where}); it cannot be enrolled (for "
+                    "swtpm, provision it with swtpm_setup --create-ek-cert)"
                 )
-            self._certificate = bytes(cert)
-            self._template = template
         assert self._certificate is not None
         return self._certificate, self._template
 
@@ -119,11 +126,12 @@ class EndorsementKey:
         return handle, public
 
     def _find_persistent(self) -> Any:
-        """ESYS_TR of 0x81010001 if it is exactly the EK the template creates, else None."""
+        """ESYS_TR of the persistent EK handle if it is exactly the EK the template creates,
+        else None."""
         handle, created = self._create()
         flush(self._esys, handle)
         try:
-            persistent = self._esys.tr_from_tpmpublic(EK_PERSISTENT_HANDLE)
+            persistent = self._esys.tr_from_tpmpublic(self._handle)
         except TSS2_Exception:
             return None
         with command("ReadPublic (EK)"):

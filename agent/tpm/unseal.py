@@ -16,7 +16,7 @@ from tpm2_pytss import (
 
 from agent.errors import ReleaseInvalid
 from agent.tpm.identity import EndorsementKey
-from agent.tpm.quote import QUOTE_BANK, pcr_selection
+from agent.tpm.quote import QUOTE_BANKS, pcr_selection
 from agent.tpm.sessions import endorsement_session, flush, policy_session
 from agent.tpm.tss2 import unmarshal, unseal_error
 from keylease.api.v1 import SealedImport
@@ -64,9 +64,10 @@ def unseal_import(esys: Any, ek: EndorsementKey, sealed: SealedImport) -> Secret
 
 
 def _check_indices(sealed: SealedImport) -> tuple[int, ...]:
-    if sealed.pcr_bank != QUOTE_BANK:
+    if sealed.pcr_bank not in QUOTE_BANKS:
         raise ReleaseInvalid(
-            f"the release is sealed to PCR bank {sealed.pcr_bank[:32]!r}, not sha256"
+            f"the release is sealed to PCR bank {sealed.pcr_bank[:32]!r}, not one of "
+            f"{', '.join(QUOTE_BANKS)}"
         )
     indices = tuple(sealed.pcr_indices)
     if not indices:

@@ -3,13 +3,13 @@ writes one audit record naming the operator. No printing and no argument parsing
 
 Changes that concern nodes (revoke, approve, grants, a key's new or retired version, policies)
 also record a row in the change feed, in the store's transaction, which the broker pushes to
-watching agents.
+watching agents. Policy changes are in ``kbs.admin.policies``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -20,8 +20,6 @@ from kbs.model import (
     DeletedKey,
     Grant,
     Node,
-    NodeState,
-    Policy,
     RetiredKey,
     StoredKey,
     check_name,
@@ -29,12 +27,11 @@ from kbs.model import (
 )
 from kbs.store import Store
 
-__all__ = ["MAX_KEY_VERSION", "SUPPORTED_BANKS", "Admin", "check_ek_hash", "parse_pcr_list"]
+__all__ = ["MAX_KEY_VERSION", "Admin", "check_ek_hash", "parse_pcr_list"]
 
 _RESEAL_PASSES = 5
 MAX_KEY_VERSION = 2**32 - 1  # the wire's uint32
 
-SUPPORTED_BANKS = ("sha256",)
 _EK_HASH = re.compile(r"[0-9a-f]{64}")
 
 
@@ -209,55 +206,3 @@ class Admin:
         check_name(key_name, "key")
         self.store.remove_grant(key_name, selector, self.clock())
         self._audit("grant-remove", f"key {key_name} from {format_selector(selector)}")
-
-    def set_policy_from_node(
-        self, name: str, pcrs: Sequence[int], node_name: str | None, bank: str = "sha256"
-    ) -> Policy:
-        """Reference values for ``pcrs`` from the node's last verified attestation."""
-        check_name(name, "policy")
-        if bank not in SUPPORTED_BANKS:
-            raise OperatorError(f"unsupported PCR bank {bank!r}; use sha256")
-        if not pcrs:
-            raise OperatorError("a policy needs at least one PCR; empty policy means deny")
-        if node_name is None:
-            raise OperatorError(
-                "policy set needs --from-node NODE: reference values are taken only from a "
-                "node's last verified attestation (boot a reference node with the approved "
-                "image, let its agent attest, then pass its name)"
-            )
-        node = self._node(node_name)
-        if node.state is NodeState.REVOKED:
-            raise OperatorError(
-                f"node {node.name!r} is revoked; take reference values from a trusted node"
-            )
-        if node.last_attested_at is None or node.pcr_bank is None:
-            raise OperatorError(
-                f"node {node.name!r} has no verified attestation yet; run its agent "
-                "(`keylease-agent attest --once`) and try again"
-            )
-        if node.pcr_bank != bank:
-            raise OperatorError(
-                f"node {node.name!r} last attested over the {node.pcr_bank} bank, not {bank}"
-            )
-        missing = [i for i in pcrs if i not in node.pcrs]
-        if missing:
-            quoted = ",".join(str(i) for i in sorted(node.pcrs)) or "none"
-            raise OperatorError(
-                f"node {node.name!r}'s last attestation has no value for PCR "
-                f"{','.join(str(i) for i in missing)} (it quoted {quoted})"
-            )
-        values = {i: node.pcrs[i] for i in pcrs}
-        policy = self.store.set_policy(name, bank, values, self.clock())
-        self._audit(
-            "policy-set",
-            f"policy {name} {bank} pcrs {','.join(str(i) for i in sorted(values))} from node "
-            f"{node.name} attested at {node.last_attested_at.isoformat()}",
-            node.name,
-        )
-        return policy
-
-    def assign_policy(self, name: str, selector: Mapping[str, str]) -> Policy:
-        check_name(name, "policy")
-        policy = self.store.assign_policy(name, selector, self.clock())
-        self._audit("policy-assign", f"policy {name} to {format_selector(selector)}")
-        return policy

@@ -29,8 +29,11 @@ import grpc
 from cryptography import x509
 
 from kbs.admin.certs import CA_FILE, CERT_FILE, KEY_FILE
+from kbs.admin.policies import PolicyChange
 from kbs.admin.wire import (
     audit_from_pb,
+    boot_from_pb,
+    diff_from_pb,
     from_us,
     grant_from_pb,
     key_details_from_pb,
@@ -42,6 +45,7 @@ from kbs.config import parse_listen
 from kbs.errors import AdminUnavailable, ConfigError, KbsError, NotFound, OperatorError
 from kbs.model import (
     AuditEntry,
+    BootRecord,
     DeletedKey,
     Grant,
     KeyDetails,
@@ -50,6 +54,7 @@ from kbs.model import (
     RetiredKey,
     StoredKey,
 )
+from kbs.policy.learn import DiffRow
 from keylease.api.v1 import admin_pb2 as pb
 from keylease.api.v1 import admin_pb2_grpc as pb_grpc
 from keylease.api.v1.limits import MAX_ADMIN_REPLY
@@ -239,9 +244,44 @@ class RemoteOperator:
         request = pb.AdminAssignPolicyRequest(name=name, selector=dict(selector))
         return policy_from_pb(self._call(self._stub.AssignPolicy, request))
 
+    def unassign_policy(self, name: str, selector: Mapping[str, str]) -> None:
+        request = pb.AdminAssignPolicyRequest(name=name, selector=dict(selector))
+        self._call(self._stub.UnassignPolicy, request)
+
     def list_policies(self) -> list[Policy]:
         reply = self._call(self._stub.ListPolicies, pb.AdminEmpty())
         return [policy_from_pb(p) for p in reply.policies]
+
+    def node_boot(self, name: str) -> BootRecord | None:
+        return boot_from_pb(self._call(self._stub.ShowNodeBoot, pb.AdminNodeRequest(name=name)))
+
+    def _change(self, reply: pb.AdminPolicyChange) -> PolicyChange:
+        return PolicyChange(policy_from_pb(reply.policy), tuple(reply.changes))
+
+    def learn_policy(
+        self, name: str, from_node: str, bank: str, pcrs: Sequence[int]
+    ) -> PolicyChange:
+        request = pb.AdminLearnPolicyRequest(
+            name=name, from_node=from_node, bank=bank, pcrs=list(pcrs)
+        )
+        return self._change(self._call(self._stub.LearnPolicy, request))
+
+    def allow_policy(self, name: str, from_node: str, components: Sequence[str]) -> PolicyChange:
+        request = pb.AdminAllowPolicyRequest(
+            name=name, from_node=from_node, components=list(components)
+        )
+        return self._change(self._call(self._stub.AllowPolicy, request))
+
+    def get_policy(self, name: str) -> Policy:
+        return policy_from_pb(self._call(self._stub.ShowPolicy, pb.AdminPolicyName(name=name)))
+
+    def diff_policy(self, name: str, node: str) -> list[DiffRow]:
+        request = pb.AdminDiffPolicyRequest(name=name, node=node)
+        return diff_from_pb(self._call(self._stub.DiffPolicy, request))
+
+    def apply_policy(self, data: bytes, source: str) -> PolicyChange:
+        request = pb.AdminApplyPolicyRequest(document=data, source=source)
+        return self._change(self._call(self._stub.ApplyPolicy, request))
 
     def list_audit(self, node: str | None, limit: int) -> list[AuditEntry]:
         request = pb.AdminAuditRequest(limit=max(limit, 0))

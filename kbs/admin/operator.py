@@ -16,10 +16,12 @@ from datetime import datetime
 from typing import Protocol
 
 from kbs.admin.actions import Admin, parse_pcr_list
+from kbs.admin.policies import PolicyAdmin, PolicyChange
 from kbs.errors import NotFound, OperatorError
 from kbs.masterkey import MasterKey
 from kbs.model import (
     AuditEntry,
+    BootRecord,
     DeletedKey,
     Grant,
     KeyDetails,
@@ -31,6 +33,7 @@ from kbs.model import (
     parse_labels,
     parse_selector,
 )
+from kbs.policy.learn import DiffRow
 
 __all__ = ["LocalOperator", "Operator", "check_labels", "check_selector"]
 
@@ -66,7 +69,18 @@ class Operator(Protocol):
         self, name: str, pcrs: Sequence[int], from_node: str | None, bank: str
     ) -> Policy: ...
     def assign_policy(self, name: str, selector: Mapping[str, str]) -> Policy: ...
+    def unassign_policy(self, name: str, selector: Mapping[str, str]) -> None: ...
     def list_policies(self) -> list[Policy]: ...
+    def node_boot(self, name: str) -> BootRecord | None: ...
+    def learn_policy(
+        self, name: str, from_node: str, bank: str, pcrs: Sequence[int]
+    ) -> PolicyChange: ...
+    def allow_policy(
+        self, name: str, from_node: str, components: Sequence[str]
+    ) -> PolicyChange: ...
+    def get_policy(self, name: str) -> Policy: ...
+    def diff_policy(self, name: str, node: str) -> list[DiffRow]: ...
+    def apply_policy(self, data: bytes, source: str) -> PolicyChange: ...
     def list_audit(self, node: str | None, limit: int) -> list[AuditEntry]: ...
 
 
@@ -126,17 +140,46 @@ class LocalOperator:
     def list_grants(self) -> list[Grant]:
         return self.admin.store.list_grants()
 
+    @property
+    def _policies(self) -> PolicyAdmin:
+        return PolicyAdmin(self.admin.store, self.admin.actor, self.admin.clock)
+
     def set_policy(
         self, name: str, pcrs: Sequence[int], from_node: str | None, bank: str
     ) -> Policy:
         checked = parse_pcr_list(",".join(str(i) for i in pcrs)) if pcrs else []
-        return self.admin.set_policy_from_node(name, checked, from_node, bank)
+        return self._policies.set_from_node(name, checked, from_node, bank)
 
     def assign_policy(self, name: str, selector: Mapping[str, str]) -> Policy:
-        return self.admin.assign_policy(name, check_selector(selector))
+        return self._policies.assign(name, check_selector(selector))
+
+    def unassign_policy(self, name: str, selector: Mapping[str, str]) -> None:
+        self._policies.unassign(name, check_selector(selector))
 
     def list_policies(self) -> list[Policy]:
         return self.admin.store.list_policies()
+
+    def node_boot(self, name: str) -> BootRecord | None:
+        self.get_node(name)
+        return self.admin.store.boot_record(name)
+
+    def learn_policy(
+        self, name: str, from_node: str, bank: str, pcrs: Sequence[int]
+    ) -> PolicyChange:
+        checked = parse_pcr_list(",".join(str(i) for i in pcrs)) if pcrs else []
+        return self._policies.learn(name, from_node, bank, checked)
+
+    def allow_policy(self, name: str, from_node: str, components: Sequence[str]) -> PolicyChange:
+        return self._policies.allow(name, from_node, components)
+
+    def get_policy(self, name: str) -> Policy:
+        return self.admin.store.get_policy(check_name(name, "policy"))
+
+    def diff_policy(self, name: str, node: str) -> list[DiffRow]:
+        return self._policies.diff(check_name(name, "policy"), node)
+
+    def apply_policy(self, data: bytes, source: str) -> PolicyChange:
+        return self._policies.apply(data, source)
 
     def list_audit(self, node: str | None, limit: int) -> list[AuditEntry]:
         if not 1 <= limit <= MAX_AUDIT_LIMIT:

@@ -31,8 +31,11 @@ from kbs import errors as e
 from kbs.admin.actions import Admin
 from kbs.admin.certs import load_admin_ca, verify_admin_cert
 from kbs.admin.operator import LocalOperator
+from kbs.admin.policies import PolicyChange
 from kbs.admin.wire import (
     audit_to_pb,
+    boot_to_pb,
+    diff_to_pb,
     grant_to_pb,
     key_details_to_pb,
     key_to_pb,
@@ -69,6 +72,7 @@ ADMIN_STATUS: dict[type[e.KbsError], grpc.StatusCode] = {
     e.OperatorError: _S.INVALID_ARGUMENT,
     e.NotFound: _S.NOT_FOUND,
     e.InvalidRequest: _S.INVALID_ARGUMENT,
+    e.EventLogInvalid: _S.INVALID_ARGUMENT,
     e.UnknownNode: _S.NOT_FOUND,
     e.EnrollmentRefused: _S.PERMISSION_DENIED,
     e.UntrustedEk: _S.PERMISSION_DENIED,
@@ -87,6 +91,7 @@ ADMIN_STATUS: dict[type[e.KbsError], grpc.StatusCode] = {
     e.PcrSelectionMismatch: _S.PERMISSION_DENIED,
     e.PcrDigestMismatch: _S.PERMISSION_DENIED,
     e.EventLogMismatch: _S.PERMISSION_DENIED,
+    e.EventLogMissing: _S.PERMISSION_DENIED,
     e.NodeNotApproved: _S.PERMISSION_DENIED,
     e.NodeRevoked: _S.PERMISSION_DENIED,
     e.NoPolicy: _S.PERMISSION_DENIED,
@@ -236,6 +241,62 @@ class AdminService(pb_grpc.AdminServiceServicer):
         )
         return policy_to_pb(policy)
 
+    async def UnassignPolicy(
+        self, request: pb.AdminAssignPolicyRequest, context: Ctx
+    ) -> pb.AdminEmpty:
+        selector = dict(request.selector)
+        await self._run(
+            context, "UnassignPolicy", lambda op: op.unassign_policy(request.name, selector)
+        )
+        return pb.AdminEmpty()
+
+    async def ShowNodeBoot(self, request: pb.AdminNodeRequest, context: Ctx) -> pb.AdminBootRecord:
+        return boot_to_pb(
+            await self._run(context, "ShowNodeBoot", lambda op: op.node_boot(request.name))
+        )
+
+    async def LearnPolicy(
+        self, request: pb.AdminLearnPolicyRequest, context: Ctx
+    ) -> pb.AdminPolicyChange:
+        pcrs, bank = list(request.pcrs), request.bank or "sha256"
+        change = await self._run(
+            context,
+            "LearnPolicy",
+            lambda op: op.learn_policy(request.name, request.from_node, bank, pcrs),
+        )
+        return _change_to_pb(change)
+
+    async def AllowPolicy(
+        self, request: pb.AdminAllowPolicyRequest, context: Ctx
+    ) -> pb.AdminPolicyChange:
+        components = list(request.components)
+        change = await self._run(
+            context,
+            "AllowPolicy",
+            lambda op: op.allow_policy(request.name, request.from_node, components),
+        )
+        return _change_to_pb(change)
+
+    async def ShowPolicy(self, request: pb.AdminPolicyName, context: Ctx) -> pb.AdminPolicy:
+        return policy_to_pb(
+            await self._run(context, "ShowPolicy", lambda op: op.get_policy(request.name))
+        )
+
+    async def DiffPolicy(
+        self, request: pb.AdminDiffPolicyRequest, context: Ctx
+    ) -> pb.AdminPolicyDiff:
+        rows = await self._run(
+            context, "DiffPolicy", lambda op: op.diff_policy(request.name, request.node)
+        )
+        return diff_to_pb(rows)
+
+    async def ApplyPolicy(
+        self, request: pb.AdminApplyPolicyRequest, context: Ctx
+    ) -> pb.AdminPolicyChange:
+        data, source = request.document, request.source or "the uploaded policy file"
+        change = await self._run(context, "ApplyPolicy", lambda op: op.apply_policy(data, source))
+        return _change_to_pb(change)
+
     async def ListPolicies(self, request: pb.AdminEmpty, context: Ctx) -> pb.AdminPolicyList:
         policies = await self._run(context, "ListPolicies", lambda op: op.list_policies())
         return pb.AdminPolicyList(policies=[policy_to_pb(p) for p in policies])
@@ -291,6 +352,10 @@ async def start_admin_server(cfg: KbsConfig, ctx: BrokerContext) -> AdminServer 
     await server.start()
     log.info("keylease-kbs admin API (mutual TLS) on %s:%d", host, bound)
     return AdminServer(server, host, bound)
+
+
+def _change_to_pb(change: PolicyChange) -> pb.AdminPolicyChange:
+    return pb.AdminPolicyChange(policy=policy_to_pb(change.policy), changes=list(change.changes))
 
 
 def _status(exc: e.KbsError) -> grpc.StatusCode:

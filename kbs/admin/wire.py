@@ -11,8 +11,10 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from kbs.errors import InvalidRequest
+from kbs.eventlog.bootstate import BootState, Component
 from kbs.model import (
     AuditEntry,
+    BootRecord,
     Grant,
     KeyDetails,
     KeyHolder,
@@ -22,11 +24,17 @@ from kbs.model import (
     Policy,
     StoredKey,
 )
+from kbs.policy.learn import DiffRow
+from kbs.policy.rules import AllowedValue, Document, Rule
 from keylease.api.v1 import admin_pb2 as pb
 
 __all__ = [
     "audit_from_pb",
     "audit_to_pb",
+    "boot_from_pb",
+    "boot_to_pb",
+    "diff_from_pb",
+    "diff_to_pb",
     "from_us",
     "grant_from_pb",
     "grant_to_pb",
@@ -68,12 +76,16 @@ def node_to_pb(node: Node) -> pb.AdminNode:
         ek_hash=node.ek_hash,
         metadata=dict(node.metadata),
         enrolled_at_us=to_us(node.enrolled_at),
-        pcrs=_pcrs(node.pcrs),
+        pcr_banks=[pb.AdminPcrBank(bank=b, pcrs=_pcrs(v)) for b, v in node.pcr_banks.items()],
     )
     if node.last_attested_at is not None:
         msg.last_attested_at_us = to_us(node.last_attested_at)
-    if node.pcr_bank is not None:
-        msg.pcr_bank = node.pcr_bank
+    if node.boot_log_digest is not None:
+        msg.boot_log_digest = node.boot_log_digest
+    if node.last_denial is not None:
+        msg.last_denial = node.last_denial
+    if node.last_denial_at is not None:
+        msg.last_denial_at_us = to_us(node.last_denial_at)
     if node.reset_count is not None:
         msg.reset_count = node.reset_count
     if node.restart_count is not None:
@@ -99,11 +111,82 @@ def node_from_pb(msg: pb.AdminNode) -> Node:
         last_attested_at=(
             from_us(msg.last_attested_at_us) if msg.HasField("last_attested_at_us") else None
         ),
-        pcr_bank=msg.pcr_bank if msg.HasField("pcr_bank") else None,
-        pcrs=_pcrs(msg.pcrs),
+        pcr_banks={b.bank: _pcrs(b.pcrs) for b in msg.pcr_banks},
         reset_count=msg.reset_count if msg.HasField("reset_count") else None,
         restart_count=msg.restart_count if msg.HasField("restart_count") else None,
+        boot_log_digest=msg.boot_log_digest if msg.HasField("boot_log_digest") else None,
+        last_denial=msg.last_denial if msg.HasField("last_denial") else None,
+        last_denial_at=(
+            from_us(msg.last_denial_at_us) if msg.HasField("last_denial_at_us") else None
+        ),
     )
+
+
+def boot_to_pb(boot: BootRecord | None) -> pb.AdminBootRecord:
+    if boot is None:
+        return pb.AdminBootRecord(present=False)
+    return pb.AdminBootRecord(
+        present=True,
+        log_digest=boot.log_digest,
+        recorded_at_us=to_us(boot.recorded_at),
+        states=[
+            pb.AdminBootState(
+                bank=s.bank,
+                touched=list(s.touched),
+                components=[
+                    pb.AdminBootComponent(
+                        name=c.name,
+                        pcrs=list(c.pcrs),
+                        value=c.value,
+                        summary=c.summary,
+                        entries=list(c.entries),
+                    )
+                    for c in s.components
+                ],
+            )
+            for s in boot.states.values()
+        ],
+    )
+
+
+def boot_from_pb(msg: pb.AdminBootRecord) -> BootRecord | None:
+    if not msg.present:
+        return None
+    states = {
+        s.bank: BootState(
+            s.bank,
+            tuple(
+                Component(c.name, tuple(c.pcrs), c.value, c.summary, tuple(c.entries))
+                for c in s.components
+            ),
+            tuple(s.touched),
+        )
+        for s in msg.states
+    }
+    return BootRecord(msg.log_digest, states, from_us(msg.recorded_at_us))
+
+
+def diff_to_pb(rows: list[DiffRow]) -> pb.AdminPolicyDiff:
+    return pb.AdminPolicyDiff(
+        rows=[
+            pb.AdminDiffRow(
+                component=r.component,
+                pcrs=list(r.pcrs),
+                node_value=r.node_value,
+                node_summary=r.node_summary,
+                result=r.result,
+                allowed=r.allowed,
+            )
+            for r in rows
+        ]
+    )
+
+
+def diff_from_pb(msg: pb.AdminPolicyDiff) -> list[DiffRow]:
+    return [
+        DiffRow(r.component, tuple(r.pcrs), r.node_value, r.node_summary, r.result, r.allowed)
+        for r in msg.rows
+    ]
 
 
 def key_to_pb(key: StoredKey) -> pb.AdminKey:
@@ -173,16 +256,31 @@ def policy_to_pb(policy: Policy) -> pb.AdminPolicy:
     return pb.AdminPolicy(
         name=policy.name,
         pcr_bank=policy.pcr_bank,
-        pcrs=_pcrs(policy.pcrs),
         selectors=[pb.AdminSelector(pairs=dict(s)) for s in policy.selectors],
+        rules=[
+            pb.AdminPolicyRule(
+                component=r.component,
+                allowed=[pb.AdminAllowedValue(value=a.value, note=a.note) for a in r.allowed],
+                contains=list(r.contains),
+            )
+            for r in policy.rules
+        ],
     )
 
 
 def policy_from_pb(msg: pb.AdminPolicy) -> Policy:
+    """A policy the broker sent (it validated it; shown as it is)."""
+    rules = tuple(
+        Rule(
+            r.component,
+            tuple(AllowedValue(a.value, a.note) for a in r.allowed),
+            tuple(r.contains),
+        )
+        for r in msg.rules
+    )
     return Policy(
         name=msg.name,
-        pcr_bank=msg.pcr_bank,
-        pcrs=_pcrs(msg.pcrs),
+        document=Document(msg.pcr_bank, rules),
         selectors=tuple(dict(s.pairs) for s in msg.selectors),
     )
 

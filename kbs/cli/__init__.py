@@ -47,9 +47,12 @@ def _setup_logging(verbose: bool) -> None:
 def _handlers() -> dict[str, Handler]:
     """Every command's handler. Imported here, after the extras check: they need the broker's
     dependencies."""
-    from kbs.cli import broker, host, init, operator
+    from kbs.cli import broker, host, init, operator, policy
 
-    return {**init.COMMANDS, **broker.COMMANDS, **operator.COMMANDS, **host.COMMANDS}
+    return {
+        **init.COMMANDS, **broker.COMMANDS, **operator.COMMANDS, **policy.COMMANDS,
+        **host.COMMANDS,
+    }  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kbs.admin.actions import Admin, parse_pcr_list
+from kbs.admin.actions import Admin
 from kbs.admin.client import AdminCredentials, RemoteOperator, load_profile
 from kbs.admin.keyimport import MAX_KEY_FILE_BYTES
 from kbs.admin.operator import LocalOperator, Operator
@@ -34,7 +34,6 @@ from kbs.cli.output import (
     node_details,
     node_json,
     node_rows,
-    policy_json,
     render_table,
 )
 from kbs.cli.parser import Handler
@@ -44,7 +43,7 @@ from kbs.masterkey import master_keyring
 from kbs.model import format_selector, parse_labels, parse_selector
 from kbs.store import Store
 
-__all__ = ["COMMANDS", "actor", "now"]
+__all__ = ["COMMANDS", "actor", "now", "operator_session", "print_json_or"]
 
 
 def now() -> datetime:
@@ -61,7 +60,7 @@ def actor() -> str:
 
 
 @contextmanager
-def _admin(args: argparse.Namespace) -> Iterator[Operator]:
+def operator_session(args: argparse.Namespace) -> Iterator[Operator]:
     """The operator interface: remote with --server/--admin-cert or --profile, else local."""
     server, cert_dir = args.server, args.admin_cert
     if args.profile is not None:
@@ -82,7 +81,7 @@ def _admin(args: argparse.Namespace) -> Iterator[Operator]:
         yield LocalOperator(admin, master=lambda: master_keyring(cfg))
 
 
-def _print_json_or(args: argparse.Namespace, value: object, text: str) -> int:
+def print_json_or(args: argparse.Namespace, value: object, text: str) -> int:
     print(dump_json(value) if args.json else text)
     return 0
 
@@ -91,20 +90,21 @@ def _print_json_or(args: argparse.Namespace, value: object, text: str) -> int:
 
 
 def cmd_node_list(args: argparse.Namespace) -> int:
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         nodes = admin.list_nodes()
-    return _print_json_or(args, [node_json(n) for n in nodes], node_rows(nodes))
+    return print_json_or(args, [node_json(n) for n in nodes], node_rows(nodes))
 
 
 def cmd_node_show(args: argparse.Namespace) -> int:
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         node = admin.get_node(args.node)
-    return _print_json_or(args, node_json(node), node_details(node))
+        boot = admin.node_boot(node.name)
+    return print_json_or(args, node_json(node, boot), node_details(node, boot))
 
 
 def cmd_node_approve(args: argparse.Namespace) -> int:
     labels = parse_labels(args.label or [])
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         node = admin.approve_node(args.node, labels)
     print(f"node {node.name}: approved, labels {format_selector(node.labels) or 'none'}")
     if not node.labels:
@@ -113,7 +113,7 @@ def cmd_node_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_node_revoke(args: argparse.Namespace) -> int:
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         node = admin.revoke_node(args.node)
     print(
         f"node {node.name}: revoked; its next attestation is denied and its agent removes its keys"
@@ -122,17 +122,17 @@ def cmd_node_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_allowlist_add(args: argparse.Namespace) -> int:
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         added = admin.allow_ek(args.ek_hash)
     print(f"EK {args.ek_hash.strip().lower()}: {'added' if added else 'already on the allowlist'}")
     return 0
 
 
 def cmd_allowlist_list(args: argparse.Namespace) -> int:
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         entries = admin.list_allowlist()
     rows = [[h, at.isoformat(timespec="seconds")] for h, at in entries]
-    return _print_json_or(
+    return print_json_or(
         args,
         [{"ek_hash": h, "added_at": at} for h, at in rows],
         render_table(["EK_HASH", "ADDED_AT"], rows),
@@ -152,7 +152,7 @@ def _read_key_file(path: Path) -> bytes:
 
 def cmd_key_import(args: argparse.Namespace) -> int:
     data = _read_key_file(args.private_key)
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         key = admin.import_key(args.name, data, str(args.private_key))
     print(f"key {key.name}: imported version {key.version} ({key.algorithm})")
     return 0
@@ -160,7 +160,7 @@ def cmd_key_import(args: argparse.Namespace) -> int:
 
 def cmd_key_rotate(args: argparse.Namespace) -> int:
     data = _read_key_file(args.private_key)
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         key = admin.rotate_key(args.name, data, str(args.private_key))
     print(
         f"key {key.name}: version {key.version} ({key.algorithm}) is now current: encrypt new "
@@ -172,7 +172,7 @@ def cmd_key_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_key_retire(args: argparse.Namespace) -> int:
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         retired = admin.retire_key(args.name, args.version)
     print(
         f"key {retired.key.name}: version {retired.key.version} retired: no longer released; "
@@ -183,7 +183,7 @@ def cmd_key_retire(args: argparse.Namespace) -> int:
 
 
 def cmd_key_delete(args: argparse.Namespace) -> int:
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         deleted = admin.delete_key(args.name)
     print(
         f"key {deleted.name}: deleted ({deleted.versions} version(s), {deleted.grants} grant(s)); "
@@ -193,20 +193,20 @@ def cmd_key_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_key_list(args: argparse.Namespace) -> int:
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         keys = admin.list_keys()
-    return _print_json_or(args, [key_json(k) for k in keys], key_rows(keys))
+    return print_json_or(args, [key_json(k) for k in keys], key_rows(keys))
 
 
 def cmd_key_show(args: argparse.Namespace) -> int:
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         details = admin.show_key(args.name)
-    return _print_json_or(args, key_details_json(details), key_details(details))
+    return print_json_or(args, key_details_json(details), key_details(details))
 
 
 def cmd_grant_add(args: argparse.Namespace) -> int:
     selector = parse_selector(args.selector)
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         grant = admin.add_grant(args.key, selector)
     print(f"key {grant.key_name}: granted to nodes labelled {format_selector(grant.selector)}")
     return 0
@@ -214,7 +214,7 @@ def cmd_grant_add(args: argparse.Namespace) -> int:
 
 def cmd_grant_remove(args: argparse.Namespace) -> int:
     selector = parse_selector(args.selector)
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         admin.remove_grant(args.key, selector)
     print(
         f"key {args.key}: grant to {format_selector(selector)} removed; matching nodes are told "
@@ -224,64 +224,26 @@ def cmd_grant_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_grant_list(args: argparse.Namespace) -> int:
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         grants = admin.list_grants()
     rows = [[g.key_name, format_selector(g.selector), g.created_at.isoformat(timespec="seconds")]
             for g in grants]  # fmt: skip
-    return _print_json_or(
+    return print_json_or(
         args,
         [grant_json(g) for g in grants],
         render_table(["KEY", "SELECTOR", "CREATED_AT"], rows),
     )
 
 
-# --- policies and audit -----------------------------------------------------------------------
-
-
-def cmd_policy_set(args: argparse.Namespace) -> int:
-    pcrs = parse_pcr_list(args.pcrs)
-    with _admin(args) as admin:
-        policy = admin.set_policy(args.name, pcrs, args.from_node, args.bank)
-    indices = ",".join(str(i) for i in sorted(policy.pcrs))
-    print(f"policy {policy.name}: {policy.pcr_bank} PCRs {indices} from node {args.from_node}")
-    if not policy.selectors:
-        print(f"note: assign it with `keylease-kbs policy assign {policy.name} --selector k=v`")
-    return 0
-
-
-def cmd_policy_assign(args: argparse.Namespace) -> int:
-    selector = parse_selector(args.selector)
-    with _admin(args) as admin:
-        policy = admin.assign_policy(args.name, selector)
-    print(f"policy {policy.name}: assigned to nodes labelled {format_selector(selector)}")
-    return 0
-
-
-def cmd_policy_list(args: argparse.Namespace) -> int:
-    with _admin(args) as admin:
-        policies = admin.list_policies()
-    rows = [
-        [
-            p.name,
-            p.pcr_bank,
-            ",".join(str(i) for i in sorted(p.pcrs)),
-            " ".join(format_selector(s) for s in p.selectors) or "-",
-        ]
-        for p in policies
-    ]
-    return _print_json_or(
-        args,
-        [policy_json(p) for p in policies],
-        render_table(["NAME", "BANK", "PCRS", "SELECTORS"], rows),
-    )
+# --- audit --------------------------------------------------------------------------------------
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise OperatorError("--limit must be at least 1")
-    with _admin(args) as admin:
+    with operator_session(args) as admin:
         entries = admin.list_audit(args.node, args.limit)
-    return _print_json_or(args, [audit_json(e) for e in entries], audit_rows(entries))
+    return print_json_or(args, [audit_json(e) for e in entries], audit_rows(entries))
 
 
 COMMANDS: dict[str, Handler] = {
@@ -300,8 +262,5 @@ COMMANDS: dict[str, Handler] = {
     "grant add": cmd_grant_add,
     "grant remove": cmd_grant_remove,
     "grant list": cmd_grant_list,
-    "policy set": cmd_policy_set,
-    "policy assign": cmd_policy_assign,
-    "policy list": cmd_policy_list,
     "audit": cmd_audit,
 }

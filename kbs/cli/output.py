@@ -10,11 +10,25 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from kbs.model import AuditEntry, Grant, KeyDetails, Node, Policy, StoredKey, format_selector
+from kbs.eventlog.bootstate import BootState
+from kbs.model import (
+    AuditEntry,
+    BootRecord,
+    Grant,
+    KeyDetails,
+    Node,
+    Policy,
+    StoredKey,
+    format_selector,
+)
+from kbs.policy.learn import DiffRow
+from kbs.policy.rules import component_label, short_value
 
 __all__ = [
     "audit_json",
     "audit_rows",
+    "diff_json",
+    "diff_rows",
     "dump_json",
     "grant_json",
     "key_details",
@@ -24,7 +38,9 @@ __all__ = [
     "node_details",
     "node_json",
     "node_rows",
+    "policy_details",
     "policy_json",
+    "policy_rows",
     "render_table",
 ]
 
@@ -54,20 +70,36 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def node_json(node: Node) -> Json:
+def _state_json(state: BootState) -> Json:
     return {
+        "touched_pcrs": list(state.touched),
+        "components": [
+            {"name": c.name, "pcrs": list(c.pcrs), "value": c.value, "summary": c.summary,
+             "entries": list(c.entries)}
+            for c in state.components
+        ],
+    }  # fmt: skip
+
+
+def node_json(node: Node, boot: BootRecord | None = None) -> Json:
+    out: Json = {
         "name": node.name,
         "state": node.state.value,
         "labels": dict(sorted(node.labels.items())),
         "ek_hash": node.ek_hash,
         "enrolled_at": _when(node.enrolled_at),
         "last_attested_at": _when(node.last_attested_at),
-        "pcr_bank": node.pcr_bank,
-        "pcrs": _pcrs(node.pcrs),
+        "pcrs": {b: _pcrs(v) for b, v in sorted(node.pcr_banks.items())},
         "reset_count": node.reset_count,
         "restart_count": node.restart_count,
         "metadata": dict(sorted(node.metadata.items())),
+        "last_denial": node.last_denial,
+        "last_denial_at": _when(node.last_denial_at),
     }
+    if boot is not None:
+        out["boot_log_sha256"] = boot.log_digest
+        out["boot_state"] = {b: _state_json(s) for b, s in sorted(boot.states.items())}
+    return out
 
 
 def node_rows(nodes: Sequence[Node]) -> str:
@@ -86,7 +118,7 @@ def node_rows(nodes: Sequence[Node]) -> str:
     )
 
 
-def node_details(node: Node) -> str:
+def node_details(node: Node, boot: BootRecord | None = None) -> str:
     lines = [
         f"name:             {node.name}",
         f"state:            {node.state.value}",
@@ -99,9 +131,20 @@ def node_details(node: Node) -> str:
         lines.append(f"reset/restart:    {node.reset_count}/{node.restart_count}")
     for key, value in sorted(node.metadata.items()):
         lines.append(f"metadata:         {key}={value}")
-    if node.pcr_bank is not None:
-        lines.append(f"pcrs ({node.pcr_bank}):")
-        lines.extend(f"  {i:2d}: {node.pcrs[i].hex()}" for i in sorted(node.pcrs))
+    if node.last_denial is not None:
+        lines.append(f"last denial:      {_when(node.last_denial_at)}: {node.last_denial}")
+    if boot is None:
+        lines.append("boot state:       no event log in the last attestation")
+    else:
+        bank = "sha256" if "sha256" in boot.states else min(boot.states, default="")
+        state = boot.states.get(bank)
+        lines.append(f"boot state ({bank}, event log sha256 {boot.log_digest[:16]}…):")
+        for c in state.components if state else ():
+            lines.append(f"  {c.name:18} PCR {','.join(map(str, c.pcrs)):4} "
+                         f"{short_value(c.value):10} {c.summary}")  # fmt: skip
+    for bank, values in sorted(node.pcr_banks.items()):
+        lines.append(f"pcrs ({bank}):")
+        lines.extend(f"  {i:2d}: {values[i].hex()}" for i in sorted(values))
     return "\n".join(lines)
 
 
@@ -189,9 +232,71 @@ def policy_json(policy: Policy) -> Json:
     return {
         "name": policy.name,
         "pcr_bank": policy.pcr_bank,
-        "pcrs": _pcrs(policy.pcrs),
+        "pcrs": list(policy.document.pcrs),
+        "components": {
+            r.component: {
+                "allow": [{"value": a.value, "note": a.note} for a in r.allowed],
+                "contains": list(r.contains),
+            }
+            for r in policy.rules
+        },
         "selectors": [format_selector(s) for s in policy.selectors],
     }
+
+
+def policy_rows(policies: Sequence[Policy]) -> str:
+    return render_table(
+        ["NAME", "BANK", "PCRS", "COMPONENTS", "SELECTORS"],
+        [
+            [
+                p.name,
+                p.pcr_bank,
+                ",".join(str(i) for i in p.document.pcrs),
+                str(len(p.rules)),
+                " ".join(format_selector(s) for s in p.selectors) or "-",
+            ]
+            for p in policies
+        ],
+    )
+
+
+def policy_details(policy: Policy) -> str:
+    """``policy show``: each component, what it is, and its allowed values with their notes."""
+    lines = [
+        f"policy {policy.name} ({policy.pcr_bank}), PCRs "
+        f"{','.join(str(i) for i in policy.document.pcrs)}",
+        f"assigned to: {' '.join(format_selector(s) for s in policy.selectors) or '-'}",
+    ]
+    for rule in policy.rules:
+        pcrs = ",".join(str(p) for p in rule.pcrs)
+        lines.append(f"{rule.component} ({component_label(rule.component)}, PCR {pcrs}):")
+        lines.extend(f"  allow {short_value(a.value):10} {a.note}".rstrip() for a in rule.allowed)
+        lines.extend(f"  contains {c}" for c in rule.contains)
+    return "\n".join(lines)
+
+
+def diff_json(rows: Sequence[DiffRow]) -> list[Json]:
+    return [
+        {"component": r.component, "pcrs": list(r.pcrs), "node_value": r.node_value,
+         "node_summary": r.node_summary, "result": r.result, "allowed": r.allowed}
+        for r in rows
+    ]  # fmt: skip
+
+
+def diff_rows(rows: Sequence[DiffRow]) -> str:
+    return render_table(
+        ["COMPONENT", "PCR", "RESULT", "NODE", "ALLOWED"],
+        [
+            [
+                r.component,
+                ",".join(str(p) for p in r.pcrs),
+                r.result,
+                f"{short_value(r.node_value)} {r.node_summary}".strip(),
+                r.allowed,
+            ]
+            for r in rows
+        ],
+    )
 
 
 def audit_json(entry: AuditEntry) -> Json:

@@ -54,11 +54,19 @@ _GROUPS: dict[str, tuple[str, dict[str, str]]] = {
         },
     ),
     "policy": (
-        "PCR attestation policies (every policy assigned to a node must match)",
+        "attestation policies: allowed values per boot component (every policy assigned to a "
+        "node must pass)",
         {
-            "set": "create or update a policy from a node's last verified attestation",
+            "learn": "make a node's last verified boot the policy (its components, or --pcrs)",
+            "allow": "add what another node shows (the canary of an update) to a policy",
+            "show": "a policy's components and their allowed values",
+            "diff": "per component: what a node last showed, whether it passes, what is allowed",
+            "export": "write a policy as a TOML file for review and version control",
+            "apply": "make a policy exactly what a TOML file says (idempotent; prints the diff)",
+            "set": "a policy of raw PCR values from a node's last verified attestation",
             "assign": "assign a policy to nodes whose labels match every pair",
-            "list": "policies, their PCRs and assignments",
+            "unassign": "remove the assignment with exactly this selector",
+            "list": "policies, their bank, PCRs, components and assignments",
         },
     ),
     "admin-cert": (
@@ -158,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         actions = group_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
         for action, action_text in commands.items():
             p = _add(actions, action, action_text, f"{group} {action}")
-            if action in ("list", "show") and group != "master-key":
+            if action in ("list", "show", "diff") and group != "master-key":
                 _json_flag(p)
         _group_arguments(group, actions)
     return parser
@@ -209,14 +217,38 @@ def _group_arguments(
         )
         how.add_argument("--generate", action="store_true", help="write a new key next to kbs.toml")
     elif group == "policy":
-        parsers["set"].add_argument("name", metavar="NAME")
-        parsers["set"].add_argument(
-            "--pcrs", required=True, metavar="0,1,...", help="PCR indices the policy covers"
-        )
-        parsers["set"].add_argument(
-            "--from-node", metavar="NODE",
-            help="take the values from this node's last verified attestation (required in v1)",
+        _policy_arguments(parsers)
+
+
+def _policy_arguments(parsers: dict[str, argparse.ArgumentParser]) -> None:
+    for action in ("learn", "allow", "show", "diff", "export", "set", "assign", "unassign"):
+        parsers[action].add_argument("name", metavar="NAME")
+    for action in ("learn", "allow"):
+        parsers[action].add_argument(
+            "--from-node", required=True, metavar="NODE",
+            help="the node whose last verified attestation (and boot event log) to take",
         )  # fmt: skip
-        parsers["set"].add_argument("--bank", default="sha256", help="PCR bank (default sha256)")
-        parsers["assign"].add_argument("name", metavar="NAME")
-        parsers["assign"].add_argument("--selector", required=True, metavar="k=v[,k=v]")
+    parsers["learn"].add_argument(
+        "--pcrs", metavar="0,1,...", help="PCRs to cover (default: every PCR its log extends)"
+    )
+    parsers["learn"].add_argument("--bank", default="sha256", help="PCR bank (default sha256)")
+    parsers["allow"].add_argument(
+        "--component", action="append", metavar="C",
+        help="only this component (repeatable; e.g. boot-app.3, kernel-cmdline, db, pcr.10); "
+        "default: every component the policy names",
+    )  # fmt: skip
+    parsers["diff"].add_argument("--node", required=True, metavar="NODE")
+    parsers["export"].add_argument(
+        "--out", type=Path, metavar="FILE", help="write here instead of standard output"
+    )
+    parsers["apply"].add_argument("file", type=Path, metavar="FILE", help="a policy TOML file")
+    parsers["set"].add_argument(
+        "--pcrs", required=True, metavar="0,1,...", help="PCR indices the policy covers"
+    )
+    parsers["set"].add_argument(
+        "--from-node", metavar="NODE",
+        help="take the values from this node's last verified attestation (required in v1)",
+    )  # fmt: skip
+    parsers["set"].add_argument("--bank", default="sha256", help="PCR bank (default sha256)")
+    for action in ("assign", "unassign"):
+        parsers[action].add_argument("--selector", required=True, metavar="k=v[,k=v]")

@@ -46,6 +46,7 @@ from keylease.api.v1.limits import (
     MAX_NODE_NAME,
     MAX_NONCE,
     MAX_PCR_BANK,
+    MAX_PCR_BANKS,
     MAX_PCR_INDEX,
     MAX_PCR_VALUE,
     MAX_PROOF,
@@ -73,6 +74,7 @@ NODE_STATUS: dict[type[e.KbsError], grpc.StatusCode] = {
     e.OperatorError: _S.INVALID_ARGUMENT,
     e.NotFound: _S.NOT_FOUND,
     e.InvalidRequest: _S.INVALID_ARGUMENT,
+    e.EventLogInvalid: _S.INVALID_ARGUMENT,
     e.UnknownNode: _S.NOT_FOUND,
     e.EnrollmentRefused: _S.PERMISSION_DENIED,
     e.UntrustedEk: _S.PERMISSION_DENIED,
@@ -91,6 +93,7 @@ NODE_STATUS: dict[type[e.KbsError], grpc.StatusCode] = {
     e.PcrSelectionMismatch: _S.PERMISSION_DENIED,
     e.PcrDigestMismatch: _S.PERMISSION_DENIED,
     e.EventLogMismatch: _S.PERMISSION_DENIED,
+    e.EventLogMissing: _S.PERMISSION_DENIED,
     e.NodeNotApproved: _S.PERMISSION_DENIED,
     e.NodeRevoked: _S.PERMISSION_DENIED,
     e.NoPolicy: _S.PERMISSION_DENIED,
@@ -303,32 +306,45 @@ def _watch_event(notice: Notice | None) -> pb.WatchEvent:
     return pb.WatchEvent(kind=_KINDS[notice.kind], reason=notice.reason)
 
 
+def _bank_values(bank: pb.PcrBank) -> dict[int, bytes]:
+    _bounded("PCR bank name", bank.bank, MAX_PCR_BANK)
+    if not bank.pcrs or len(bank.pcrs) > MAX_PCR_INDEX + 1:
+        raise e.InvalidRequest(
+            f"bank {bank.bank!r} must hold 1 to {MAX_PCR_INDEX + 1} PCR values, "
+            f"got {len(bank.pcrs)}"
+        )
+    pcrs: dict[int, bytes] = {}
+    for pcr in bank.pcrs:
+        if pcr.index > MAX_PCR_INDEX:
+            raise e.InvalidRequest(f"PCR index {pcr.index} is out of range 0-{MAX_PCR_INDEX}")
+        if pcr.index in pcrs:
+            raise e.InvalidRequest(f"PCR {pcr.index} of bank {bank.bank!r} is sent twice")
+        _bounded(f"PCR {pcr.index} value", pcr.value, MAX_PCR_VALUE)
+        pcrs[pcr.index] = pcr.value
+    return pcrs
+
+
 def _evidence(request: pb.AttestRequest) -> attest_step.Evidence:
     _bounded("node_name", request.node_name, MAX_NODE_NAME)
     _bounded("nonce", request.nonce, MAX_NONCE)
     _bounded("quote", request.quote, MAX_QUOTE)
     _bounded("signature", request.signature, MAX_SIGNATURE)
-    _bounded("pcr_bank", request.pcr_bank, MAX_PCR_BANK)
     _bounded("event_log", request.event_log, MAX_EVENT_LOG, required=False)
-    if not request.pcrs or len(request.pcrs) > MAX_PCR_INDEX + 1:
+    if not request.banks or len(request.banks) > MAX_PCR_BANKS:
         raise e.InvalidRequest(
-            f"pcrs must hold 1 to {MAX_PCR_INDEX + 1} values, got {len(request.pcrs)}"
+            f"banks must hold 1 to {MAX_PCR_BANKS} PCR banks, got {len(request.banks)}"
         )
-    pcrs: dict[int, bytes] = {}
-    for pcr in request.pcrs:
-        if pcr.index > MAX_PCR_INDEX:
-            raise e.InvalidRequest(f"PCR index {pcr.index} is out of range 0-{MAX_PCR_INDEX}")
-        if pcr.index in pcrs:
-            raise e.InvalidRequest(f"PCR {pcr.index} is sent twice")
-        _bounded(f"PCR {pcr.index} value", pcr.value, MAX_PCR_VALUE)
-        pcrs[pcr.index] = pcr.value
+    banks: dict[str, dict[int, bytes]] = {}
+    for bank in request.banks:
+        if bank.bank in banks:
+            raise e.InvalidRequest(f"PCR bank {bank.bank[:MAX_PCR_BANK]!r} is sent twice")
+        banks[bank.bank] = _bank_values(bank)
     return attest_step.Evidence(
         node_name=request.node_name,
         nonce=request.nonce,
         quote=request.quote,
         signature=request.signature,
-        pcr_bank=request.pcr_bank,
-        pcrs=pcrs,
+        banks=banks,
         event_log=request.event_log,
     )
 

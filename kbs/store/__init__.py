@@ -28,6 +28,7 @@ from typing import Self
 
 from kbs.model import (
     AuditEntry,
+    BootRecord,
     Change,
     ChangeKind,
     DeletedKey,
@@ -40,6 +41,7 @@ from kbs.model import (
     RetiredKey,
     StoredKey,
 )
+from kbs.policy.rules import Document
 from kbs.store import audit, changes, enrollments, keys, nodes, nonces, policies, revocations
 from kbs.store.audit import AuditEvent
 from kbs.store.cache import LabelCache
@@ -47,9 +49,10 @@ from kbs.store.database import BUSY_TIMEOUT, Database
 from kbs.store.expiry import PurgeTimer
 from kbs.store.keys import SealedRow
 from kbs.store.migrate import migrate, schema_version
+from kbs.store.nodes import BootUpdate
 from kbs.store.revocations import AdminRevocation
 
-__all__ = ["BUSY_TIMEOUT", "AdminRevocation", "AuditEvent", "SealedRow", "Store"]
+__all__ = ["BUSY_TIMEOUT", "AdminRevocation", "AuditEvent", "BootUpdate", "SealedRow", "Store"]
 
 
 class Store:
@@ -133,15 +136,20 @@ class Store:
         return nodes.set_state(self.database, name, NodeState.REVOKED, None, now)
 
     def record_attestation(
-        self, name: str, *, bank: str, pcrs: Mapping[int, bytes], reset_count: int | None,
+        self, name: str, *, banks: Mapping[str, Mapping[int, bytes]], reset_count: int | None,
         restart_count: int | None, now: datetime, events: Sequence[AuditEvent] = (),
         held: Sequence[tuple[str, int]] | None = (), lease_until: datetime | None = None,
+        boot: BootUpdate | None = None, denial: str | None = None,
     ) -> None:  # fmt: skip
         nodes.record_attestation(
-            self.database, name, bank=bank, pcrs=pcrs, reset_count=reset_count,
+            self.database, name, banks=banks, reset_count=reset_count,
             restart_count=restart_count, now=now, events=events, held=held,
-            lease_until=lease_until,
+            lease_until=lease_until, boot=boot, denial=denial,
         )  # fmt: skip
+
+    def boot_record(self, name: str) -> BootRecord | None:
+        """The boot state of the node's last verified event log (None: it sent none)."""
+        return nodes.boot_record(self.database, name)
 
     # --- nonces and enrollment (``kbs.store.nonces``, ``kbs.store.enrollments``) ---------------
 
@@ -220,11 +228,22 @@ class Store:
 
     # --- policies (``kbs.store.policies``) ---------------------------------------------------
 
-    def set_policy(self, name: str, bank: str, pcrs: Mapping[int, bytes], now: datetime) -> Policy:
-        return policies.set_policy(self.database, name, bank, pcrs, now)
+    def put_policy(
+        self, name: str, document: Document, now: datetime,
+        selectors: Sequence[Mapping[str, str]] | None = None,
+    ) -> tuple[Policy | None, Policy]:  # fmt: skip
+        """Create or replace a policy's document (and, given ``selectors``, its assignments);
+        returns (before, after)."""
+        return policies.put_policy(self.database, name, document, now, selectors)
+
+    def get_policy(self, name: str) -> Policy:
+        return policies.get_policy(self.database, name)
 
     def assign_policy(self, name: str, selector: Mapping[str, str], now: datetime) -> Policy:
         return policies.assign_policy(self.database, name, selector, now)
+
+    def unassign_policy(self, name: str, selector: Mapping[str, str], now: datetime) -> None:
+        policies.unassign_policy(self.database, name, selector, now)
 
     def list_policies(self) -> list[Policy]:
         return policies.list_policies(self.database)

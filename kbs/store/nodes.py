@@ -4,26 +4,32 @@
 retried on a race with another writer, so one name or EK never yields two nodes. A state change
 by the operator records its change-feed row (``kbs.store.changes``) in the same transaction;
 revoking also drops the node's outstanding nonces and challenges. ``record_attestation`` writes
-the verified PCR values, the key versions the outcome leaves the node holding (``key show``) and
-the audit rows of the outcome together.
+the verified PCR values, the key versions the outcome leaves the node holding (``key show``), the
+boot state of a new event log (only when the log changed: a renewal with the same log writes none
+of it), the denial if there was one, and the audit rows of the outcome together.
+``boot_record`` reads the boot state back (``policy learn``, ``node show``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
 
-from kbs.errors import NodeEkConflict, NotFound, StoreConflict
-from kbs.model import ChangeKind, Node, NodeState
+from kbs.errors import NodeEkConflict, NotFound, StoreConflict, StoreError
+from kbs.eventlog.bootstate import BootState
+from kbs.model import BootRecord, ChangeKind, Node, NodeState
 from kbs.store.audit import AuditEvent, write_audit
 from kbs.store.changes import purge_changes, record_change
 from kbs.store.database import Database
 from kbs.store.tables import (
+    boot_states,
+    dumps_banks,
     dumps_held,
     dumps_map,
-    dumps_pcrs,
     enrollments,
     node_from_row,
     nodes,
@@ -33,6 +39,8 @@ from kbs.store.tables import (
 
 __all__ = [
     "ENROLL_ATTEMPTS",
+    "BootUpdate",
+    "boot_record",
     "count_nodes_by_state",
     "enroll_node",
     "get_node",
@@ -50,10 +58,26 @@ GET_NODE = sa.select(nodes).where(nodes.c.name == P("p_name"))
 RECORD_ATTESTATION = (
     nodes.update()
     .where(nodes.c.name == P("p_name"))
-    .values(last_attested_at=P("p_at"), pcr_bank=P("p_bank"), pcrs=P("p_pcrs"),
-            reset_count=P("p_reset"), restart_count=P("p_restart"))
+    .values(last_attested_at=P("p_at"), pcr_banks=P("p_banks"), reset_count=P("p_reset"),
+            restart_count=P("p_restart"))
 )  # fmt: skip
 RECORD_ATTESTATION_HELD = RECORD_ATTESTATION.values(held_keys=P("p_held"), lease_until=P("p_until"))
+RECORD_LOG = nodes.update().where(nodes.c.name == P("p_name")).values(boot_log_digest=P("p_log"))
+RECORD_DENIAL = (
+    nodes.update()
+    .where(nodes.c.name == P("p_name"))
+    .values(last_denial=P("p_denial"), last_denial_at=P("p_at"))
+)
+DROP_BOOT_STATE = boot_states.delete().where(boot_states.c.node_name == P("p_name"))
+MAX_DENIAL = 4000
+
+
+@dataclass(frozen=True)
+class BootUpdate:
+    """A node's new verified event log (``digest`` None: it sent none this time)."""
+
+    digest: str | None
+    states: Mapping[str, BootState]
 
 
 def get_node(db: Database, name: str) -> Node | None:
@@ -106,7 +130,7 @@ def enroll_node(
     rekey = dict(ek_certificate=ek_certificate, ak_public=ak_public,
                  metadata=dumps_map(metadata), updated_at=ts(now))  # fmt: skip
     new = dict(name=name, state=state.value, labels="{}", ek_hash=ek_hash, ek_public=ek_public,
-               enrolled_at=ts(now), pcrs="{}", **rekey)  # fmt: skip
+               enrolled_at=ts(now), pcr_banks="{}", **rekey)  # fmt: skip
     for attempt in range(ENROLL_ATTEMPTS):
         try:
             with db.tx(catalog=False) as conn:
@@ -173,27 +197,82 @@ def record_attestation(
     db: Database,
     name: str,
     *,
-    bank: str,
-    pcrs: Mapping[int, bytes],
+    banks: Mapping[str, Mapping[int, bytes]],
     reset_count: int | None,
     restart_count: int | None,
     now: datetime,
     events: Sequence[AuditEvent] = (),
     held: Sequence[tuple[str, int]] | None = (),
     lease_until: datetime | None = None,
+    boot: BootUpdate | None = None,
+    denial: str | None = None,
 ) -> None:
     """Store the PCR values and counters of a verified quote, the key versions (name, version)
     the node holds after it until ``lease_until`` (a release; ``()``: none, as after a denial;
-    None: unchanged, as after a failure of the broker's own), and the audit rows of its outcome
-    (``events``: e.g. "attest ok" and "release"), in one transaction."""
-    params = {"p_name": name, "p_at": ts(now), "p_bank": bank, "p_pcrs": dumps_pcrs(pcrs),
-              "p_reset": reset_count, "p_restart": restart_count}  # fmt: skip
+    None: unchanged, as after a failure of the broker's own), the boot state of a changed event
+    log (``boot``; None when it is the one already recorded), the denial text if the node was
+    denied, and the audit rows of its outcome (``events``), in one transaction."""
+    params = {
+        "p_name": name,
+        "p_at": ts(now),
+        "p_banks": dumps_banks(banks),
+        "p_reset": reset_count,
+        "p_restart": restart_count,
+    }
     statement = RECORD_ATTESTATION
     if held is not None:
         statement = RECORD_ATTESTATION_HELD
         params |= {"p_held": dumps_held(held),
                    "p_until": ts(lease_until) if held and lease_until else None}  # fmt: skip
-    with db.tx(single=not events, catalog=False) as conn:
+    with db.tx(single=not events and boot is None and denial is None, catalog=False) as conn:
         if db.run(conn, statement, params).rowcount != 1:
             raise NotFound(f"no node named {name!r}")
+        if boot is not None:
+            _record_boot(db, conn, name, boot, now)
+        if denial is not None:
+            db.run(
+                conn,
+                RECORD_DENIAL,
+                {"p_name": name, "p_denial": denial[:MAX_DENIAL], "p_at": ts(now)},
+            )
         write_audit(db, conn, events, now)
+
+
+def _record_boot(
+    db: Database, conn: sa.Connection, name: str, boot: BootUpdate, now: datetime
+) -> None:
+    db.run(conn, RECORD_LOG, {"p_name": name, "p_log": boot.digest})
+    if boot.digest is None:
+        db.run(conn, DROP_BOOT_STATE, {"p_name": name})
+        return
+    states = json.dumps(
+        {b: s.to_doc() for b, s in sorted(boot.states.items())}, separators=(",", ":")
+    )
+    values = {
+        "node_name": name,
+        "log_digest": boot.digest,
+        "states": states,
+        "recorded_at": ts(now),
+    }
+    stmt = db.upsert(boot_states).values(values)
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[boot_states.c.node_name],
+            set_={c: stmt.excluded[c] for c in ("log_digest", "states", "recorded_at")},
+        )
+    )
+
+
+def boot_record(db: Database, name: str) -> BootRecord | None:
+    """The boot state of the node's last verified event log, None if it sent none."""
+    query = sa.select(boot_states).where(boot_states.c.node_name == name)
+    with db.tx(write=False, single=True) as conn:
+        row = conn.execute(query).mappings().first()
+    if row is None:
+        return None
+    try:
+        raw = json.loads(row["states"])
+        states = {str(b): BootState.from_doc(doc) for b, doc in raw.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StoreError(f"the stored boot state of node {name!r} is unreadable: {exc}") from None
+    return BootRecord(row["log_digest"], states, datetime.fromisoformat(row["recorded_at"]))

@@ -1,8 +1,9 @@
 """The broker database's tables (SQLAlchemy Core) and how values are stored in them.
 
-Timestamps are UTC ISO-8601 text (fixed width, so they compare as text), PCR maps JSON
-``{"index": "hex"}``, labels and selectors canonical JSON, the key versions a node holds JSON
-``[["name", version], ...]``. Rows become the frozen values of
+Timestamps are UTC ISO-8601 text (fixed width, so they compare as text), PCR values JSON
+``{"bank": {"index": "hex"}}``, labels and selectors canonical JSON, the key versions a node holds
+JSON ``[["name", version], ...]``, policy documents and boot states JSON (``kbs.policy.rules``,
+``kbs.eventlog.bootstate``). Rows become the frozen values of
 ``kbs.model`` here, never leaving the store as rows. The tables are created and upgraded by the
 revisions in ``kbs/store/migrations``; these definitions must match them.
 """
@@ -23,17 +24,18 @@ __all__ = [
     "admin_revocations",
     "allowlist",
     "audit_log",
+    "boot_states",
     "changes",
+    "dumps_banks",
     "dumps_held",
     "dumps_map",
-    "dumps_pcrs",
     "enrollments",
     "grants",
     "key_from_row",
     "keys",
+    "loads_banks",
     "loads_held",
     "loads_map",
-    "loads_pcrs",
     "node_from_row",
     "nodes",
     "nonces",
@@ -67,12 +69,20 @@ def loads_map(text: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items()}
 
 
-def dumps_pcrs(pcrs: Mapping[int, bytes]) -> str:
-    return json.dumps({str(i): pcrs[i].hex() for i in sorted(pcrs)}, separators=(",", ":"))
+def dumps_banks(banks: Mapping[str, Mapping[int, bytes]]) -> str:
+    return json.dumps(
+        {b: {str(i): v[i].hex() for i in sorted(v)} for b, v in sorted(banks.items())},
+        separators=(",", ":"),
+    )
 
 
-def loads_pcrs(text: str) -> dict[int, bytes]:
-    return {int(i): bytes.fromhex(v) for i, v in loads_map(text).items()}
+def loads_banks(text: str) -> dict[str, dict[int, bytes]]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise StoreError("a PCR column holds something that is not an object")
+    return {
+        str(b): {int(i): bytes.fromhex(v) for i, v in pcrs.items()} for b, pcrs in value.items()
+    }
 
 
 def dumps_held(held: Sequence[tuple[str, int]]) -> str:
@@ -101,10 +111,12 @@ def node_from_row(row: Row) -> Node:
         metadata=loads_map(row["metadata"]),
         enrolled_at=datetime.fromisoformat(row["enrolled_at"]),
         last_attested_at=opt_dt(row["last_attested_at"]),
-        pcr_bank=row["pcr_bank"],
-        pcrs=loads_pcrs(row["pcrs"]),
+        pcr_banks=loads_banks(row["pcr_banks"]),
         reset_count=row["reset_count"],
         restart_count=row["restart_count"],
+        boot_log_digest=row["boot_log_digest"],
+        last_denial=row["last_denial"],
+        last_denial_at=opt_dt(row["last_denial_at"]),
     )
 
 
@@ -143,10 +155,14 @@ nodes = _table(
     "nodes", _c("name", T, primary_key=True), _c("state", T), _c("labels", T),
     _c("ek_hash", T, unique=True), _c("ek_public", B), _c("ek_certificate", B),
     _c("ak_public", B), _c("metadata", T), _c("enrolled_at", T), _c("updated_at", T),
-    _c("last_attested_at", T, nullable=True), _c("pcr_bank", T, nullable=True), _c("pcrs", T),
-    _c("reset_count", I, nullable=True), _c("restart_count", I, nullable=True),
+    _c("last_attested_at", T, nullable=True), _c("reset_count", I, nullable=True),
+    _c("restart_count", I, nullable=True), _c("pcr_banks", T),
+    _c("boot_log_digest", T, nullable=True), _c("last_denial", T, nullable=True),
+    _c("last_denial_at", T, nullable=True),
     _c("held_keys", T, server_default="[]"), _c("lease_until", T, nullable=True),
 )  # fmt: skip
+boot_states = _table("boot_states", _c("node_name", T, primary_key=True),
+                     _c("log_digest", T), _c("states", T), _c("recorded_at", T))  # fmt: skip
 nonces = _table("nonces", _c("nonce", B, primary_key=True), _c("node_name", T),
                 _c("expires_at", T))  # fmt: skip
 enrollments = _table(
@@ -163,7 +179,7 @@ keys = _table(
 grants = _table("grants", _c("key_name", T, primary_key=True),
                 _c("selector", T, primary_key=True), _c("created_at", T))  # fmt: skip
 policies = _table("policies", _c("name", T, primary_key=True), _c("pcr_bank", T),
-                  _c("pcrs", T), _c("updated_at", T))  # fmt: skip
+                  _c("document", T), _c("updated_at", T))  # fmt: skip
 policy_assignments = _table(
     "policy_assignments", _c("policy_name", T, primary_key=True),
     _c("selector", T, primary_key=True), _c("created_at", T),

@@ -26,7 +26,7 @@ from keylease.secret import Secret
 __all__ = ["MAX_SEALED_BYTES", "SealedImport", "policy_pcr_digest", "seal_to_ek"]
 
 MAX_SEALED_BYTES = 128  # TPM2_Create/Import refuse more in a sealed data object (0x1d5)
-SEALED_BANK = "sha256"
+SEALED_BANKS = {"sha1": (0x0004, 20), "sha256": (0x000B, 32), "sha384": (0x000C, 48)}
 TPM_CC_POLICY_PCR = 0x0000017F
 _DIGEST_BYTES = 32
 _TPM_ALG_SHA256 = 0x000B
@@ -36,39 +36,43 @@ _DUPLICATE = b"DUPLICATE\x00"
 
 
 def _checked(bank: str, pcrs: Mapping[int, bytes]) -> list[int]:
-    if bank != SEALED_BANK:
-        raise InvalidRequest(f"cannot seal to PCR bank {bank[:32]!r}; only sha256 is supported")
+    if bank not in SEALED_BANKS:
+        raise InvalidRequest(
+            f"cannot seal to PCR bank {bank[:32]!r}; use one of {', '.join(SEALED_BANKS)}"
+        )
     if not pcrs:
         raise InvalidRequest("refusing to seal to an empty PCR set: the release would be unbound")
     indices = sorted(pcrs)
+    size = SEALED_BANKS[bank][1]
     for index in indices:
         if not 0 <= index < 24:
             raise InvalidRequest(f"PCR index {index} is out of range (0-23)")
-        if len(pcrs[index]) != _DIGEST_BYTES:
-            raise InvalidRequest(f"PCR {index} value must be {_DIGEST_BYTES} bytes")
+        if len(pcrs[index]) != size:
+            raise InvalidRequest(f"PCR {index} value must be {size} bytes in the {bank} bank")
     return indices
 
 
-def _selection(indices: list[int]) -> bytes:
-    """Marshalled TPML_PCR_SELECTION: one sha256 bank, 3-byte bitmap, as the agent sends it."""
+def _selection(bank: str, indices: list[int]) -> bytes:
+    """Marshalled TPML_PCR_SELECTION: one bank, 3-byte bitmap, as the agent selects it."""
     bitmap = bytearray(3)
     for i in indices:
         bitmap[i // 8] |= 1 << (i % 8)
-    return struct.pack(">IHB", 1, _TPM_ALG_SHA256, 3) + bytes(bitmap)
+    return struct.pack(">IHB", 1, SEALED_BANKS[bank][0], 3) + bytes(bitmap)
 
 
 def policy_pcr_digest(bank: str, pcrs: Mapping[int, bytes]) -> bytes:
     """The policy digest a trial session reaches after TPM2_PolicyPCR over exactly ``pcrs``.
 
     policyDigest = SHA256(0^32 || TPM_CC_PolicyPCR || TPML_PCR_SELECTION || SHA256(values)),
-    values concatenated in ascending index order.
+    values (of ``bank``, whatever its digest size) concatenated in ascending index order: the
+    session's hash is SHA-256, the object's nameAlg.
     """
     indices = _checked(bank, pcrs)
     pcr_digest = hashlib.sha256(b"".join(pcrs[i] for i in indices)).digest()
     return hashlib.sha256(
         bytes(_DIGEST_BYTES)
         + struct.pack(">I", TPM_CC_POLICY_PCR)
-        + _selection(indices)
+        + _selection(bank, indices)
         + pcr_digest
     ).digest()
 

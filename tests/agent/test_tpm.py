@@ -148,8 +148,8 @@ def test_quote_is_signed_by_the_ak_over_the_qualifying_data(tpm_factory: TpmFact
     with Tpm.open(tpm_factory().tcti) as tpm:
         ak = tpm.create_ak()
         quote = tpm.quote(ak, qualifying_data)
-    assert quote.pcr_bank == "sha256"
-    assert sorted(quote.pcrs) == list(range(24))
+    assert list(quote.banks) == ["sha256"]  # provisioned with the sha256 bank only
+    assert sorted(quote.banks["sha256"]) == list(range(24))
     attest_2b, used = TPM2B_ATTEST.unmarshal(quote.attest)
     assert used == len(quote.attest)
     signed = bytes(attest_2b.attestationData)
@@ -157,7 +157,7 @@ def test_quote_is_signed_by_the_ak_over_the_qualifying_data(tpm_factory: TpmFact
     assert attest.magic == 0xFF544347
     assert attest.type == 0x8018
     assert bytes(attest.extraData) == qualifying_data
-    values = b"".join(quote.pcrs[i] for i in range(24))
+    values = b"".join(quote.banks["sha256"][i] for i in range(24))
     assert bytes(attest.attested.quote.pcrDigest) == hashlib.sha256(values).digest()
     signature, _ = TPMT_SIGNATURE.unmarshal(quote.signature)
     key = parse_public(ak.public, "ak").key
@@ -191,7 +191,7 @@ def test_ak_survives_a_reboot(tpm_factory: TpmFactory) -> None:
     swtpm.restart()
     with Tpm.open(swtpm.tcti) as tpm:
         quote = tpm.quote(ak, b"after reboot")
-    assert quote.pcrs[7] == bytes(32)  # PCRs were reset
+    assert quote.banks["sha256"][7] == bytes(32)  # PCRs were reset
 
 
 def test_unreachable_or_unnamed_tpm_is_unavailable(tmp_path: Path) -> None:
@@ -254,6 +254,7 @@ def test_malformed_releases_are_release_invalid(tpm_factory: TpmFactory) -> None
             replace(sealed, pcr_indices=(7, 4, 0)),
             replace(sealed, pcr_indices=(0, 4, 24)),
             replace(sealed, pcr_bank="sha1"),
+            replace(sealed, pcr_bank="sha512"),
         ):
             with pytest.raises(ReleaseInvalid):
                 tpm.unseal_import(bad)
@@ -268,8 +269,10 @@ def test_seal_refuses_unbound_or_oversized_input(tpm_factory: TpmFactory) -> Non
     key = Secret(bytes(32))
     with pytest.raises(InvalidRequest, match="empty"):
         seal_to_ek(ek, key, "sha256", {})
-    with pytest.raises(InvalidRequest, match="sha256"):
-        seal_to_ek(ek, key, "sha1", {0: bytes(20)})
+    with pytest.raises(InvalidRequest, match="sha1, sha256, sha384"):
+        seal_to_ek(ek, key, "sha512", {0: bytes(64)})
+    with pytest.raises(InvalidRequest, match="20 bytes in the sha1 bank"):
+        seal_to_ek(ek, key, "sha1", {0: bytes(32)})
     with pytest.raises(InvalidRequest, match="128"):
         seal_to_ek(ek, Secret(bytes(129)), "sha256", pcrs)
     with pytest.raises(InvalidRequest, match="storage"):
@@ -365,7 +368,7 @@ def test_twenty_rounds_leave_no_handles_behind(tpm_factory: TpmFactory) -> None:
         sealed = seal(tpm, data_key)
         for round_ in range(20):
             quote = tpm.quote(ak, round_.to_bytes(4, "big"))
-            assert len(quote.pcrs) == 24
+            assert len(quote.banks["sha256"]) == 24
             assert tpm.unseal_import(sealed) == data_key
             with pytest.raises(ReleaseInvalid):
                 tpm.unseal_import(foreign)

@@ -124,7 +124,7 @@ def add_nodes(broker: Broker) -> None:
                               ek_certificate=b"cert", ak_public=b"ak", state=NodeState.PENDING,
                               metadata={"os": "debian"}, now=dt.datetime.now(dt.UTC))  # fmt: skip
         pcrs = {i: bytes([i]) * 32 for i in range(8)}
-        store.record_attestation("w1", bank="sha256", pcrs=pcrs, reset_count=3, restart_count=0,
+        store.record_attestation("w1", banks={"sha256": pcrs}, reset_count=3, restart_count=0,
                                  now=dt.datetime.now(dt.UTC))  # fmt: skip
 
 
@@ -341,7 +341,7 @@ def test_remote_and_local_outputs_match(admin_broker: Broker, tmp_path: Path) ->
         ok(remote(broker, alice, "key", "rotate", "img", "--private-key", str(new_key)))
     with Store.open(load_config(broker.config).database) as store:
         now = dt.datetime.now(dt.UTC)
-        store.record_attestation("w1", bank="sha256", pcrs={}, reset_count=3, restart_count=0,
+        store.record_attestation("w1", banks={"sha256": {}}, reset_count=3, restart_count=0,
                                  now=now, held=[("img", 1), ("img", 2), ("img", 3)],
                                  lease_until=now + dt.timedelta(hours=1))  # fmt: skip
     refused = remote(broker, alice, "key", "retire", "img", "--version", "3")
@@ -359,6 +359,8 @@ def test_remote_and_local_outputs_match(admin_broker: Broker, tmp_path: Path) ->
         ["key", "list", "--json"], ["key", "show", "img"], ["key", "show", "img", "--json"],
         ["grant", "list"], ["grant", "list", "--json"],
         ["policy", "list"], ["policy", "list", "--json"], ["allowlist", "list", "--json"],
+        ["policy", "show", "boot"], ["policy", "show", "boot", "--json"],
+        ["policy", "export", "boot"], ["policy", "diff", "boot", "--node", "w1", "--json"],
         ["audit"], ["audit", "--json", "--node", "w1", "--limit", "2"],
     ):  # fmt: skip
         local, far = broker.kbs(*argv), remote(broker, alice, *argv)

@@ -28,6 +28,20 @@ from kbs.store import Store
 from tests.kbs.test_config import KBS, init_broker
 
 EK = "c0ffee" + "0" * 58
+
+
+class AnyNote(str):
+    """Equal to any note that starts with this text (notes carry the date they were made)."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and other.startswith(str.__str__(self))
+
+    def __hash__(self) -> int:
+        return 0
+
+
 PEM = serialization.Encoding.PEM
 DER = serialization.Encoding.DER
 PKCS8 = serialization.PrivateFormat.PKCS8
@@ -82,8 +96,7 @@ def add_node(config: Path, name: str = "worker-1", attested: bool = True) -> Non
         if attested:
             store.record_attestation(
                 name,
-                bank="sha256",
-                pcrs={i: bytes([i]) * 32 for i in range(8)},
+                banks={"sha256": {i: bytes([i]) * 32 for i in range(8)}},
                 reset_count=1,
                 restart_count=0,
                 now=datetime.now(UTC),
@@ -417,8 +430,8 @@ def test_node_approve_show_revoke(kbs: Kbs, config: Path) -> None:
     shown = json.loads(kbs("node", "show", "worker-1", "--json").out)
     assert shown["state"] == "approved"
     assert shown["labels"] == {"cluster": "prod", "region": "eu"}
-    assert shown["pcr_bank"] == "sha256"
-    assert shown["pcrs"]["7"] == "07" * 32
+    assert shown["pcrs"]["sha256"]["7"] == "07" * 32
+    assert "boot_state" not in shown  # the node sent no event log
     assert shown["last_attested_at"] is not None
     text = kbs("node", "show", "worker-1").out
     assert EK in text
@@ -464,7 +477,7 @@ def test_policy_set_assign_list(kbs: Kbs, config: Path) -> None:
     assert result.code == 0, result
     missing = kbs("policy", "set", "boot", "--pcrs", "0,12", "--from-node", "ref")
     assert missing.code == 2
-    assert "no value for PCR 12" in missing.err
+    assert "did not quote pcr.12" in missing.err
     assert kbs("policy", "assign", "boot", "--selector", "cluster=prod").code == 0
     assert kbs("policy", "assign", "nope", "--selector", "cluster=prod").code == 2
     policies = json.loads(kbs("policy", "list", "--json").out)
@@ -472,7 +485,19 @@ def test_policy_set_assign_list(kbs: Kbs, config: Path) -> None:
         {
             "name": "boot",
             "pcr_bank": "sha256",
-            "pcrs": {"0": "00" * 32, "7": "07" * 32},
+            "pcrs": [0, 7],
+            "components": {
+                f"pcr.{i}": {
+                    "allow": [
+                        {
+                            "value": f"{i:02x}" * 32,
+                            "note": AnyNote("quoted value; allowed from ref"),
+                        }
+                    ],
+                    "contains": [],
+                }
+                for i in (0, 7)
+            },
             "selectors": ["cluster=prod"],
         }
     ]
@@ -561,7 +586,14 @@ def test_audit_shows_refusal_details(kbs: Kbs, config: Path) -> None:
         ["key", "show"],
         ["grant", "list"],
         ["policy", "set"],
+        ["policy", "learn"],
+        ["policy", "allow"],
+        ["policy", "show"],
+        ["policy", "diff"],
+        ["policy", "export"],
+        ["policy", "apply"],
         ["policy", "assign"],
+        ["policy", "unassign"],
         ["policy", "list"],
     ],
 )
@@ -627,7 +659,7 @@ def test_operator_changes_notify_exactly_the_nodes_they_concern(
             store.enroll_node(name=name, ek_hash=f"{i:064x}", ek_public=b"ek",
                               ek_certificate=b"cert", ak_public=b"ak", state=NodeState.PENDING,
                               metadata={}, now=datetime.now(UTC))  # fmt: skip
-        store.record_attestation("a", bank="sha256", pcrs={0: b"\0" * 32}, reset_count=1,
+        store.record_attestation("a", banks={"sha256": {0: b"\0" * 32}}, reset_count=1,
                                  restart_count=0, now=datetime.now(UTC))  # fmt: skip
         start = store.last_change_id()
     keys = []

@@ -244,13 +244,13 @@ def test_slow_clients_do_not_block_others(broker: Broker) -> None:
 
 
 class SlowService(pb_grpc.NodeServiceServicer):
-    """Attest takes as many seconds as its ``pcr_bank`` says; GetNonce answers at once."""
+    """Attest takes as many seconds as its ``nonce`` says; GetNonce answers at once."""
 
     async def GetNonce(self, request: pb.GetNonceRequest, context: Any) -> pb.GetNonceResponse:
         return pb.GetNonceResponse(nonce=b"n" * 32)
 
     async def Attest(self, request: pb.AttestRequest, context: Any) -> pb.AttestResponse:
-        await asyncio.sleep(float(request.pcr_bank or 0))
+        await asyncio.sleep(float(request.nonce.decode() or 0))
         return pb.AttestResponse(outcome=pb.ATTEST_OUTCOME_PENDING_APPROVAL)
 
 
@@ -282,7 +282,7 @@ async def _code_of(call: Any) -> grpc.StatusCode:
 def test_server_side_deadline_cancels_a_slow_rpc() -> None:
     async def body(stub: pb_grpc.NodeServiceStub) -> None:
         start = time.monotonic()
-        slow = asyncio.ensure_future(_code_of(stub.Attest(pb.AttestRequest(pcr_bank="30"))))
+        slow = asyncio.ensure_future(_code_of(stub.Attest(pb.AttestRequest(nonce=b"30"))))
         assert await _code_of(stub.GetNonce(pb.GetNonceRequest())) == grpc.StatusCode.OK
         assert await slow == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - start < 3
@@ -296,7 +296,7 @@ def test_server_side_deadline_cancels_a_slow_rpc() -> None:
 
 def test_attestation_flood_queues_then_is_refused() -> None:
     async def body(stub: pb_grpc.NodeServiceStub) -> None:
-        calls = [stub.Attest(pb.AttestRequest(pcr_bank="0.5")) for _ in range(4)]
+        calls = [stub.Attest(pb.AttestRequest(nonce=b"0.5")) for _ in range(4)]
         results = asyncio.gather(*(_code_of(c) for c in calls))
         await asyncio.sleep(0.1)
         start = time.monotonic()
@@ -305,7 +305,7 @@ def test_attestation_flood_queues_then_is_refused() -> None:
         codes = await results
         assert codes.count(grpc.StatusCode.OK) == 2  # one running, one queued
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 2
-        refused = stub.Attest(pb.AttestRequest(pcr_bank="0"))
+        refused = stub.Attest(pb.AttestRequest(nonce=b"0"))
         assert await _code_of(refused) == grpc.StatusCode.OK  # free again
 
     settings = LimitSettings(max_concurrent_attestations=1, max_queued_attestations=1)

@@ -1,8 +1,9 @@
 """Migrations: a database written before Alembic (``schema_version`` 1 or 2, the exact DDL of
 that code, below) upgrades in place with its rows intact, as does one at revision 0002 (gaining
-``admin_revocations``) and one at 0003 (gaining key versions: SQLite and PostgreSQL); a newer
-revision and a file that is not a database are refused; SQLite files are private, WAL, shared by
-threads and processes."""
+``admin_revocations``, then policy documents: an old PCR-value policy becomes raw ``pcr.N``
+rules, a node's PCR values move under their bank) and one at 0003 (gaining key versions: SQLite
+and PostgreSQL); a newer revision and a file that is not a database are refused; SQLite files are
+private, WAL, shared by threads and processes."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from alembic.config import Config as AlembicConfig
 from harness.postgres import postgres_fixture  # noqa: F401
 from kbs.errors import StoreError
 from kbs.model import ChangeKind, KeyState, NodeState
+from kbs.policy.rules import AllowedValue, Rule
 from kbs.store import AdminRevocation, AuditEvent, Store
 from kbs.store.database import Database
 from kbs.store.migrate import HEAD_REVISION, MIGRATIONS
@@ -28,6 +30,7 @@ from tests.kbs.test_store import database_fixture, enroll  # noqa: F401
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 EK_A = "a" * 64
+MIGRATED = "from the PCR policy before components (migration 0004)"
 
 # The schema as keylease-kbs wrote it before Alembic (kbs/store_db.py at commit c2f9186), frozen.
 LEGACY_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -133,6 +136,14 @@ def legacy_database(path: Path, version: int) -> None:
             "INSERT INTO grants VALUES ('k', '{\"cluster\":\"prod\"}', ?)", (T0.isoformat(),)
         )
         raw.execute(
+            "INSERT INTO policies VALUES ('boot', 'sha256', ?, ?)",
+            ('{"0":"' + "00" * 32 + '","7":"' + "07" * 32 + '"}', T0.isoformat()),
+        )
+        raw.execute(
+            "INSERT INTO policy_assignments VALUES ('boot', '{\"cluster\":\"prod\"}', ?)",
+            (T0.isoformat(),),
+        )
+        raw.execute(
             "INSERT INTO nonces VALUES (x'aa', 'n1', ?)", ((T0 + timedelta(minutes=1)).isoformat(),)
         )
         raw.execute(
@@ -156,9 +167,17 @@ def test_a_pre_alembic_database_upgrades_in_place(tmp_path: Path, version: int) 
         assert store.schema_version() == HEAD_REVISION
         node = store.get_node("n1")
         assert node is not None
-        assert (node.state, node.labels, node.ek_public, node.pcrs) == (
-            NodeState.APPROVED, {"cluster": "prod"}, b"\x01", {7: b"\x07" * 32}
+        assert (node.state, node.labels, node.ek_public, node.pcr_banks) == (
+            NodeState.APPROVED, {"cluster": "prod"}, b"\x01", {"sha256": {7: b"\x07" * 32}}
         )  # fmt: skip
+        assert node.boot_log_digest is None
+        assert node.last_denial is None
+        (policy,) = store.policies_for_labels({"cluster": "prod"})
+        assert (policy.name, policy.pcr_bank) == ("boot", "sha256")
+        assert [(r.component, r.allowed) for r in policy.rules] == [
+            ("pcr.0", (AllowedValue("00" * 32, MIGRATED),)),
+            ("pcr.7", (AllowedValue("07" * 32, MIGRATED),)),
+        ]
         assert node.last_attested_at == T0
         assert [(k.name, k.version, k.encrypted_private) for k in store.keys_for_labels(
             {"cluster": "prod"})] == [("k", 2, b"\xc2")]  # fmt: skip
@@ -222,17 +241,35 @@ NODE_N1: Sql = (
 )
 
 
-def test_a_revision_0002_database_gains_admin_revocations(tmp_path: Path) -> None:
+def test_a_revision_0002_database_gains_admin_revocations_and_policy_documents(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "kbs.db"
-    key_row: Sql = ("INSERT INTO keys VALUES ('k', 1, 'EC-P256', :c, :at)",
-               {"c": b"ciphertext", "at": T0.isoformat()})  # fmt: skip
-    at_revision(path, "0002", NODE_N1, key_row)
+    at_revision(path, "0002")
+    with sqlite3.connect(path) as raw:  # rows as the code of revision 0002 wrote them
+        raw.execute(
+            "INSERT INTO nodes (name, state, labels, ek_hash, ek_public, ek_certificate, "
+            "ak_public, metadata, enrolled_at, updated_at, pcr_bank, pcrs) VALUES ('n1', "
+            "'approved', '{}', ?, x'01', x'02', x'03', '{}', ?, ?, 'sha256', ?)",
+            (EK_A, T0.isoformat(), T0.isoformat(), '{"4":"' + "04" * 32 + '"}'),
+        )
+        raw.execute("INSERT INTO keys VALUES ('k', 1, 'EC-P256', x'c1', ?)", (T0.isoformat(),))
+        raw.execute(
+            "INSERT INTO policies VALUES ('old', 'sha256', ?, ?)",
+            ('{"4":"' + "04" * 32 + '"}', T0.isoformat()),
+        )
+    raw.close()
     with Store.open(path) as store:
         assert store.schema_version() == HEAD_REVISION
-        assert [n.name for n in store.list_nodes()] == ["n1"]
+        node = store.get_node("n1")
+        assert node is not None
+        assert node.pcr_banks == {"sha256": {4: b"\x04" * 32}}
+        (policy,) = store.list_policies()
+        assert policy.rules == (Rule("pcr.4", (AllowedValue("04" * 32, MIGRATED),)),)
+        assert store.boot_record("n1") is None
         key = store.get_key("k")
         assert key is not None
-        assert key.encrypted_private == b"ciphertext"
+        assert key.encrypted_private == b"\xc1"
         audit = AuditEvent("operator:t", "admin-cert-revoke", None, "ok", "alice")
         store.add_admin_revocations([AdminRevocation("ab", "alice", T0)], audit, T0)
         assert store.admin_revocation("ab") == AdminRevocation("ab", "alice", T0)
@@ -273,7 +310,7 @@ def test_a_revision_0003_database_keeps_releasing_exactly_what_it_released(
             assert key.retired_at is not None
             assert before - timedelta(seconds=5) < key.retired_at <= datetime.now(UTC)
         assert store.key_details("k", T0).holders == ()
-        store.record_attestation("n1", bank="sha256", pcrs={}, reset_count=None,
+        store.record_attestation("n1", banks={"sha256": {}}, reset_count=None,
                                  restart_count=None, now=T0, held=[("k", 3)],
                                  lease_until=T0 + timedelta(hours=1))  # fmt: skip
         assert [h.node for h in store.key_details("k", T0).holders] == ["n1"]

@@ -21,7 +21,7 @@ from agent.release import open_release
 from agent.state import StateDir
 from agent.tpm import AkBlobs, Quote, Tpm
 from harness.broker import Broker
-from harness.eventlog import build_event_log
+from harness.eventlog import build_event_log, build_log, measured
 from harness.keys import write_key
 from harness.nodes import Node
 from harness.operator import grant_node
@@ -137,7 +137,7 @@ def test_quote_with_one_byte_changed_is_refused(
         quote = fresh_quote(tpm, ak, nonce)
         tampered = bytearray(quote.attest)
         tampered[-40] ^= 0x01
-        bad = Quote(bytes(tampered), quote.signature, quote.pcr_bank, quote.pcrs)
+        bad = Quote(bytes(tampered), quote.signature, quote.banks)
         with pytest.raises(AttestationDenied):
             client.attest(node.name, nonce, bad, b"")
     assert releases(broker, node.name) == 0
@@ -149,13 +149,13 @@ def test_pcr_value_lied_about_is_refused(broker: Broker, granted: tuple[Node, Ak
     with session(node) as (tpm, client, _):
         nonce = client.get_nonce(node.name)
         quote = fresh_quote(tpm, ak, nonce)
-        pcrs = dict(quote.pcrs)
+        pcrs = dict(quote.banks["sha256"])
         pcrs[7] = b"\x01" * 32
         with pytest.raises(AttestationDenied):
             client.attest(
                 node.name,
                 nonce,
-                Quote(quote.attest, quote.signature, "sha256", pcrs),
+                Quote(quote.attest, quote.signature, {"sha256": pcrs}),
                 b"",
             )
     assert any("PcrDigestMismatch" in d for d in audit_details(broker, node.name))
@@ -278,8 +278,7 @@ def test_malformed_attestation_gets_invalid_argument_and_broker_keeps_serving(
             req = pb.AttestRequest(
                 node_name=node.name,
                 nonce=nonce,
-                pcr_bank="sha256",
-                pcrs=[pb.PcrValue(index=0, value=b"\x00" * 32)],
+                banks=[pb.PcrBank(bank="sha256", pcrs=[pb.PcrValue(index=0, value=b"\x00" * 32)])],
                 **fields,
             )
             with pytest.raises(grpc.RpcError) as info:
@@ -310,3 +309,50 @@ def test_event_log_must_replay_to_the_quoted_pcrs(
             client.attest(node.name, nonce, fresh_quote(tpm, ak, nonce), forged)
     assert releases(broker, node.name) == 1
     assert any("EventLogMismatch" in d for d in audit_details(broker, node.name))
+
+
+def test_bad_event_logs_are_refused_specifically_and_the_broker_keeps_serving(
+    broker: Broker, granted: tuple[Node, AkBlobs]
+) -> None:
+    """A truncated log and garbage are malformed input (INVALID_ARGUMENT, EventLogInvalid); a log
+    in a bank the quote does not cover, or extending a PCR the quote does not cover, does not
+    match the quote (EventLogMismatch); a log of 100,000 events (5 MB) is over the message limit
+    (the parser's own limit, 10,000 events: tests/kbs/test_eventlog.py). Nothing is released for
+    any of them, and a good attestation passes after them. (A log extending a PCR the quote does
+    not cover: tests/kbs/test_eventlog.py, since the agent always quotes PCRs 0-23.)"""
+    node, ak = granted
+    events = [(8, b"grub.cfg"), (9, b"vmlinuz-6.1")]
+    channel, stub = raw_stub(broker)
+    hundred_thousand = build_log([measured(8, 0xD, b"", banks=("sha256",))] * 100_000, ("sha256",))
+    with channel, session(node) as (tpm, client, _):
+        for pcr, data in events:
+            tpm.extend_pcr(pcr, data)
+        good = build_event_log(events)
+        sha384_only = build_log([measured(p, 0xD, d, banks=("sha384",)) for p, d in events],
+                                ("sha384",))  # fmt: skip
+        for log, code, error in (
+            (good[:-5], grpc.StatusCode.INVALID_ARGUMENT, "truncated in event 2's data"),
+            (good + b"\x01\x02", grpc.StatusCode.INVALID_ARGUMENT, "truncated in event 3"),
+            (sha384_only, grpc.StatusCode.PERMISSION_DENIED, "carries sha384 digests but the"),
+            (hundred_thousand, grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+        ):  # fmt: skip
+            nonce = client.get_nonce(node.name)
+            quote = fresh_quote(tpm, ak, nonce)
+            request = pb.AttestRequest(
+                node_name=node.name, nonce=nonce, quote=quote.attest, signature=quote.signature,
+                banks=[pb.PcrBank(bank=b, pcrs=[pb.PcrValue(index=i, value=v)
+                                                for i, v in sorted(values.items())])
+                       for b, values in quote.banks.items()],
+                event_log=log,
+            )  # fmt: skip
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Attest(request, timeout=20)
+            assert info.value.code() == code, info.value
+            assert error in (info.value.details() or ""), info.value.details()
+        nonce = client.get_nonce(node.name)
+        reply = client.attest(node.name, nonce, fresh_quote(tpm, ak, nonce), good)
+        assert reply.release is not None
+    assert releases(broker, node.name) == 1
+    details = audit_details(broker, node.name)
+    assert any("EventLogInvalid" in d for d in details)
+    assert any("EventLogMismatch" in d and "sha384" in d for d in details)

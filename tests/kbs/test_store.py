@@ -22,11 +22,24 @@ from kbs.errors import (
     OperatorError,
 )
 from kbs.model import ChangeKind, KeyState, Node, NodeState, PendingEnrollment
+from kbs.policy.rules import AllowedValue, Document, Rule, check_document
 from kbs.store import AuditEvent, Store
 from kbs.store.cache import CHECK_INTERVAL, MAX_AGE, LabelCache
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 EK_A, EK_B = "a" * 64, "b" * 64
+
+
+def raw(pcrs: dict[int, bytes], bank: str = "sha256") -> Document:
+    """A policy document of raw PCR values, one allowed value each."""
+    return check_document(
+        bank, [Rule(f"pcr.{i}", (AllowedValue(v.hex()),)) for i, v in pcrs.items()]
+    )
+
+
+def raw_values(store: Store, labels: dict[str, str]) -> dict[int, bytes]:
+    policy = store.policies_for_labels(labels)[0]
+    return {int(r.component[4:]): bytes.fromhex(r.allowed[0].value) for r in policy.rules}
 
 
 @pytest.fixture(name="database", params=["sqlite", "postgresql"])
@@ -179,18 +192,17 @@ def test_record_attestation_round_trips_pcrs(store: Store) -> None:
     enroll(store, "n1", EK_A)
     pcrs = {7: b"\x07" * 32, 0: b"\x00" * 32, 10: bytes(range(32))}
     later = T0 + timedelta(minutes=5)
+    banks = {"sha256": pcrs, "sha1": {7: b"\x01" * 20}}
     store.record_attestation(
-        "n1", bank="sha256", pcrs=pcrs, reset_count=3, restart_count=1, now=later
+        "n1", banks=banks, reset_count=3, restart_count=1, now=later, denial="PCR 7 differs"
     )
     node = store.get_node("n1")
     assert node is not None
-    assert node.pcrs == pcrs
-    assert node.pcr_bank == "sha256"
+    assert node.pcr_banks == banks
     assert (node.reset_count, node.restart_count, node.last_attested_at) == (3, 1, later)
+    assert (node.last_denial, node.last_denial_at) == ("PCR 7 differs", later)
     with pytest.raises(NotFound):
-        store.record_attestation(
-            "nobody", bank="sha256", pcrs=pcrs, reset_count=0, restart_count=0, now=T0
-        )
+        store.record_attestation("nobody", banks=banks, reset_count=0, restart_count=0, now=T0)
 
 
 # --- keys, grants, policies -------------------------------------------------------------------
@@ -292,7 +304,7 @@ def test_key_details_name_the_nodes_holding_each_version(store: Store) -> None:
     until = T0 + timedelta(hours=1)
 
     def release(node: str, held: list[tuple[str, int]] | None, at: datetime = T0) -> None:
-        store.record_attestation(node, bank="sha256", pcrs={0: b"\0" * 32}, reset_count=1,
+        store.record_attestation(node, banks={"sha256": {0: b"\0" * 32}}, reset_count=1,
                                  restart_count=0, now=at, held=held, lease_until=until)  # fmt: skip
 
     def holders(name: str = "k", now: datetime = T0) -> list[tuple[str, tuple[int, ...]]]:
@@ -341,9 +353,9 @@ def test_sealed_key_sees_its_own_version(store: Store) -> None:
 
 
 def test_policies_for_labels(store: Store) -> None:
-    boot = store.set_policy("boot", "sha256", {0: b"\x00" * 32, 7: b"\x07" * 32}, T0)
+    _, boot = store.put_policy("boot", raw({0: b"\x00" * 32, 7: b"\x07" * 32}), T0)
     assert boot.selectors == ()
-    store.set_policy("other", "sha256", {4: b"\x04" * 32}, T0)
+    store.put_policy("other", raw({4: b"\x04" * 32}), T0)
     store.assign_policy("boot", {"cluster": "prod"}, T0)
     store.assign_policy("boot", {"cluster": "dev"}, T0)
     store.assign_policy("other", {"cluster": "prod", "tier": "gpu"}, T0)
@@ -354,15 +366,21 @@ def test_policies_for_labels(store: Store) -> None:
     ]
     assert store.policies_for_labels({}) == []
     # Updating the values keeps the assignments.
-    updated = store.set_policy("boot", "sha256", {7: b"\x17" * 32}, T0)
-    assert updated.pcrs == {7: b"\x17" * 32}
+    before, updated = store.put_policy("boot", raw({7: b"\x17" * 32}), T0)
+    assert before is not None
+    assert before.document == raw({0: b"\x00" * 32, 7: b"\x07" * 32})
+    assert updated.document == raw({7: b"\x17" * 32})
     assert len(updated.selectors) == 2
     with pytest.raises(OperatorError, match="already assigned"):
         store.assign_policy("boot", {"cluster": "dev"}, T0)
     with pytest.raises(NotFound, match="no policy named"):
         store.assign_policy("nope", {"cluster": "dev"}, T0)
     with pytest.raises(OperatorError, match="empty policy means deny"):
-        store.set_policy("empty", "sha256", {}, T0)
+        check_document("sha256", [])
+    store.unassign_policy("boot", {"cluster": "dev"}, T0)
+    assert [p.name for p in store.policies_for_labels({"cluster": "dev"})] == []
+    with pytest.raises(NotFound, match="not assigned"):
+        store.unassign_policy("boot", {"cluster": "dev"}, T0)
 
 
 def test_allowlist(store: Store) -> None:
@@ -436,13 +454,13 @@ def test_record_attestation_writes_its_audit_rows_in_one_transaction(store: Stor
     enroll(store, "n1", EK_A)
     events = [AuditEvent("node:n1", "attest", "n1", "ok", "pcrs 0 match policy"),
               AuditEvent("node:n1", "release", "n1", "ok", "keys k@v1")]  # fmt: skip
-    store.record_attestation("n1", bank="sha256", pcrs={0: b"\x00" * 32}, reset_count=1,
+    store.record_attestation("n1", banks={"sha256": {0: b"\x00" * 32}}, reset_count=1,
                              restart_count=0, now=T0, events=events)  # fmt: skip
     assert [(e.event, e.detail, e.at) for e in store.list_audit()] == [
         ("attest", "pcrs 0 match policy", T0), ("release", "keys k@v1", T0)
     ]  # fmt: skip
     with pytest.raises(NotFound):  # nothing of a failed call is kept
-        store.record_attestation("nobody", bank="sha256", pcrs={}, reset_count=0,
+        store.record_attestation("nobody", banks={}, reset_count=0,
                                  restart_count=0, now=T0, events=events)  # fmt: skip
     assert len(store.list_audit()) == 2
 
@@ -455,7 +473,7 @@ def test_catalog_cache_follows_writes_of_this_and_other_processes(
     labels = {"cluster": "prod"}
     store.add_key("k", "EC-P256", b"k1", T0)
     store.add_grant("k", labels, T0)
-    store.set_policy("boot", "sha256", {0: b"\x00" * 32}, T0)
+    store.put_policy("boot", raw({0: b"\x00" * 32}), T0)
     store.assign_policy("boot", labels, T0)
     assert [k.name for k in store.keys_for_labels(labels)] == ["k"]
     assert [p.name for p in store.policies_for_labels(labels)] == ["boot"]
@@ -467,12 +485,12 @@ def test_catalog_cache_follows_writes_of_this_and_other_processes(
     # Another writer (the operator CLI, another replica): seen within CHECK_INTERVAL.
     with Store.open(database) as other:
         other.remove_grant("k", labels, T0)
-        other.set_policy("boot", "sha256", {7: b"\x07" * 32}, T0)
+        other.put_policy("boot", raw({7: b"\x07" * 32}), T0)
     deadline = time.monotonic() + CHECK_INTERVAL + 0.5
     while store.keys_for_labels(labels) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert store.keys_for_labels(labels) == []
-    assert store.policies_for_labels(labels)[0].pcrs == {7: b"\x07" * 32}
+    assert raw_values(store, labels) == {7: b"\x07" * 32}
 
 
 def test_label_cache_bounds_the_age_of_what_it_serves() -> None:

@@ -32,7 +32,7 @@ class AdminApproveRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class AdminNode(_message.Message):
-    __slots__ = ("name", "state", "labels", "ek_hash", "metadata", "enrolled_at_us", "last_attested_at_us", "pcr_bank", "pcrs", "reset_count", "restart_count")
+    __slots__ = ("name", "state", "labels", "ek_hash", "metadata", "enrolled_at_us", "last_attested_at_us", "reset_count", "restart_count", "pcr_banks", "boot_log_digest", "last_denial", "last_denial_at_us")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -47,13 +47,6 @@ class AdminNode(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-    class PcrsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: int
-        value: bytes
-        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -61,10 +54,12 @@ class AdminNode(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     ENROLLED_AT_US_FIELD_NUMBER: _ClassVar[int]
     LAST_ATTESTED_AT_US_FIELD_NUMBER: _ClassVar[int]
-    PCR_BANK_FIELD_NUMBER: _ClassVar[int]
-    PCRS_FIELD_NUMBER: _ClassVar[int]
     RESET_COUNT_FIELD_NUMBER: _ClassVar[int]
     RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PCR_BANKS_FIELD_NUMBER: _ClassVar[int]
+    BOOT_LOG_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    LAST_DENIAL_FIELD_NUMBER: _ClassVar[int]
+    LAST_DENIAL_AT_US_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     labels: _containers.ScalarMap[str, str]
@@ -72,11 +67,64 @@ class AdminNode(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     enrolled_at_us: int
     last_attested_at_us: int
-    pcr_bank: str
-    pcrs: _containers.ScalarMap[int, bytes]
     reset_count: int
     restart_count: int
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., ek_hash: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., enrolled_at_us: _Optional[int] = ..., last_attested_at_us: _Optional[int] = ..., pcr_bank: _Optional[str] = ..., pcrs: _Optional[_Mapping[int, bytes]] = ..., reset_count: _Optional[int] = ..., restart_count: _Optional[int] = ...) -> None: ...
+    pcr_banks: _containers.RepeatedCompositeFieldContainer[AdminPcrBank]
+    boot_log_digest: str
+    last_denial: str
+    last_denial_at_us: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., ek_hash: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., enrolled_at_us: _Optional[int] = ..., last_attested_at_us: _Optional[int] = ..., reset_count: _Optional[int] = ..., restart_count: _Optional[int] = ..., pcr_banks: _Optional[_Iterable[_Union[AdminPcrBank, _Mapping]]] = ..., boot_log_digest: _Optional[str] = ..., last_denial: _Optional[str] = ..., last_denial_at_us: _Optional[int] = ...) -> None: ...
+
+class AdminPcrBank(_message.Message):
+    __slots__ = ("bank", "pcrs")
+    class PcrsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    PCRS_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    pcrs: _containers.ScalarMap[int, bytes]
+    def __init__(self, bank: _Optional[str] = ..., pcrs: _Optional[_Mapping[int, bytes]] = ...) -> None: ...
+
+class AdminBootComponent(_message.Message):
+    __slots__ = ("name", "pcrs", "value", "summary", "entries")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PCRS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    pcrs: _containers.RepeatedScalarFieldContainer[int]
+    value: str
+    summary: str
+    entries: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., pcrs: _Optional[_Iterable[int]] = ..., value: _Optional[str] = ..., summary: _Optional[str] = ..., entries: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AdminBootState(_message.Message):
+    __slots__ = ("bank", "components", "touched")
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    TOUCHED_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    components: _containers.RepeatedCompositeFieldContainer[AdminBootComponent]
+    touched: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, bank: _Optional[str] = ..., components: _Optional[_Iterable[_Union[AdminBootComponent, _Mapping]]] = ..., touched: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AdminBootRecord(_message.Message):
+    __slots__ = ("present", "log_digest", "recorded_at_us", "states")
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    LOG_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_AT_US_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    present: bool
+    log_digest: str
+    recorded_at_us: int
+    states: _containers.RepeatedCompositeFieldContainer[AdminBootState]
+    def __init__(self, present: _Optional[bool] = ..., log_digest: _Optional[str] = ..., recorded_at_us: _Optional[int] = ..., states: _Optional[_Iterable[_Union[AdminBootState, _Mapping]]] = ...) -> None: ...
 
 class AdminNodeList(_message.Message):
     __slots__ = ("nodes",)
@@ -276,24 +324,109 @@ class AdminAssignPolicyRequest(_message.Message):
     selector: _containers.ScalarMap[str, str]
     def __init__(self, name: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
+class AdminAllowedValue(_message.Message):
+    __slots__ = ("value", "note")
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    value: str
+    note: str
+    def __init__(self, value: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
+
+class AdminPolicyRule(_message.Message):
+    __slots__ = ("component", "allowed", "contains")
+    COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    CONTAINS_FIELD_NUMBER: _ClassVar[int]
+    component: str
+    allowed: _containers.RepeatedCompositeFieldContainer[AdminAllowedValue]
+    contains: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, component: _Optional[str] = ..., allowed: _Optional[_Iterable[_Union[AdminAllowedValue, _Mapping]]] = ..., contains: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class AdminPolicy(_message.Message):
-    __slots__ = ("name", "pcr_bank", "pcrs", "selectors")
-    class PcrsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: int
-        value: bytes
-        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    __slots__ = ("name", "pcr_bank", "selectors", "rules")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PCR_BANK_FIELD_NUMBER: _ClassVar[int]
-    PCRS_FIELD_NUMBER: _ClassVar[int]
     SELECTORS_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
     name: str
     pcr_bank: str
-    pcrs: _containers.ScalarMap[int, bytes]
     selectors: _containers.RepeatedCompositeFieldContainer[AdminSelector]
-    def __init__(self, name: _Optional[str] = ..., pcr_bank: _Optional[str] = ..., pcrs: _Optional[_Mapping[int, bytes]] = ..., selectors: _Optional[_Iterable[_Union[AdminSelector, _Mapping]]] = ...) -> None: ...
+    rules: _containers.RepeatedCompositeFieldContainer[AdminPolicyRule]
+    def __init__(self, name: _Optional[str] = ..., pcr_bank: _Optional[str] = ..., selectors: _Optional[_Iterable[_Union[AdminSelector, _Mapping]]] = ..., rules: _Optional[_Iterable[_Union[AdminPolicyRule, _Mapping]]] = ...) -> None: ...
+
+class AdminPolicyName(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class AdminLearnPolicyRequest(_message.Message):
+    __slots__ = ("name", "from_node", "bank", "pcrs")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FROM_NODE_FIELD_NUMBER: _ClassVar[int]
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    PCRS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    from_node: str
+    bank: str
+    pcrs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., from_node: _Optional[str] = ..., bank: _Optional[str] = ..., pcrs: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AdminAllowPolicyRequest(_message.Message):
+    __slots__ = ("name", "from_node", "components")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FROM_NODE_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    from_node: str
+    components: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., from_node: _Optional[str] = ..., components: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AdminApplyPolicyRequest(_message.Message):
+    __slots__ = ("document", "source")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    document: bytes
+    source: str
+    def __init__(self, document: _Optional[bytes] = ..., source: _Optional[str] = ...) -> None: ...
+
+class AdminPolicyChange(_message.Message):
+    __slots__ = ("policy", "changes")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    policy: AdminPolicy
+    changes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, policy: _Optional[_Union[AdminPolicy, _Mapping]] = ..., changes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AdminDiffPolicyRequest(_message.Message):
+    __slots__ = ("name", "node")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    node: str
+    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
+
+class AdminDiffRow(_message.Message):
+    __slots__ = ("component", "pcrs", "node_value", "node_summary", "result", "allowed")
+    COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    PCRS_FIELD_NUMBER: _ClassVar[int]
+    NODE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    NODE_SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    component: str
+    pcrs: _containers.RepeatedScalarFieldContainer[int]
+    node_value: str
+    node_summary: str
+    result: str
+    allowed: str
+    def __init__(self, component: _Optional[str] = ..., pcrs: _Optional[_Iterable[int]] = ..., node_value: _Optional[str] = ..., node_summary: _Optional[str] = ..., result: _Optional[str] = ..., allowed: _Optional[str] = ...) -> None: ...
+
+class AdminPolicyDiff(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[AdminDiffRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[AdminDiffRow, _Mapping]]] = ...) -> None: ...
 
 class AdminPolicyList(_message.Message):
     __slots__ = ("policies",)

@@ -124,6 +124,41 @@ class AdminServiceStub:
                 request_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminEmpty.SerializeToString,
                 response_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyList.FromString,
                 _registered_method=True)
+        self.ShowNodeBoot = channel.unary_unary(
+                '/keylease.v1.AdminService/ShowNodeBoot',
+                request_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminNodeRequest.SerializeToString,
+                response_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminBootRecord.FromString,
+                _registered_method=True)
+        self.LearnPolicy = channel.unary_unary(
+                '/keylease.v1.AdminService/LearnPolicy',
+                request_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminLearnPolicyRequest.SerializeToString,
+                response_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyChange.FromString,
+                _registered_method=True)
+        self.AllowPolicy = channel.unary_unary(
+                '/keylease.v1.AdminService/AllowPolicy',
+                request_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminAllowPolicyRequest.SerializeToString,
+                response_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyChange.FromString,
+                _registered_method=True)
+        self.ShowPolicy = channel.unary_unary(
+                '/keylease.v1.AdminService/ShowPolicy',
+                request_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyName.SerializeToString,
+                response_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicy.FromString,
+                _registered_method=True)
+        self.DiffPolicy = channel.unary_unary(
+                '/keylease.v1.AdminService/DiffPolicy',
+                request_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminDiffPolicyRequest.SerializeToString,
+                response_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyDiff.FromString,
+                _registered_method=True)
+        self.ApplyPolicy = channel.unary_unary(
+                '/keylease.v1.AdminService/ApplyPolicy',
+                request_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminApplyPolicyRequest.SerializeToString,
+                response_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyChange.FromString,
+                _registered_method=True)
+        self.UnassignPolicy = channel.unary_unary(
+                '/keylease.v1.AdminService/UnassignPolicy',
+                request_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminAssignPolicyRequest.SerializeToString,
+                response_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminEmpty.FromString,
+                _registered_method=True)
         self.ListAudit = channel.unary_unary(
                 '/keylease.v1.AdminService/ListAudit',
                 request_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminAuditRequest.SerializeToString,
@@ -244,6 +279,48 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShowNodeBoot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LearnPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AllowPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShowPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiffPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnassignPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAudit(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -342,6 +419,41 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListPolicies,
                     request_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminEmpty.FromString,
                     response_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyList.SerializeToString,
+            ),
+            'ShowNodeBoot': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShowNodeBoot,
+                    request_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminNodeRequest.FromString,
+                    response_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminBootRecord.SerializeToString,
+            ),
+            'LearnPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.LearnPolicy,
+                    request_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminLearnPolicyRequest.FromString,
+                    response_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyChange.SerializeToString,
+            ),
+            'AllowPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllowPolicy,
+                    request_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminAllowPolicyRequest.FromString,
+                    response_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyChange.SerializeToString,
+            ),
+            'ShowPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShowPolicy,
+                    request_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyName.FromString,
+                    response_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicy.SerializeToString,
+            ),
+            'DiffPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiffPolicy,
+                    request_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminDiffPolicyRequest.FromString,
+                    response_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyDiff.SerializeToString,
+            ),
+            'ApplyPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyPolicy,
+                    request_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminApplyPolicyRequest.FromString,
+                    response_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyChange.SerializeToString,
+            ),
+            'UnassignPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnassignPolicy,
+                    request_deserializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminAssignPolicyRequest.FromString,
+                    response_serializer=keylease_dot_api_dot_v1_dot_admin__pb2.AdminEmpty.SerializeToString,
             ),
             'ListAudit': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAudit,
@@ -835,6 +947,195 @@ class AdminService:
             '/keylease.v1.AdminService/ListPolicies',
             keylease_dot_api_dot_v1_dot_admin__pb2.AdminEmpty.SerializeToString,
             keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShowNodeBoot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keylease.v1.AdminService/ShowNodeBoot',
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminNodeRequest.SerializeToString,
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminBootRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LearnPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keylease.v1.AdminService/LearnPolicy',
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminLearnPolicyRequest.SerializeToString,
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllowPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keylease.v1.AdminService/AllowPolicy',
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminAllowPolicyRequest.SerializeToString,
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShowPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keylease.v1.AdminService/ShowPolicy',
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyName.SerializeToString,
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiffPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keylease.v1.AdminService/DiffPolicy',
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminDiffPolicyRequest.SerializeToString,
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyDiff.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keylease.v1.AdminService/ApplyPolicy',
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminApplyPolicyRequest.SerializeToString,
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminPolicyChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnassignPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keylease.v1.AdminService/UnassignPolicy',
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminAssignPolicyRequest.SerializeToString,
+            keylease_dot_api_dot_v1_dot_admin__pb2.AdminEmpty.FromString,
             options,
             channel_credentials,
             insecure,

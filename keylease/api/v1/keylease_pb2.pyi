@@ -105,23 +105,29 @@ class PcrValue(_message.Message):
     value: bytes
     def __init__(self, index: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
 
+class PcrBank(_message.Message):
+    __slots__ = ("bank", "pcrs")
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    PCRS_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    pcrs: _containers.RepeatedCompositeFieldContainer[PcrValue]
+    def __init__(self, bank: _Optional[str] = ..., pcrs: _Optional[_Iterable[_Union[PcrValue, _Mapping]]] = ...) -> None: ...
+
 class AttestRequest(_message.Message):
-    __slots__ = ("node_name", "nonce", "quote", "signature", "pcr_bank", "pcrs", "event_log")
+    __slots__ = ("node_name", "nonce", "quote", "signature", "event_log", "banks")
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     QUOTE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
-    PCR_BANK_FIELD_NUMBER: _ClassVar[int]
-    PCRS_FIELD_NUMBER: _ClassVar[int]
     EVENT_LOG_FIELD_NUMBER: _ClassVar[int]
+    BANKS_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     nonce: bytes
     quote: bytes
     signature: bytes
-    pcr_bank: str
-    pcrs: _containers.RepeatedCompositeFieldContainer[PcrValue]
     event_log: bytes
-    def __init__(self, node_name: _Optional[str] = ..., nonce: _Optional[bytes] = ..., quote: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., pcr_bank: _Optional[str] = ..., pcrs: _Optional[_Iterable[_Union[PcrValue, _Mapping]]] = ..., event_log: _Optional[bytes] = ...) -> None: ...
+    banks: _containers.RepeatedCompositeFieldContainer[PcrBank]
+    def __init__(self, node_name: _Optional[str] = ..., nonce: _Optional[bytes] = ..., quote: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., event_log: _Optional[bytes] = ..., banks: _Optional[_Iterable[_Union[PcrBank, _Mapping]]] = ...) -> None: ...
 
 class AttestResponse(_message.Message):
     __slots__ = ("outcome", "release")

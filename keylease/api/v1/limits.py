@@ -21,6 +21,7 @@ __all__ = [
     "MAX_NODE_NAME",
     "MAX_NONCE",
     "MAX_PCR_BANK",
+    "MAX_PCR_BANKS",
     "MAX_PCR_INDEX",
     "MAX_PCR_VALUE",
     "MAX_PROOF",
@@ -43,6 +44,7 @@ MAX_PROOF = 64  # the secret ActivateCredential returns
 MAX_ENROLLMENT_ID = 64
 MAX_NONCE = 64
 MAX_PCR_BANK = 16
+MAX_PCR_BANKS = 4  # banks in one quote (sha1, sha256, sha384; one spare)
 MAX_PCR_VALUE = 64
 MAX_PCR_INDEX = 23
 MAX_WATCH_REASON = 200  # what the agent keeps of a watch event's text

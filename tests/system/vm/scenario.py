@@ -31,14 +31,12 @@ from harness.swtpm import SwtpmCa, provision
 from tests.system.vm.image import GUEST_KBS, build_image
 from tests.system.vm.machine import BASE_CMDLINE, Machine, ProbeState
 
-__all__ = ["NODE", "POLICY_PCRS", "StepResult", "run_scenario"]
+__all__ = ["NODE", "StepResult", "run_scenario"]
 
 NODE = "kl-worker"
 KEY = "vm-key"
 KEY_FILE = f"{KEY}.v1.pem"
 SECRET = b"keylease VM acceptance secret\n"
-# PCR 4 holds the kernel's EFI-stub image, 8/9 what the stub measures (command line, initrd).
-POLICY_PCRS = "0,1,2,3,4,5,7,8,9"
 CHANGED_CMDLINE = BASE_CMDLINE + " keylease.vmtest=changed"
 REVOKE_LIMIT = 5.0
 
@@ -125,7 +123,7 @@ def step1(vm: Machine, broker: Broker, private_key: Path) -> str:
     vm.boot()
     _wait_node(broker)
     _kbs(broker, "node", "approve", NODE, "--label", "role=vm")
-    _kbs(broker, "policy", "set", "vm-boot", "--pcrs", POLICY_PCRS, "--from-node", NODE)
+    _kbs(broker, "policy", "learn", "vm-boot", "--from-node", NODE)  # from its boot event log
     _kbs(broker, "policy", "assign", "vm-boot", "--selector", "role=vm")
     _kbs(broker, "key", "import", KEY, "--private-key", str(private_key))
     _kbs(broker, "grant", "add", KEY, "--selector", "role=vm")
@@ -160,9 +158,12 @@ def step2(vm: Machine, broker: Broker, needles: list[bytes]) -> str:
 
 
 def _denial(state: ProbeState) -> str:
-    """The agent's journal line for a broker denial naming PCRs, or ""."""
-    lines = [ln for ln in state["journal"] if "result=denied" in ln and "PCR" in ln]
+    """The agent's journal line for a broker denial naming a component, or ""."""
+    lines = [ln for ln in state["journal"] if "result=denied" in ln and COMPONENT in ln]
     return lines[-1] if lines else ""
+
+
+COMPONENT = "kernel command line [kernel-cmdline]"
 
 
 def step3(vm: Machine, broker: Broker) -> str:
@@ -171,19 +172,27 @@ def step3(vm: Machine, broker: Broker) -> str:
     assert not state["keys"], f"keys present after a changed boot: {state['keys']}"
     restore = next(ln for ln in state["journal"] if "nothing restored" in ln)
     broker.restart()
-    state = vm.wait_for("the broker's denial naming a PCR", lambda s: bool(_denial(s)))
+    state = vm.wait_for("the broker's denial naming the component", lambda s: bool(_denial(s)))
     assert not state["keys"], state["keys"]
-    pcrs = re.search(r"PCR ([\d, ]+) \(sha256\)", _denial(state))
-    assert pcrs is not None, _denial(state)
+    named = re.search(r"PCR 8,9, kernel command line \[kernel-cmdline\] \([^)]*\): digest \S+ "
+                      r"is not allowed by policy vm-boot", _denial(state))  # fmt: skip
+    assert named is not None, _denial(state)
     audit = [
         ln for ln in _kbs(broker, "audit", "--node", NODE).splitlines() if "PolicyDenied" in ln
     ]
     assert audit, "no PolicyDenied in the broker's audit log"
-    assert pcrs.group(0) in audit[-1], audit
+    assert named.group(0) in audit[-1], audit
+    assert named.group(0) in _kbs(broker, "node", "show", NODE)
+    seen = len(vm.states())
+    allowed = _kbs(broker, "policy", "allow", "vm-boot", "--from-node", NODE,
+                   "--component", "kernel-cmdline")  # fmt: skip
+    assert "+ kernel-cmdline: " in allowed, allowed
+    vm.wait_for("the key back after `policy allow`", _has_key, timeout=120, skip=seen)
     vm.poweroff()
     return (
-        f"cache refused offline ({restore.split(': ', 1)[1][:60]}...); "
-        f"broker denied: {pcrs.group(0)} differs from policy vm-boot (agent journal and audit)"
+        f"cache refused offline ({restore.split(': ', 1)[1][:60]}...); broker denied naming "
+        f"the component ({named.group(0)[:60]}...; agent journal, audit, node show); "
+        "`policy allow --component kernel-cmdline` gave the key back"
     )
 
 

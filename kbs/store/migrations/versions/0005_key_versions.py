@@ -9,7 +9,7 @@ at the time of the upgrade, and no node receives a key it was not receiving befo
 ``nodes.lease_until``: what the node's latest release gave it and until when (``key show``).
 Existing nodes start with none recorded; their next attestation fills them in.
 
-Revision ID: 0004_key_versions
+Revision ID: 0005_key_versions
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from kbs.errors import StoreError
 
 __all__ = ["branch_labels", "depends_on", "down_revision", "downgrade", "revision", "upgrade"]
 
-revision = "0004_key_versions"
-down_revision: str | None = "0003"
+revision = "0005_key_versions"
+down_revision: str | None = "0004_policy_documents"
 branch_labels: str | None = None
 depends_on: str | None = None
 
