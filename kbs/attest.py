@@ -2,7 +2,8 @@
 
 Fixed order: node known -> nonce consumed (single use, even if what follows fails; issued by
 ``kbs.nonces``) -> quote verified with the enrolled AK (``kbs.quote``) -> event log replayed
-(``kbs.eventlog``) -> PCRs recorded -> node state -> policy (``kbs.policy``) -> grants ->
+(``kbs.eventlog``) -> reset/restart counters not behind the last verified quote's -> PCRs
+recorded -> node state -> policy (``kbs.policy``) -> grants ->
 release (``kbs.release``). Anything that fails raises a specific ``AttestationFailed``.
 """
 
@@ -16,7 +17,14 @@ from datetime import datetime, timedelta
 from enum import Enum
 
 from kbs.context import BrokerContext
-from kbs.errors import InvalidRequest, KbsError, NodeRevoked, NotGranted, UnknownNode
+from kbs.errors import (
+    CounterRollback,
+    InvalidRequest,
+    KbsError,
+    NodeRevoked,
+    NotGranted,
+    UnknownNode,
+)
 from kbs.eventlog import check_event_log
 from kbs.masterkey import key_aad
 from kbs.model import Node, NodeState, Policy, check_node_name
@@ -96,6 +104,7 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
     )
     if ev.event_log:
         check_event_log(ev.event_log, quote.pcr_bank, quote.pcrs)
+    _check_counters(node, quote)
     record = functools.partial(
         ctx.store.record_attestation,
         node.name,
@@ -132,6 +141,20 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
     return AttestResult(AttestOutcome.RELEASED, release)
 
 
+def _check_counters(node: Node, quote: VerifiedQuote) -> None:
+    """The TPM's (resetCount, restartCount) never go back for one AK: if they did, the TPM's
+    state was restored from an older copy (a replayed quote is stopped by the nonce already)."""
+    if node.reset_count is None or node.restart_count is None:
+        return
+    last = (node.reset_count, node.restart_count)
+    if (quote.reset_count, quote.restart_count) < last:
+        raise CounterRollback(
+            f"the TPM's reset/restart counters went back from {last[0]}/{last[1]} to "
+            f"{quote.reset_count}/{quote.restart_count}: its state was rolled back (restored "
+            "from a copy or a snapshot); if that was intended, the node must enroll again"
+        )
+
+
 def _release(
     ctx: BrokerContext,
     node: Node,
@@ -165,5 +188,6 @@ def _release(
         keys=granted,
         issued_at=now,
         not_after=now + timedelta(seconds=ctx.config.lease_seconds),
+        signer=ctx.signer,
     )
     return sealed_pcrs, release

@@ -17,7 +17,9 @@ __all__ = [
     "AkAttributesInvalid",
     "AttestationFailed",
     "ConfigError",
+    "CounterRollback",
     "DatabaseUnavailable",
+    "EkCertificateMalformed",
     "EkPublicMismatch",
     "EnrollmentRefused",
     "EventLogMismatch",
@@ -85,6 +87,11 @@ class NotFound(OperatorError):
 
 class InvalidRequest(KbsError):
     """Malformed input on the wire: bad sizes, truncated or garbage TPM structures."""
+
+
+class EkCertificateMalformed(InvalidRequest):
+    """The EK certificate does not parse as one certificate profile we can judge: duplicate
+    extensions, unsupported name forms, an unreadable issuer or subject name."""
 
 
 class UnknownNode(KbsError):
@@ -168,6 +175,11 @@ class PcrDigestMismatch(QuoteInvalid):
 
 class EventLogMismatch(AttestationFailed):
     """The boot event log does not replay to the quoted PCR values."""
+
+
+class CounterRollback(AttestationFailed):
+    """The quote's resetCount/restartCount are lower than the node's last verified quote had:
+    the TPM's state was rolled back (restored from a copy or snapshot)."""
 
 
 class NodeNotApproved(AttestationFailed):

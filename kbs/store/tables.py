@@ -120,6 +120,7 @@ nodes = _table(
     _c("ak_public", B), _c("metadata", T), _c("enrolled_at", T), _c("updated_at", T),
     _c("last_attested_at", T, nullable=True), _c("pcr_bank", T, nullable=True), _c("pcrs", T),
     _c("reset_count", I, nullable=True), _c("restart_count", I, nullable=True),
+    _c("node_key", B, nullable=True),
 )  # fmt: skip
 nonces = _table("nonces", _c("nonce", B, primary_key=True), _c("node_name", T),
                 _c("expires_at", T))  # fmt: skip

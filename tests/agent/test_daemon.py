@@ -131,9 +131,11 @@ def test_state_copied_next_to_another_tpm_restores_nothing(
     assert key_files(thief) == []
 
 
-def test_pcr_change_then_restart_restores_nothing(
+def test_pcr_change_then_restart_restores_nothing_and_only_a_verdict_removes_the_keys(
     granted: Node, broker: Broker, daemon_for: Callable[..., tuple[AgentDaemon, NotifySocket]]
 ) -> None:
+    """A cache that no longer opens is no verdict: the keys installed before stay until the
+    lease the agent recorded ends; the broker's denial of the new boot state removes them."""
     daemon, sock = daemon_for(granted)
     assert sock.ready(30) is not None, daemon.log()
     assert daemon.stop() == 0
@@ -143,10 +145,19 @@ def test_pcr_change_then_restart_restores_nothing(
     daemon, sock = daemon_for(granted)
     ready = sock.ready(15)
     assert ready is not None, daemon.log()
-    assert ready.fields["STATUS"].startswith("no keys"), ready.fields
+    assert ready.fields["STATUS"].startswith("1 key, lease until"), ready.fields
+    assert "keys kept until the lease ends" in ready.fields["STATUS"]
     assert "nothing restored from the sealed cache" in daemon.log()
     assert "PCR 7 (sha256) changed since the release was sealed" in daemon.log()
-    assert key_files(granted) == [], "keys the cache no longer backs must go"
+    assert len(key_files(granted)) == 2, "no verdict yet: the keys stay until the lease ends"
+    assert (granted.root / "state" / "release.bin").exists(), "the cache stays too"
+    broker.restart()  # same port: the agent's next retry reaches it and is denied (PCR 7)
+    deadline = time.monotonic() + 20
+    while key_files(granted) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert key_files(granted) == [], daemon.log()
+    assert daemon.wait_log("PCR 7", 5), daemon.log()
+    assert not (granted.root / "state" / "release.bin").exists()
 
 
 def test_lease_expiry_with_the_broker_stopped_removes_the_keys(

@@ -195,10 +195,11 @@ def test_a_revision_0002_database_gains_admin_revocations(tmp_path: Path) -> Non
         store.add_key("k", "EC-P256", b"ciphertext", T0)
     with sqlite3.connect(path) as raw:  # back to what revision 0002 left
         raw.execute("DROP TABLE admin_revocations")
+        raw.execute("ALTER TABLE nodes DROP COLUMN node_key")
         raw.execute("UPDATE alembic_version SET version_num = '0002'")
     raw.close()
     with Store.open(path) as store:
-        assert store.schema_version() == HEAD_REVISION == "0003"
+        assert store.schema_version() == HEAD_REVISION == "0004_node_keys"
         assert [n.name for n in store.list_nodes()] == ["n1"]
         key = store.get_key("k")
         assert key is not None
@@ -206,6 +207,27 @@ def test_a_revision_0002_database_gains_admin_revocations(tmp_path: Path) -> Non
         audit = AuditEvent("operator:t", "admin-cert-revoke", None, "ok", "alice")
         store.add_admin_revocations([AdminRevocation("ab", "alice", T0)], audit, T0)
         assert store.admin_revocation("ab") == AdminRevocation("ab", "alice", T0)
+
+
+def test_a_revision_0003_database_gains_node_keys(tmp_path: Path) -> None:
+    """Nodes enrolled before node keys keep their rows, without a key: their calls are refused
+    until their agents enroll again (which stores one)."""
+    path = tmp_path / "kbs.db"
+    with Store.open(path) as store:
+        enroll(store, "n1", EK_A)
+    with sqlite3.connect(path) as raw:  # back to what revision 0003 left
+        raw.execute("ALTER TABLE nodes DROP COLUMN node_key")
+        raw.execute("UPDATE alembic_version SET version_num = '0003'")
+    raw.close()
+    with Store.open(path) as store:
+        assert store.schema_version() == HEAD_REVISION
+        assert [n.name for n in store.list_nodes()] == ["n1"]
+        assert store.node_key("n1") is None
+        store.enroll_node(
+            name="n1", ek_hash=EK_A, ek_public=b"ek", ek_certificate=b"cert", ak_public=b"ak2",
+            state=NodeState.APPROVED, metadata={}, now=T0, node_key=b"sealed key",
+        )  # fmt: skip
+        assert store.node_key("n1") == b"sealed key"
 
 
 def test_newer_schema_and_garbage_are_refused(tmp_path: Path) -> None:
