@@ -337,3 +337,29 @@ def test_event_log_must_replay_to_the_quoted_pcrs(
             client.attest(me.identity, nonce, fresh_quote(tpm, ak, nonce), forged)
     assert releases(broker, node.name) == 1
     assert any("EventLogMismatch" in d for d in audit_details(broker, node.name))
+
+
+def test_a_tpm_state_rolled_back_is_denied_naming_the_counters(
+    broker: Broker, make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """The TPM's state file restored from a copy taken two reboots earlier: its quotes are
+    genuine and fresh, but resetCount went back. A verdict: denied, keys removed."""
+    node = make_node("rolled-back")
+    assert node.attest().returncode == 3
+    grant_node(broker, node, write_key(tmp_path / "k.pem", rsa.generate_private_key(65537, 2048)))
+    state_file = node.tpm.state_dir / "tpm2-00.permall"
+    node.tpm.stop()
+    snapshot = state_file.read_bytes()
+    node.tpm.start()
+    node.tpm.restart()
+    node.tpm.restart()
+    result = node.attest()
+    assert result.returncode == 0, result
+    node.tpm.stop()
+    state_file.write_bytes(snapshot)
+    node.tpm.start()
+    denied = node.attest()
+    assert denied.returncode == 4, denied
+    assert "reset/restart counters went back" in denied.stderr
+    assert not node.key_file("prod-key").exists()
+    assert any("CounterRollback" in d for d in audit_details(broker, node.name))

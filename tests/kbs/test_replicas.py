@@ -23,9 +23,16 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agent.blobs import NodeIdentity
 from agent.broker import BrokerClient
 from agent.enroll import Enrolled, enroll
-from agent.errors import AgentError, AttestationRefused, BrokerBusy, BrokerUnreachable
+from agent.errors import (
+    AgentError,
+    AttestationRefused,
+    BrokerBusy,
+    BrokerUnreachable,
+    NotAuthenticated,
+)
 from agent.tpm import Tpm
 from harness.broker import Broker, pg_broker
 from harness.keys import write_key
@@ -215,6 +222,30 @@ def test_a_nonce_from_one_replica_is_accepted_once_by_any(
             with pytest.raises(AttestationRefused, match=r"already used|not issued"):
                 client.attest(me.identity, nonce, quote, b"")
     assert replicas.releases(at_a.name) == 1
+
+
+def test_a_node_enrolled_again_at_one_replica_is_accepted_at_the_other(
+    replicas: Replicas, granted: tuple[Node, Node, Enrolled]
+) -> None:
+    """Replica B cached the node's key; the node enrolls again at A (a new key): B drops the old
+    key when the change feed reports the enrollment, and accepts the new one within seconds."""
+    at_a, at_b, me = granted
+    with session(at_b) as (_, client_b, _):
+        client_b.get_nonce(me.identity)  # B has the key cached now
+    with session(at_a) as (tpm, client_a, state):
+        again = enroll(at_a.config(), tpm, client_a, state)
+    assert again.identity.key != me.identity.key
+
+    def accepted(identity: NodeIdentity) -> bool:
+        try:
+            client_b.get_nonce(identity)
+        except NotAuthenticated:
+            return False
+        return True
+
+    with session(at_b) as (_, client_b, _):
+        wait_for(lambda: accepted(again.identity), 3, "the new key accepted at replica B")
+        assert not accepted(me.identity)
 
 
 def test_concurrent_attestations_across_both_replicas(

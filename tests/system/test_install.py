@@ -14,8 +14,10 @@ from harness.wheelhouse import WheelhouseMissing, project_wheel, wheelhouse
 
 
 def _run(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run from "/": from the checkout, `python -c "import systemd"` would import the
+    repository's systemd/ directory (unit files) as a namespace package."""
     return subprocess.run(
-        [str(a) for a in argv], capture_output=True, text=True, timeout=300, check=False
+        [str(a) for a in argv], capture_output=True, text=True, timeout=300, check=False, cwd="/"
     )
 
 
