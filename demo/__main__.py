@@ -6,7 +6,9 @@
    PCR values, imports an image key and grants it; the agent attests again and installs the key.
 4. skopeo encrypts a small OCI image to the key's public half and decrypts it with the key the
    agent installed; the secret inside the image is printed.
-5. A "tampered boot" (PCR 7 extended); the agent is denied, naming the PCR, and the key is removed.
+5. A stranger asks the broker for the node's nonces: refused UNAUTHENTICATED (node calls carry a
+   MAC made with a key only the node's TPM can recover); the node attests again and keeps its key.
+6. A "tampered boot" (PCR 7 extended); the agent is denied, naming the PCR, and the key is removed.
 
 Working files go to ./demo-run (replaced on every run).
 """
@@ -20,12 +22,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from harness.broker import AGENT, KBS, Broker, write_agent_config
 from harness.keys import write_key
+from harness.netops import node_call, secure_channel
 from harness.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
 from harness.swtpm import Swtpm, SwtpmCa, provision
+from keylease.api.v1 import keylease_pb2 as pb
+from keylease.api.v1.nodeauth import GET_NONCE
 
 NODE = "worker-1"
 BOLD, DIM, RED, GREEN, RESET = ("\033[1m", "\033[2m", "\033[31m", "\033[32m", "\033[0m")
@@ -168,7 +174,13 @@ def run_demo(work: Path, key_dirs: list[Path]) -> int:
             text = read_file_from_image(work / "image-dec", "v1", "secret.txt").decode().strip()
             print(f"  {GREEN}decrypted secret.txt: {text}{RESET}")
 
-            step("7. Tampered boot: PCR 7 changes; the broker denies and the agent removes the key")
+            step("7. A stranger asks the broker for worker-1's nonces: refused, the key stays")
+            print(f"  {stranger_nonces(broker, 33)}")
+            sh(agent)
+            if not installed.exists():
+                raise SystemExit(f"{RED}demo: the stranger cost the node its key{RESET}")
+
+            step("8. Tampered boot: PCR 7 changes; the broker denies and the agent removes the key")
             sh(["tpm2_pcrextend", "7:sha256=" + "ab" * 32], env={"TPM2TOOLS_TCTI": tpm.tcti})
             sh(agent, expect=4)
             left = sorted(p.name for p in installed.parent.iterdir())
@@ -178,6 +190,21 @@ def run_demo(work: Path, key_dirs: list[Path]) -> int:
             sh([*kbs, "audit", "--node", NODE])
     print(f"\n{GREEN}{BOLD}demo complete{RESET} (files in {work})")
     return 0
+
+
+def stranger_nonces(broker: Broker, count: int) -> str:
+    """``count`` GetNonce calls naming the node, without its key (what anyone on the network can
+    send); they once evicted the nonce its agent was about to use."""
+    answers = set()
+    with secure_channel(broker.address, broker.ca) as channel:
+        for _ in range(count):
+            request = pb.GetNonceRequest(node_name=NODE)
+            try:
+                node_call(channel, GET_NONCE, request, pb.GetNonceResponse)
+                answers.add("OK: a nonce")
+            except grpc.RpcError as exc:
+                answers.add(f"{exc.code().name}: {exc.details()}")
+    return f"{count} x GetNonce(node_name={NODE!r}) from a stranger -> " + " | ".join(answers)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agent.blobs import NodeIdentity
 from agent.broker import BrokerClient, WatchKind
@@ -24,6 +25,7 @@ from agent.errors import BrokerBusy
 from agent.state import StateDir
 from agent.tpm import Tpm
 from harness.broker import Broker
+from harness.der import duplicate_extension, malformed_issuer, x400_san
 from harness.keys import write_key
 from harness.netops import SourceProxy, node_call, secure_channel
 from harness.nodes import Node
@@ -35,6 +37,7 @@ from keylease.secret import Secret
 
 NodeFactory = Callable[..., Node]
 REFUSED = (grpc.StatusCode.UNAUTHENTICATED, "node call not authenticated")
+START_ENROLLMENT = "/keylease.v1.NodeService/StartEnrollment"
 
 
 @pytest.fixture
@@ -205,8 +208,8 @@ def test_a_startenrollment_flood_with_a_nodes_public_ek_data_does_not_evict_its_
             ak_public=ak.public,
         )  # fmt: skip
         codes = [
-            answer(lambda: node_call(stranger, "/keylease.v1.NodeService/StartEnrollment",
-                                     replay, pb.StartEnrollmentResponse))[0]
+            answer(lambda: node_call(stranger, START_ENROLLMENT, replay,
+                                     pb.StartEnrollmentResponse))[0]
             for _ in range(20)
         ]  # fmt: skip
         secret = tpm.activate_credential(ak, challenge.credential_blob, challenge.encrypted_secret)
@@ -234,3 +237,32 @@ def test_a_broker_that_no_longer_knows_the_node_key_gets_a_new_enrollment_and_ke
     assert result.returncode == 0, result
     assert "does not accept this node's credentials" in result.stderr
     assert [(p, p.stat().st_ino) for p in key_files(granted)] == before
+
+
+# --- issue 10, finding 6: crafted EK certificates got INTERNAL with a traceback -----------------
+
+
+@pytest.mark.parametrize("craft", [duplicate_extension, x400_san, malformed_issuer])
+def test_crafted_ek_certificates_get_a_specific_refusal_and_no_traceback(
+    broker: Broker,
+    make_node: NodeFactory,
+    stranger: grpc.Channel,
+    craft: Callable[[x509.Certificate, Any], bytes],
+) -> None:
+    node = make_node("crafted")
+    cfg = node.config()
+    with Tpm.open(cfg.tcti) as tpm:
+        ek, ak = tpm.read_ek(), tpm.create_ak()
+    signer = ec.generate_private_key(ec.SECP256R1())
+    crafted = craft(x509.load_der_x509_certificate(ek.certificate), signer)
+    request = pb.StartEnrollmentRequest(
+        node_name=node.name, ek_certificate=crafted, ek_public=ek.public, ak_public=ak.public
+    )
+    code, details = answer(
+        lambda: node_call(stranger, START_ENROLLMENT, request, pb.StartEnrollmentResponse)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert details.startswith("the EK certificate is malformed"), details
+    assert stranger_nonce(stranger, "anyone") == REFUSED  # still serving
+    assert "Traceback" not in broker.log()
+    assert "result=error reason=the EK certificate is malformed" in broker.log()
