@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from kbs.config import KbsConfig
 from kbs.errors import ConfigError, OperatorError
-from kbs.tls import write_new_file
+from kbs.tls import read_config_file, write_new_file
 from keylease.api.v1.signing import SIGNATURE_ALGORITHM, SIGNING_OU, signing_certificate
 
 __all__ = ["SIGNING_VALIDITY", "ReleaseSigner", "create_signing_files", "load_signer"]
@@ -51,17 +50,13 @@ class ReleaseSigner:
 
 
 def _read(path: Path, key: str) -> tuple[bytes, int]:
-    try:
-        with path.open("rb") as f:
-            return f.read(1 << 16), stat.S_IMODE(os.fstat(f.fileno()).st_mode)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{key} {path} does not exist: releases are signed since this version; create the "
-            f"release-signing key and certificate with `{_CREATE}` (on the host holding the "
-            "broker's CA key), or point `signing_key`/`signing_cert` in kbs.toml at them"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {key} {path}: {exc.strerror}") from None
+    return read_config_file(
+        path,
+        key,
+        "releases are signed since this version: create the release-signing key and certificate "
+        f"with `{_CREATE}` (on the host holding the broker's CA key), or point `signing_key`/"
+        "`signing_cert` in kbs.toml at them",
+    )
 
 
 def _ca(cfg: KbsConfig) -> x509.Certificate:
