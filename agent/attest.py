@@ -1,7 +1,12 @@
 """One attestation round (DESIGN.md steps 2-4): quote, receive a release, open it, install.
 
-Enrolls first when needed (``agent.enroll``). On a denial the keys this agent installed are
-removed at once, and the cached release dropped; on success the release becomes the new cache.
+Enrolls first when needed (``agent.enroll``), and again when the broker does not accept the
+node's credentials (UNAUTHENTICATED: it does not know this node's key). Only a verified denial
+(``AttestationDenied``: the broker authenticated this node and refused it) removes the keys this
+agent installed, and the cached release. A refusal without a verdict (a nonce unknown or
+expired, a quote the broker could not verify) is retried once at once with a new nonce, then
+reported (``AttestationRefused``); the keys stay. On success the release, checked against the
+broker's signature, is installed and becomes the new cache.
 """
 
 from __future__ import annotations
@@ -10,14 +15,22 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.broker import BrokerClient, Outcome
+from agent.blobs import NodeIdentity
+from agent.broker import AttestReply, BrokerClient, Outcome
 from agent.config import AgentConfig
-from agent.enroll import enroll, enrolled_ak
-from agent.errors import AttestationDenied, NodeUnknown, PendingApproval, StateError
+from agent.enroll import Enrolled, NodeCredentials, enroll, enrolled
+from agent.errors import (
+    AttestationDenied,
+    AttestationRefused,
+    NotAuthenticated,
+    PendingApproval,
+    StateError,
+)
 from agent.keystore import SealedCache, install_keys, remove_all_keys
 from agent.release import Bundle, open_release
+from agent.signature import ReleaseTrust
 from agent.state import StateDir
-from agent.tpm import Tpm
+from agent.tpm import Quote, Tpm
 from keylease.api.v1 import qualifying_data
 from keylease.api.v1.limits import MAX_EVENT_LOG
 
@@ -32,43 +45,68 @@ class AttestReport:
     bundle: Bundle
     installed: tuple[str, ...]
     removed: tuple[str, ...]
+    identity: NodeIdentity
 
 
-def attest_once(cfg: AgentConfig, tpm: Tpm, client: BrokerClient, state: StateDir) -> AttestReport:
-    """Attest and install the released keys; raise a specific AgentError otherwise."""
-    cache = SealedCache(state)
-    ak = enrolled_ak(cfg, tpm, client, state)
+def attest_once(
+    cfg: AgentConfig,
+    tpm: Tpm,
+    client: BrokerClient,
+    state: StateDir,
+    credentials: NodeCredentials | None = None,
+) -> AttestReport:
+    """Attest and install the released keys; raise a specific AgentError otherwise.
+    ``credentials``: the node identity recovered so far, updated when it changes."""
+    credentials = credentials or NodeCredentials()
+    trust = ReleaseTrust.load(cfg.kbs_ca)
+    node = enrolled(cfg, tpm, client, state, credentials.get())
+    credentials.set(node.identity)
     try:
-        nonce = client.get_nonce(cfg.node_name)
-    except NodeUnknown:
-        log.info("broker does not know node=%s; enrolling again", cfg.node_name)
+        reply, quote = _attest(cfg, tpm, client, state, node)
+    except NotAuthenticated as exc:
+        log.info("attest node=%s: %s", cfg.node_name, exc)
+        credentials.set(None)
         state.forget_enrollment()
-        ak = enroll(cfg, tpm, client, state)
-        nonce = client.get_nonce(cfg.node_name)
-    quote = tpm.quote(ak, qualifying_data(nonce))
-    event_log = _read_event_log(cfg.event_log)
-    try:
-        reply = client.attest(cfg.node_name, nonce, quote, event_log)
-    except AttestationDenied as exc:
-        dropped = remove_all_keys(cfg, cache)
-        log.info("attest node=%s result=denied reason=%s", cfg.node_name, exc)
-        raise AttestationDenied(_denial_text(str(exc), dropped)) from None
+        node = enroll(cfg, tpm, client, state)
+        credentials.set(node.identity)
+        reply, quote = _attest(cfg, tpm, client, state, node)
     if reply.outcome is Outcome.PENDING_APPROVAL or reply.release is None:
         log.info("attest node=%s result=pending", cfg.node_name)
         raise PendingApproval(
             f"node {cfg.node_name} is enrolled and attested, pending operator approval: "
             f"keylease-kbs node approve {cfg.node_name} --label k=v"
         )
-    bundle = open_release(tpm, reply.release, cfg.node_name)
+    bundle = open_release(tpm, reply.release, cfg.node_name, trust)
     installed, removed = install_keys(cfg, bundle.keys)
-    cache.save(reply.release, quote.banks.get(reply.release.sealed.pcr_bank, {}))
+    SealedCache(state).save(reply.release, quote.banks.get(reply.release.sealed.pcr_bank, {}))
     log.info(
         "attest node=%s result=ok keys=%s until=%s",
         cfg.node_name,
         bundle.describe(),
         bundle.not_after.isoformat(),
     )
-    return AttestReport(cfg.node_name, bundle, installed, removed)
+    return AttestReport(cfg.node_name, bundle, installed, removed, node.identity)
+
+
+def _attest(
+    cfg: AgentConfig, tpm: Tpm, client: BrokerClient, state: StateDir, node: Enrolled
+) -> tuple[AttestReply, Quote]:
+    """GetNonce, quote, Attest; once more with a new nonce after a refusal without a verdict."""
+    event_log = _read_event_log(cfg.event_log)
+    for attempt in (1, 2):
+        nonce = client.get_nonce(node.identity)
+        quote = tpm.quote(node.ak, qualifying_data(nonce))
+        try:
+            return client.attest(node.identity, nonce, quote, event_log), quote
+        except AttestationRefused as exc:
+            if attempt == 2:
+                raise
+            log.info("attest node=%s refused (%s); once more with a new nonce", cfg.node_name, exc)
+        except AttestationDenied as exc:
+            dropped = remove_all_keys(cfg, SealedCache(state))
+            log.info("attest node=%s result=denied reason=%s", cfg.node_name, exc)
+            raise AttestationDenied(_denial_text(str(exc), dropped)) from None
+    raise AssertionError("unreachable: the second attempt returns or raises")
 
 
 def _read_event_log(path: Path | None) -> bytes:

@@ -11,14 +11,34 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from keylease.api.v1 import SealedImport
+from keylease.secret import Secret
 
-__all__ = ["AkBlobs", "EkInfo", "Quote", "ReleaseBlob"]
+__all__ = ["AkBlobs", "Credential", "EkInfo", "NodeIdentity", "Quote", "ReleaseBlob"]
 
 
 @dataclass(frozen=True)
 class AkBlobs:
     public: bytes  # marshalled TPM2B_PUBLIC
     private: bytes  # marshalled TPM2B_PRIVATE (wrapped by the TPM; useless elsewhere)
+
+
+@dataclass(frozen=True)
+class Credential:
+    """The broker's enrollment challenge (MakeCredential to the EK, for the AK), kept in the state
+    directory: only this TPM can open it again (ActivateCredential), recovering the secret the
+    node key is derived from. Public bytes: a copy is useless without the TPM."""
+
+    credential_blob: bytes  # marshalled TPM2B_ID_OBJECT
+    encrypted_secret: bytes  # marshalled TPM2B_ENCRYPTED_SECRET
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """What every call after enrollment is authenticated with: the node's name and its key
+    (``keylease.api.v1.nodeauth``), held in memory only."""
+
+    node_name: str
+    key: Secret
 
 
 @dataclass(frozen=True)
@@ -38,9 +58,12 @@ class Quote:
 class ReleaseBlob:
     """A release as the broker sent it: a data key sealed to this TPM's EK and PCRs, and the
     AES-GCM bundle that key opens (``agent.release.open_release``). Useless without this TPM in
-    the attested state, so it is also the at-rest cache (``agent.keystore.cache``)."""
+    the attested state, so it is also the at-rest cache (``agent.keystore.cache``). The broker
+    signs it (``agent.signature`` checks that before anything is installed or cached)."""
 
     node_name: str
     sealed: SealedImport
     bundle_nonce: bytes
     bundle_ciphertext: bytes
+    signing_certificate: bytes  # the broker's release-signing certificate, DER
+    signature: bytes  # over keylease.api.v1.signing.release_payload()

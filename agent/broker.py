@@ -4,6 +4,15 @@ gRPC errors become agent errors here and nowhere else. Protobuf is parsed here, 
 values in and out are typed (``agent.blobs`` and the replies below), and the rest of the agent
 never sees a protobuf message. This module knows the wire, not the TPM or the keystore.
 
+Every call after enrollment (GetNonce, Attest, Watch) is authenticated with the node's key
+(``NodeIdentity``, ``keylease.api.v1.nodeauth``): the request is serialized here once and the
+MAC made over exactly those bytes, which are sent as they are. The answers the agent acts on:
+PERMISSION_DENIED with ``keylease-verdict: denied`` is ``AttestationDenied`` (the only one that
+removes keys); PERMISSION_DENIED without it ``AttestationRefused``; UNAUTHENTICATED
+``NotAuthenticated`` (enroll again); RESOURCE_EXHAUSTED ``BrokerBusy``; UNAVAILABLE and
+DEADLINE_EXCEEDED ``BrokerUnreachable``; anything else ``BrokerError``. Texts from the broker
+are escaped (``keylease.text.printable``) before anything logs or prints them.
+
 The one call without a deadline is ``watch``: a stream of hints (REVOKED: remove the keys now;
 CHANGED: attest again; HEARTBEAT: alive) that lasts until the broker ends it or the caller
 cancels it. The channel sends HTTP/2 keepalive pings every 10 s, so a dead broker or a broken
@@ -20,28 +29,34 @@ from enum import Enum
 from typing import Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
-from agent.blobs import Quote, ReleaseBlob
+from agent.blobs import NodeIdentity, Quote, ReleaseBlob
 from agent.config import AgentConfig
 from agent.errors import (
     AgentError,
     AttestationDenied,
+    AttestationRefused,
     BrokerBusy,
     BrokerError,
     BrokerUnreachable,
     ConfigError,
     EnrollmentRefused,
     NodeUnknown,
+    NotAuthenticated,
 )
-from keylease.api.v1 import SealedImport
+from keylease.api.v1 import VERDICT_DENIED, VERDICT_KEY, SealedImport
 from keylease.api.v1 import keylease_pb2 as pb
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
 from keylease.api.v1.limits import MAX_RELEASE_MESSAGE, MAX_WATCH_REASON
+from keylease.api.v1.nodeauth import ATTEST, GET_NONCE, WATCH, auth_metadata
+from keylease.text import printable
 
 __all__ = [
     "AttestReply",
     "BrokerClient",
     "Challenge",
+    "NodeIdentity",
     "Outcome",
     "WatchEvent",
     "WatchKind",
@@ -111,7 +126,7 @@ _KINDS = {
 
 def _watch_event(msg: pb.WatchEvent) -> WatchEvent:
     """An unknown (newer) kind counts as CHANGED: attesting again is always safe."""
-    reason = "".join(c if c.isprintable() else "?" for c in msg.reason[:MAX_WATCH_REASON])
+    reason = printable(msg.reason, MAX_WATCH_REASON)
     kind = _KINDS.get(msg.kind)
     if kind is None:
         return WatchEvent(WatchKind.CHANGED, f"unknown event kind {msg.kind}: {reason}")
@@ -168,6 +183,8 @@ def _release(msg: pb.Release) -> ReleaseBlob:
         ),
         bundle_nonce=msg.bundle_nonce,
         bundle_ciphertext=msg.bundle_ciphertext,
+        signing_certificate=msg.signing_certificate,
+        signature=msg.signature,
     )
 
 
@@ -178,17 +195,23 @@ def _status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     details = details_fn() if callable(details_fn) else None
     return (
         code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN,
-        details if isinstance(details, str) else str(exc),
+        printable(details if isinstance(details, str) else str(exc), 1000),
     )
+
+
+def _trailing(exc: grpc.RpcError, key: str) -> str | None:
+    """A trailing metadata value of a failed call."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    for k, value in (trailing() if callable(trailing) else None) or ():
+        if k == key and isinstance(value, str):
+            return value
+    return None
 
 
 def _retry_after(exc: grpc.RpcError) -> float | None:
     """The broker's ``retry-after-ms`` hint (trailing metadata), in seconds."""
-    trailing = getattr(exc, "trailing_metadata", None)
-    for key, value in (trailing() if callable(trailing) else None) or ():
-        if key == "retry-after-ms" and isinstance(value, str) and value.isdigit():
-            return int(value) / 1000
-    return None
+    value = _trailing(exc, "retry-after-ms")
+    return int(value) / 1000 if value is not None and value.isdigit() else None
 
 
 class BrokerClient:
@@ -205,6 +228,16 @@ class BrokerClient:
             options=[("grpc.max_receive_message_length", MAX_RELEASE_MESSAGE), *_KEEPALIVE],
         )
         self._stub = pb_grpc.NodeServiceStub(self._channel)
+        # The authenticated calls send the bytes their MAC covers, serialized once, by us.
+        self._get_nonce = self._channel.unary_unary(
+            GET_NONCE, request_serializer=None, response_deserializer=pb.GetNonceResponse.FromString
+        )
+        self._attest = self._channel.unary_unary(
+            ATTEST, request_serializer=None, response_deserializer=pb.AttestResponse.FromString
+        )
+        self._watch = self._channel.unary_stream(
+            WATCH, request_serializer=None, response_deserializer=pb.WatchEvent.FromString
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -215,14 +248,21 @@ class BrokerClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, rpc: str, fn: Callable[[], T], denied: type[AgentError]) -> T:
+    def _call(
+        self, rpc: str, fn: Callable[[], T], refused: type[AgentError],
+        denied: type[AgentError] = AttestationDenied,
+    ) -> T:  # fmt: skip
         try:
             return fn()
         except grpc.RpcError as exc:
-            raise self._error(rpc, exc, denied) from None
+            raise self._error(rpc, exc, refused, denied) from None
 
-    def _error(self, rpc: str, exc: grpc.RpcError, denied: type[AgentError]) -> AgentError:
-        """The agent error for a failed call (the one translation of gRPC status codes)."""
+    def _error(
+        self, rpc: str, exc: grpc.RpcError, refused: type[AgentError],
+        denied: type[AgentError] = AttestationDenied,
+    ) -> AgentError:  # fmt: skip
+        """The agent error for a failed call (the one translation of gRPC status codes):
+        ``denied`` for a verdict on this node, ``refused`` for any other refusal."""
         code, text = _status(exc)
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return BrokerBusy(f"broker {self._target} busy, retry later: {text}", _retry_after(exc))
@@ -230,22 +270,34 @@ class BrokerClient:
             return BrokerUnreachable(
                 f"broker {self._target} unreachable ({code.name.lower()}: {text})"
             )
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return NotAuthenticated(
+                f"broker {self._target} does not accept this node's credentials ({text}); the "
+                "node enrolls again"
+            )
         if code == grpc.StatusCode.NOT_FOUND:
             return NodeUnknown(text or "node not enrolled")
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ALREADY_EXISTS):
-            return denied(text)
+            return denied(text) if _trailing(exc, VERDICT_KEY) == VERDICT_DENIED else refused(text)
         return BrokerError(f"broker refused {rpc} ({code.name}): {text}")
 
     def _watch_error(self, exc: grpc.RpcError) -> AgentError:
         code, text = _status(exc)
         if code == grpc.StatusCode.CANCELLED:  # not by us: the broker or the connection went
             return BrokerUnreachable(f"watch stream from broker {self._target} cut off: {text}")
-        return self._error("watch", exc, AttestationDenied)
+        return self._error("watch", exc, AttestationRefused)
 
-    def watch(self, node_name: str) -> WatchStream:
-        """Open the broker's hint stream for ``node_name`` (no deadline; see WatchStream).
-        Errors (unknown node, unreachable broker) surface when iterating."""
-        call: _StreamingCall = self._stub.Watch(pb.WatchRequest(node_name=node_name))
+    def _signed(
+        self, identity: NodeIdentity, method: str, request: Message
+    ) -> tuple[bytes, tuple[tuple[str, str]]]:
+        raw = request.SerializeToString()
+        return raw, auth_metadata(identity.key, method, identity.node_name, raw)
+
+    def watch(self, identity: NodeIdentity) -> WatchStream:
+        """Open the broker's hint stream for this node (no deadline; see WatchStream). Errors
+        (credentials refused, unreachable broker) surface when iterating."""
+        raw, metadata = self._signed(identity, WATCH, pb.WatchRequest(node_name=identity.node_name))
+        call: _StreamingCall = self._watch(raw, metadata=metadata)
         return WatchStream(call, self._watch_error)
 
     def start_enrollment(
@@ -267,6 +319,7 @@ class BrokerClient:
             "enrollment",
             lambda: self._stub.StartEnrollment(req, timeout=self._timeout),
             EnrollmentRefused,
+            EnrollmentRefused,
         )
         return Challenge(resp.enrollment_id, resp.credential_blob, resp.encrypted_secret)
 
@@ -276,25 +329,30 @@ class BrokerClient:
             "enrollment",
             lambda: self._stub.FinishEnrollment(req, timeout=self._timeout),
             EnrollmentRefused,
+            EnrollmentRefused,
         )
         return _STATES.get(resp.state, "unknown")
 
-    def get_nonce(self, node_name: str) -> bytes:
-        req = pb.GetNonceRequest(node_name=node_name)
-        resp = self._call(
-            "nonce", lambda: self._stub.GetNonce(req, timeout=self._timeout), AttestationDenied
+    def get_nonce(self, identity: NodeIdentity) -> bytes:
+        raw, metadata = self._signed(
+            identity, GET_NONCE, pb.GetNonceRequest(node_name=identity.node_name)
+        )
+        resp: pb.GetNonceResponse = self._call(
+            "nonce",
+            lambda: self._get_nonce(raw, metadata=metadata, timeout=self._timeout),
+            AttestationRefused,
         )
         return bytes(resp.nonce)
 
     def attest(
         self,
-        node_name: str,
+        identity: NodeIdentity,
         nonce: bytes,
         quote: Quote,
         event_log: bytes,
     ) -> AttestReply:
         req = pb.AttestRequest(
-            node_name=node_name,
+            node_name=identity.node_name,
             nonce=nonce,
             quote=quote.attest,
             signature=quote.signature,
@@ -307,8 +365,11 @@ class BrokerClient:
             ],
             event_log=event_log,
         )
-        resp = self._call(
-            "attestation", lambda: self._stub.Attest(req, timeout=self._timeout), AttestationDenied
+        raw, metadata = self._signed(identity, ATTEST, req)
+        resp: pb.AttestResponse = self._call(
+            "attestation",
+            lambda: self._attest(raw, metadata=metadata, timeout=self._timeout),
+            AttestationRefused,
         )
         if resp.outcome == pb.ATTEST_OUTCOME_PENDING_APPROVAL:
             return AttestReply(Outcome.PENDING_APPROVAL, None)

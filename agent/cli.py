@@ -19,6 +19,7 @@ from agent.config import DEFAULT_CONFIG, load_config
 from agent.errors import AgentError
 from agent.logsetup import journal_wanted, setup_logging
 from keylease.extras import missing_extra
+from keylease.hardening import harden_process
 
 __all__ = ["EXTRA_MODULES", "main"]
 
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(config: Path) -> int:
     cfg = load_config(config)
+    harden_process("keylease-agent")  # it holds image keys and the node key in memory
     from agent.daemon import Daemon
     from agent.notify import Notifier
 
@@ -94,6 +96,7 @@ def _status(config: Path, as_json: bool) -> int:
 
 def _attest(config: Path, as_json: bool) -> int:
     cfg = load_config(config)
+    harden_process("keylease-agent")
     # Imported here so that TSS2_LOG (set in main) is in place before libtss2 loads.
     from agent.attest import attest_once
     from agent.broker import BrokerClient

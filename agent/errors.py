@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "AgentError",
     "AttestationDenied",
+    "AttestationRefused",
     "BrokerBusy",
     "BrokerError",
     "BrokerUnreachable",
@@ -13,6 +14,7 @@ __all__ = [
     "InvalidKey",
     "KeystoreError",
     "NodeUnknown",
+    "NotAuthenticated",
     "PendingApproval",
     "ReleaseInvalid",
     "StateError",
@@ -42,7 +44,9 @@ class PendingApproval(AgentError):
 
 
 class AttestationDenied(AgentError):
-    """The broker refused the attestation (policy, revocation, no grant, bad quote)."""
+    """A verified denial: the broker authenticated this node and refused it (policy, revocation,
+    no grant, an event log that does not replay, TPM counters rolled back). The only broker
+    answer that removes the keys."""
 
     exit_code = 4
 
@@ -75,6 +79,17 @@ class BrokerError(AgentError):
 
 class NodeUnknown(BrokerError):
     """The broker does not know this node (never enrolled there, or its record was removed)."""
+
+
+class NotAuthenticated(BrokerError):
+    """The broker did not accept this node's call authentication (UNAUTHENTICATED): it does not
+    know this node's key (never enrolled there, its database was replaced, or enrolled again
+    since). The agent enrolls again; its keys stay."""
+
+
+class AttestationRefused(BrokerError):
+    """The broker refused this attempt without a verdict on the node (a nonce unknown or expired,
+    a quote it could not verify): the keys stay, and the agent tries again."""
 
 
 class TpmUnavailable(AgentError):

@@ -1,7 +1,11 @@
-"""Opening a release: TPM import + PolicyPCR unseal of the data key, AES-GCM, key checks.
+"""Opening a release: the broker's signature, TPM import + PolicyPCR unseal of the data key,
+AES-GCM, lease times, key checks.
 
 The same steps open a release fresh from the broker and one restored from the sealed cache. The
-plaintext bundle exists only in memory.
+plaintext bundle exists only in memory. Lease times are refused at parse unless they make sense:
+issued_at and not_after within the years 2000-9999, not_after after issued_at and at most
+``MAX_LEASE_SECONDS`` (the longest lease a broker gives) later, and the signing certificate valid
+at issued_at.
 """
 
 from __future__ import annotations
@@ -17,12 +21,18 @@ from agent.blobs import ReleaseBlob
 from agent.errors import ReleaseInvalid
 from agent.keystore import InstallableKey, validate_private_key_pem
 from agent.keystore.keyfile import validate_version
+from agent.signature import ReleaseTrust, verify_release
 from agent.tpm import Tpm
 from keylease.api.v1 import bundle_aad
 from keylease.api.v1 import keylease_pb2 as pb
+from keylease.api.v1.limits import MAX_LEASE_SECONDS
 from keylease.secret import Secret
+from keylease.text import printable
 
 __all__ = ["Bundle", "open_release"]
+
+EARLIEST = int(datetime(2000, 1, 1, tzinfo=UTC).timestamp())
+LATEST = int(datetime(9999, 12, 31, tzinfo=UTC).timestamp())
 
 
 @dataclass(frozen=True)
@@ -36,15 +46,19 @@ class Bundle:
         return ",".join(f"{k.name}@v{k.version}" for k in self.keys) or "none"
 
 
-def open_release(tpm: Tpm, blob: ReleaseBlob, node_name: str) -> Bundle:
-    """Unseal and decrypt; every key is checked the way ocicrypt will parse it.
+def open_release(tpm: Tpm, blob: ReleaseBlob, node_name: str, trust: ReleaseTrust) -> Bundle:
+    """Check the broker's signature, unseal and decrypt; every key is checked the way ocicrypt
+    will parse it.
 
-    Raises ReleaseInvalid (wrong TPM, changed PCRs, tampered or foreign bundle) or InvalidKey.
+    Raises ReleaseInvalid (not signed by the broker, wrong TPM, changed PCRs, tampered or foreign
+    bundle, nonsense lease times) or InvalidKey.
     """
     if blob.node_name != node_name:
         raise ReleaseInvalid(
-            f"the release is for node {blob.node_name!r}, not {node_name!r}; refusing it"
+            f"the release is for node {printable(blob.node_name, 64)!r}, not {node_name!r}; "
+            "refusing it"
         )
+    signer = verify_release(trust, blob)
     if not blob.sealed.pcr_indices:
         raise ReleaseInvalid("the release is not bound to any PCR; refusing it")
     data_key = tpm.unseal_import(blob.sealed)
@@ -66,7 +80,16 @@ def open_release(tpm: Tpm, blob: ReleaseBlob, node_name: str) -> Bundle:
     except DecodeError:
         raise ReleaseInvalid("the key bundle is malformed") from None
     if msg.node_name != node_name:
-        raise ReleaseInvalid(f"the key bundle names node {msg.node_name!r}, not {node_name!r}")
+        raise ReleaseInvalid(
+            f"the key bundle names node {printable(msg.node_name, 64)!r}, not {node_name!r}"
+        )
+    issued_at, not_after = _lease(msg.issued_at_unix, msg.not_after_unix)
+    if not signer.valid_at(issued_at):
+        raise ReleaseInvalid(
+            f"the release-signing certificate was not valid when the release was issued "
+            f"({issued_at:%Y-%m-%d %H:%M} UTC; valid {signer.not_before:%Y-%m-%d} to "
+            f"{signer.not_after:%Y-%m-%d}); refusing it"
+        )
     keys = tuple(
         InstallableKey(name=k.name, version=k.version, pem=Secret(k.private_key_pem))
         for k in msg.keys
@@ -74,9 +97,19 @@ def open_release(tpm: Tpm, blob: ReleaseBlob, node_name: str) -> Bundle:
     for key in keys:
         validate_private_key_pem(key.name, key.pem)
         validate_version(key.name, key.version)
-    return Bundle(
-        node_name=msg.node_name,
-        issued_at=datetime.fromtimestamp(msg.issued_at_unix, UTC),
-        not_after=datetime.fromtimestamp(msg.not_after_unix, UTC),
-        keys=keys,
-    )
+    return Bundle(node_name=msg.node_name, issued_at=issued_at, not_after=not_after, keys=keys)
+
+
+def _lease(issued_at: int, not_after: int) -> tuple[datetime, datetime]:
+    """The lease's times, or ReleaseInvalid when they make no sense."""
+    if not (EARLIEST <= issued_at <= LATEST and EARLIEST <= not_after <= LATEST):
+        raise ReleaseInvalid(
+            f"the release's lease times are out of range (issued_at {issued_at}, not_after "
+            f"{not_after}); refusing it"
+        )
+    if not issued_at < not_after <= issued_at + MAX_LEASE_SECONDS:
+        raise ReleaseInvalid(
+            f"the release's lease is not a lease: not_after {not_after} must be after issued_at "
+            f"{issued_at} by at most {MAX_LEASE_SECONDS} s; refusing it"
+        )
+    return datetime.fromtimestamp(issued_at, UTC), datetime.fromtimestamp(not_after, UTC)

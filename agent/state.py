@@ -1,22 +1,27 @@
-"""The agent's state directory: its files, written atomically, and the AK and enrollment record.
+"""The agent's state directory: its files, written atomically, and the AK, the enrollment record
+and the enrollment challenge.
 
-Nothing here is secret in the clear: the AK private blob is wrapped by the TPM, and the release
-cache (``agent.keystore.cache``) opens only in this TPM in the attested PCR state. Files are
-still 0600 in a 0700 directory, written atomically (temp file in the same directory, fsync,
-rename, fsync the directory). Each file's module owns its encoding: the AK blobs and the
-enrollment record here, ``status.json`` in ``agent.status``, the sealed cache in
-``agent.keystore.cache``.
+Nothing here is secret in the clear: the AK private blob is wrapped by the TPM, the challenge
+(``credential.bin``) opens only in this TPM, and the release cache (``agent.keystore.cache``)
+opens only in this TPM in the attested PCR state (and is signed by the broker). Files are still
+0600 in a 0700 directory, written atomically: a temp file in the same directory created
+exclusively and without following links (``O_CREAT | O_EXCL | O_NOFOLLOW``: a file, hardlink or
+symlink planted at its name is removed, never written through), fsync, rename, fsync the
+directory. Files are read without following a symlink. Each file's module owns its encoding:
+the AK blobs, the enrollment record and the challenge here, ``status.json`` in ``agent.status``,
+the sealed cache in ``agent.keystore.cache``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.blobs import AkBlobs
+from agent.blobs import AkBlobs, Credential
 from agent.errors import StateError
 from keylease.api.v1.limits import MAX_RELEASE_MESSAGE
 
@@ -25,6 +30,9 @@ __all__ = ["Enrollment", "StateDir"]
 AK_PUBLIC = "ak.pub"
 AK_PRIVATE = "ak.priv"
 ENROLLMENT = "enrollment.json"
+CREDENTIAL = "credential.bin"
+log = logging.getLogger(__name__)
+
 MAX_FILE = MAX_RELEASE_MESSAGE  # the largest file here is a release, as the broker sent it
 
 
@@ -60,7 +68,8 @@ class StateDir:
     def read(self, name: str) -> bytes | None:
         """The file's content, or None if it does not exist. Raises StateError."""
         try:
-            with open(self.path / name, "rb") as f:
+            fd = os.open(self.path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
                 data = f.read(MAX_FILE + 1)
         except FileNotFoundError:
             return None
@@ -75,7 +84,7 @@ class StateDir:
         final = self.path / name
         tmp = self.path / f".{name}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            fd = self._create(tmp)
             try:
                 os.write(fd, data)
                 os.fsync(fd)
@@ -90,6 +99,17 @@ class StateDir:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StateError(f"cannot write {final}: {exc.strerror}") from None
+
+    def _create(self, tmp: Path) -> int:
+        """A new, empty temp file; whatever sits at its name (a leftover, or a planted file,
+        hardlink or symlink) is unlinked first, never opened."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(tmp, flags, 0o600)
+        except FileExistsError:
+            log.warning("%s already existed (left over or planted); removed it unread", tmp)
+            tmp.unlink()
+            return os.open(tmp, flags, 0o600)
 
     def remove(self, name: str) -> None:
         """Remove the file if it exists. Raises StateError."""
@@ -109,7 +129,7 @@ class StateDir:
     def save_ak(self, ak: AkBlobs) -> None:
         self.write(AK_PRIVATE, ak.private)
         self.write(AK_PUBLIC, ak.public)
-        self.remove(ENROLLMENT)
+        self.forget_enrollment()
 
     # --- enrollment record ------------------------------------------------------------------
 
@@ -135,3 +155,31 @@ class StateDir:
 
     def forget_enrollment(self) -> None:
         self.remove(ENROLLMENT)
+        self.remove(CREDENTIAL)
+
+    # --- the enrollment challenge (``credential.bin``) -----------------------------------
+
+    def load_credential(self) -> Credential | None:
+        """The challenge kept at enrollment, or None (none, or not exactly two TPM2B values)."""
+        data = self.read(CREDENTIAL)
+        if data is None:
+            return None
+        first = _tpm2b(data)
+        second = _tpm2b(data[len(first) :]) if first else b""
+        if not first or not second or len(first) + len(second) != len(data):
+            return None
+        return Credential(credential_blob=first, encrypted_secret=second)
+
+    def save_credential(self, credential: Credential) -> None:
+        """Keep the challenge: TPM2B_ID_OBJECT || TPM2B_ENCRYPTED_SECRET, as marshalled."""
+        if not _tpm2b(credential.credential_blob) or not _tpm2b(credential.encrypted_secret):
+            raise StateError("the enrollment challenge is not two marshalled TPM2B values")
+        self.write(CREDENTIAL, credential.credential_blob + credential.encrypted_secret)
+
+
+def _tpm2b(data: bytes) -> bytes:
+    """The marshalled TPM2B at the start of ``data`` (size prefix included), or b"" if none."""
+    if len(data) < 2:
+        return b""
+    end = 2 + int.from_bytes(data[:2], "big")
+    return data[:end] if end <= len(data) else b""

@@ -2,8 +2,11 @@
 
 Events are hints that wake the agent's loop: REVOKED removes the keys at once, CHANGED makes it
 attest again; so does each (re)opened stream, since changes made while no stream was open are
-not replayed. Trust still comes only from attestation. The stream is re-opened with backoff
-after any failure (broker down, node not enrolled yet).
+not replayed. Trust still comes only from attestation; the stream itself is authenticated with
+the node's key, so only this node can open (or displace) it, and a REVOKED on it comes from the
+broker. Until the node has a key (not enrolled yet) no stream is opened; a stream refused
+UNAUTHENTICATED wakes the loop too, which enrolls again. The stream is re-opened with backoff
+after any failure (broker down, credentials refused).
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from agent.blobs import NodeIdentity
 from agent.broker import BrokerClient, WatchKind, WatchStream
 from agent.config import AgentConfig
-from agent.errors import AgentError, NodeUnknown
+from agent.errors import AgentError, NodeUnknown, NotAuthenticated
 
 __all__ = ["Watcher"]
 
@@ -30,12 +34,13 @@ class Watcher(Generic[W]):
     def __init__(
         self,
         config: Callable[[], AgentConfig],
+        identity: Callable[[], NodeIdentity | None],
         post: Callable[[W], None],
         *,
         revoked: W,
         changed: W,
     ) -> None:
-        self._config, self._post = config, post
+        self._config, self._identity, self._post = config, identity, post
         self._revoked, self._changed = revoked, changed
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -61,9 +66,13 @@ class Watcher(Generic[W]):
         delay = 1.0
         while not self._stop.is_set():
             cfg = self._config()
+            identity = self._identity()
+            if identity is None or identity.node_name != cfg.node_name:
+                self._stop.wait(1.0)  # the loop enrolls or recovers the key first
+                continue
             try:
                 with BrokerClient(cfg) as client:
-                    stream = client.watch(cfg.node_name)
+                    stream = client.watch(identity)
                     with self._lock:
                         self._stream = stream
                     if self._stop.is_set():
@@ -78,6 +87,9 @@ class Watcher(Generic[W]):
                             # it are not replayed, so attest once to catch up.
                             self._post(self._changed)
                         opened = False
+            except NotAuthenticated as exc:
+                log.info("watch: %s", exc)
+                self._post(self._changed)  # the loop's next attempt enrolls again
             except NodeUnknown:
                 log.debug("watch: the broker does not know node %s yet", cfg.node_name)
             except AgentError as exc:

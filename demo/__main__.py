@@ -14,7 +14,9 @@
    way kubelet pulls it: through containerd's CRI (``ImageService.PullImage``) on a private
    containerd 1.6 whose ctd-decoder reads the agent's containerd key directory; the secret is
    read back from the unpacked layer.
-6. Another kernel boots (the firmware measures a different image into PCR 4): the broker denies,
+6. A stranger asks the broker for the node's nonces: refused UNAUTHENTICATED (node calls carry a
+   MAC made with a key only the node's TPM can recover); the node attests again and keeps its key.
+7. Another kernel boots (the firmware measures a different image into PCR 4): the broker denies,
    naming the boot application and what the policy allows, and the agent removes the key.
 
 Working files go to ./demo-run (replaced on every run).
@@ -30,6 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import grpc
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from harness.broker import AGENT, KBS, Broker, write_agent_config
@@ -37,10 +40,13 @@ from harness.containerd import Containerd
 from harness.cri import CriError
 from harness.eventlog import extend_tpm, oracle_events, replace_digest
 from harness.keys import write_key
+from harness.netops import node_call, secure_channel
 from harness.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
 from harness.registry import Registry
 from harness.runtimes import RuntimeToolMissing, runtime_tools
 from harness.swtpm import Swtpm, SwtpmCa, provision
+from keylease.api.v1 import keylease_pb2 as pb
+from keylease.api.v1.nodeauth import GET_NONCE
 
 NODE = "worker-1"
 CRI_PLUGIN = 'plugins."io.containerd.grpc.v1.cri"'
@@ -233,8 +239,14 @@ def run_demo(work: Path, key_dirs: list[Path]) -> int:
             step("7. containerd pulls the encrypted image through its CRI, as kubelet does")
             cri_pull(work, key_dirs[1], work / "image-plain", work / "image-key.pub")
 
+            step("8. A stranger asks the broker for worker-1's nonces: refused, the key stays")
+            print(f"  {stranger_nonces(broker, 33)}")
+            sh(agent)
+            if not installed.exists():
+                raise SystemExit(f"{RED}demo: the stranger cost the node its key{RESET}")
+
             step(
-                "8. Another kernel boots: the broker denies, naming the boot application, and "
+                "9. Another kernel boots: the broker denies, naming the boot application, and "
                 "the agent removes the key"
             )
             tpm.restart()  # a reboot: the PCRs start over
@@ -251,6 +263,21 @@ def run_demo(work: Path, key_dirs: list[Path]) -> int:
             sh([*kbs, "audit", "--node", NODE])
     print(f"\n{GREEN}{BOLD}demo complete{RESET} (files in {work})")
     return 0
+
+
+def stranger_nonces(broker: Broker, count: int) -> str:
+    """``count`` GetNonce calls naming the node, without its key (what anyone on the network can
+    send); they once evicted the nonce its agent was about to use."""
+    answers = set()
+    with secure_channel(broker.address, broker.ca) as channel:
+        for _ in range(count):
+            request = pb.GetNonceRequest(node_name=NODE)
+            try:
+                node_call(channel, GET_NONCE, request, pb.GetNonceResponse)
+                answers.add("OK: a nonce")
+            except grpc.RpcError as exc:
+                answers.add(f"{exc.code().name}: {exc.details()}")
+    return f"{count} x GetNonce(node_name={NODE!r}) from a stranger -> " + " | ".join(answers)
 
 
 if __name__ == "__main__":

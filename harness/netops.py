@@ -1,5 +1,6 @@
 """Network helpers for the operations tests: a TCP forwarder that reaches the broker from another
-loopback source address (127.0.0.2), a raw TLS channel to a test broker, and a /metrics scraper."""
+loopback source address (127.0.0.2), a raw TLS channel to a test broker, raw node calls (signed
+with a node's key or not), and a /metrics scraper."""
 
 from __future__ import annotations
 
@@ -9,14 +10,20 @@ import socket
 import threading
 import urllib.request
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.blobs import NodeIdentity
 from harness.broker import Broker
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
+from keylease.api.v1.nodeauth import auth_metadata
 
-__all__ = ["SourceProxy", "metrics_port", "node_stub", "scrape", "secure_channel"]
+__all__ = ["SourceProxy", "metrics_port", "node_call", "node_stub", "scrape", "secure_channel"]
+
+M = TypeVar("M", bound=Message)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -80,6 +87,27 @@ def secure_channel(address: str, ca: Path, max_send: int = 4 << 20) -> grpc.Chan
 
 def node_stub(channel: grpc.Channel) -> pb_grpc.NodeServiceStub:
     return pb_grpc.NodeServiceStub(channel)
+
+
+def node_call(
+    channel: grpc.Channel,
+    method: str,
+    request: Message,
+    response: type[M],
+    identity: NodeIdentity | None = None,
+    timeout: float = 10,
+) -> M:
+    """One unary node call of ``method`` (the full path), its request sent exactly as serialized
+    here; ``identity``: signed with that node's key, as its agent would (else unsigned)."""
+    raw = request.SerializeToString()
+    metadata = None
+    if identity is not None:
+        metadata = auth_metadata(identity.key, method, identity.node_name, raw)
+    call = channel.unary_unary(
+        method, request_serializer=None, response_deserializer=response.FromString
+    )
+    reply: M = call(raw, metadata=metadata, timeout=timeout)
+    return reply
 
 
 def metrics_port(broker: Broker) -> int:

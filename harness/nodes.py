@@ -5,8 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.blobs import NodeIdentity
 from agent.config import AgentConfig, load_config
+from agent.enroll import node_identity
 from agent.keystore import key_file_name
+from agent.state import StateDir
+from agent.tpm import Tpm
 from harness.broker import Broker, CliResult, agent, write_agent_config
 from harness.swtpm import Swtpm
 
@@ -53,3 +57,13 @@ class Node:
     def attest(self) -> CliResult:
         self.write_config()
         return agent(self.config_path, "attest", "--once")
+
+    def identity(self) -> NodeIdentity:
+        """The node's call credentials, recovered with its TPM as the agent does (it must have
+        enrolled, e.g. by ``attest()``)."""
+        cfg = self.config()
+        with Tpm.open(cfg.tcti) as tpm:
+            found = node_identity(cfg, tpm, StateDir.open(cfg.state_dir))
+        if found is None:
+            raise RuntimeError(f"node {self.name} has not enrolled with {self.broker.address}")
+        return found

@@ -2,10 +2,10 @@
 
 Fixed order: node known -> nonce consumed (single use, even if what follows fails; issued by
 ``kbs.nonces``) -> quote verified with the enrolled AK (``kbs.quote``) -> event log parsed and
-replayed against the quoted banks (``kbs.eventlog``) -> PCRs and boot state recorded -> node state
--> policy (``kbs.policy.evaluate``) -> grants -> release (``kbs.release``). Anything that fails
-raises a specific error; a denial after a verified quote is recorded on the node (``node show``)
-with the text the node is told.
+replayed against the quoted banks (``kbs.eventlog``) -> reset/restart counters not behind the last
+verified quote's -> PCRs and boot state recorded -> node state -> policy (``kbs.policy.evaluate``)
+-> grants -> release (``kbs.release``). Anything that fails raises a specific error; a denial
+after a verified quote is recorded on the node (``node show``) with the text the node is told.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from enum import Enum
 from kbs.context import BrokerContext
 from kbs.errors import (
     AttestationFailed,
+    CounterRollback,
     InvalidRequest,
     KbsError,
     NodeRevoked,
@@ -120,6 +121,7 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
         ek=ek,
     )
     boot_log = verify_event_log(ev.event_log, quote.banks) if ev.event_log else None
+    _check_counters(node, quote)
     record = functools.partial(
         ctx.store.record_attestation,
         node.name,
@@ -164,6 +166,20 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
     return AttestResult(AttestOutcome.RELEASED, release)
 
 
+def _check_counters(node: Node, quote: VerifiedQuote) -> None:
+    """The TPM's (resetCount, restartCount) never go back for one AK: if they did, the TPM's
+    state was restored from an older copy (a replayed quote is stopped by the nonce already)."""
+    if node.reset_count is None or node.restart_count is None:
+        return
+    last = (node.reset_count, node.restart_count)
+    if (quote.reset_count, quote.restart_count) < last:
+        raise CounterRollback(
+            f"the TPM's reset/restart counters went back from {last[0]}/{last[1]} to "
+            f"{quote.reset_count}/{quote.restart_count}: its state was rolled back (restored "
+            "from a copy or a snapshot); if that was intended, the node must enroll again"
+        )
+
+
 def _release(
     ctx: BrokerContext,
     node: Node,
@@ -199,5 +215,6 @@ def _release(
         keys=granted,
         issued_at=now,
         not_after=now + timedelta(seconds=ctx.config.lease_seconds),
+        signer=ctx.signer,
     )
     return sealing, release

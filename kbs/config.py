@@ -12,6 +12,8 @@ Keys (all optional; README "kbs.toml" is the reference)::
     tls_cert = "tls/server.pem"        # server certificate chain (PEM)
     tls_key = "tls/server-key.pem"     # its private key (PEM, mode 0600)
     master_key = "master.key"          # 32 random bytes, mode 0600 or 0400
+    signing_key = "tls/signing-key.pem"  # release-signing key (ECDSA P-256, PEM, mode 0600)
+    signing_cert = "tls/signing.pem"   # its certificate, issued by the broker's CA (admin_ca)
     previous_master_keys = []          # older master keys, still read during a rotation
     ek_roots = "ek-roots.pem"          # TPM-manufacturer roots and intermediates (PEM bundle)
     enrollment = "manual"              # manual | allowlist | ek-ca
@@ -30,6 +32,8 @@ Keys (all optional; README "kbs.toml" is the reference)::
     rate_limit_peer_burst = 1000
     rate_limit_node_per_second = 5.0    # token bucket per node name in the request; 0: off
     rate_limit_node_burst = 50
+    rate_limit_ek_per_second = 1.0      # enrollment: token bucket per EK; 0 turns it off
+    rate_limit_ek_burst = 5
     max_inflight_per_peer = 128         # unfinished requests from one client IP address
     max_concurrent_attestations = 16    # enrollment + attestation work at once
     max_queued_attestations = 128       # waiting for a slot; more are refused
@@ -49,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from kbs.errors import ConfigError
+from keylease.api.v1.limits import MAX_LEASE_SECONDS
 from keylease.tomlfile import Table, read_toml
 
 __all__ = [
@@ -68,6 +73,7 @@ _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _KEYS = (
     "listen", "database", "tls_cert", "tls_key", "master_key", "previous_master_keys",
     "ek_roots", "enrollment", "nonce_ttl_seconds", "lease_seconds", "enrollment_ttl_seconds",
+    "signing_key", "signing_cert", "rate_limit_ek_per_second", "rate_limit_ek_burst",
     "admin_listen", "admin_ca", "admin_ca_key", "admin_certs", "metrics_listen",
     "rpc_deadline_seconds", "rate_limit_peer_per_second", "rate_limit_peer_burst",
     "rate_limit_node_per_second", "rate_limit_node_burst", "max_inflight_per_peer",
@@ -90,6 +96,8 @@ class LimitSettings:
     rate_limit_peer_burst: int = 1000
     rate_limit_node_per_second: float = 5.0
     rate_limit_node_burst: int = 50
+    rate_limit_ek_per_second: float = 1.0
+    rate_limit_ek_burst: int = 5
     max_inflight_per_peer: int = 128
     max_concurrent_attestations: int = 16
     max_queued_attestations: int = 128
@@ -118,6 +126,8 @@ class KbsConfig:
     admin_certs: Path = Path("admin-certs.json")
     previous_master_keys: tuple[Path, ...] = ()
     metrics_listen: tuple[str, int] | None = None  # None: no metrics endpoint
+    signing_key: Path = Path("tls/signing-key.pem")
+    signing_cert: Path = Path("tls/signing.pem")
     limits: LimitSettings = DEFAULT_LIMITS
 
 
@@ -171,7 +181,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> KbsConfig:
         ek_roots=t.path_value("ek_roots", "ek-roots.pem"),
         enrollment=mode,
         nonce_ttl_seconds=t.integer("nonce_ttl_seconds", 60, 1, 3600),
-        lease_seconds=t.integer("lease_seconds", 3600, 1, 90 * 86400),
+        lease_seconds=t.integer("lease_seconds", 3600, 1, MAX_LEASE_SECONDS),
         enrollment_ttl_seconds=t.integer("enrollment_ttl_seconds", 300, 1, 3600),
         admin_listen=_optional_listen(t, "admin_listen", "127.0.0.1:8444"),
         admin_ca=t.path_value("admin_ca", "tls/ca.pem"),
@@ -179,6 +189,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> KbsConfig:
         admin_certs=t.path_value("admin_certs", "admin-certs.json"),
         previous_master_keys=tuple(t.resolve(p) for p in previous),
         metrics_listen=_optional_listen(t, "metrics_listen", "127.0.0.1:9464"),
+        signing_key=t.path_value("signing_key", "tls/signing-key.pem"),
+        signing_cert=t.path_value("signing_cert", "tls/signing.pem"),
         limits=_limits(t),
     )
 
@@ -223,6 +235,10 @@ def _limits(t: Table) -> LimitSettings:
         rate_limit_node_burst=t.integer(
             "rate_limit_node_burst", d.rate_limit_node_burst, 1, 1_000_000
         ),
+        rate_limit_ek_per_second=t.number(
+            "rate_limit_ek_per_second", d.rate_limit_ek_per_second, 0, 1_000_000
+        ),
+        rate_limit_ek_burst=t.integer("rate_limit_ek_burst", d.rate_limit_ek_burst, 1, 1_000_000),
         max_inflight_per_peer=t.integer(
             "max_inflight_per_peer", d.max_inflight_per_peer, 1, 100_000
         ),

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from kbs.config import KbsConfig
 from kbs.masterkey import MasterKey, master_keyring
+from kbs.signing import ReleaseSigner, load_signer
 from kbs.store import Store
 from kbs.tpm.ekcert import EkTrustBundle, load_ek_roots
 
@@ -24,14 +25,18 @@ class BrokerContext:
     store: Store
     ek_roots: EkTrustBundle
     master_key: MasterKey
+    signer: ReleaseSigner
     clock: Callable[[], datetime] = utc_now
 
     @classmethod
     def load(cls, config: KbsConfig, clock: Callable[[], datetime] = utc_now) -> BrokerContext:
-        """Open the database and read the trust bundle and master key; raises KbsError."""
+        """Open the database and read the trust bundle, master key and release-signing key;
+        raises KbsError."""
         ek_roots = load_ek_roots(config.ek_roots)
         master_key = master_keyring(config)
+        signer = load_signer(config)
         store = Store.open(config.database)
         return cls(
-            config=config, store=store, ek_roots=ek_roots, master_key=master_key, clock=clock
-        )
+            config=config, store=store, ek_roots=ek_roots, master_key=master_key, signer=signer,
+            clock=clock,
+        )  # fmt: skip

@@ -1,8 +1,10 @@
 """Enrollment (DESIGN.md step 1): EK certificate, EK/AK binding, credential activation.
 
 ``start`` verifies everything that can be verified without the TPM's help and issues a
-MakeCredential challenge; ``finish`` checks the ActivateCredential proof and records the node.
-Nothing about a node is written until the proof is correct.
+MakeCredential challenge; ``finish`` checks the ActivateCredential proof and records the node
+with its node key, derived from the proven secret (``kbs.nodekeys``): from then on every call of
+the node must carry a MAC made with that key. Nothing about a node is written until the proof is
+correct.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from kbs.config import EnrollmentMode
 from kbs.context import BrokerContext
 from kbs.errors import ActivationFailed, NodeEkConflict, NotAllowlisted
 from kbs.model import NodeState, PendingEnrollment, check_node_name
+from kbs.nodekeys import seal_new_node_key
 from kbs.tpm.credential import make_credential, new_challenge_secret
 from kbs.tpm.ekcert import check_ek_matches, ek_hash, verify_ek_certificate
 from kbs.tpm.objects import check_ak_attributes, parse_public
@@ -121,6 +124,7 @@ def finish(ctx: BrokerContext, enrollment_id: str, proof: bytes) -> tuple[str, N
         ak_public=pending.ak_public,
         state=NodeState.APPROVED if auto else NodeState.PENDING,
         metadata=pending.metadata,
+        node_key=seal_new_node_key(ctx.master_key, pending.node_name, proof),
         now=now,
     )
     ctx.store.audit(

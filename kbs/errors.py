@@ -2,7 +2,7 @@
 
 Every error carries operator-facing text; verification failures are specific subclasses so that
 tests and audit records name exactly what failed. Errors know no transport: each servicer maps
-every class to a gRPC status code in one table (``kbs.nodeapi.service.NODE_STATUS``,
+every class to a gRPC status code in one table (``kbs.nodeapi.status.NODE_STATUS``,
 ``kbs.admin.service.ADMIN_STATUS``), and the command line maps them to exit codes.
 """
 
@@ -17,7 +17,9 @@ __all__ = [
     "AkAttributesInvalid",
     "AttestationFailed",
     "ConfigError",
+    "CounterRollback",
     "DatabaseUnavailable",
+    "EkCertificateMalformed",
     "EkPublicMismatch",
     "EnrollmentRefused",
     "EventLogInvalid",
@@ -91,6 +93,11 @@ class InvalidRequest(KbsError):
 
 class EventLogInvalid(InvalidRequest):
     """The boot event log is not a TCG PC Client event log (truncated, garbage, over limits)."""
+
+
+class EkCertificateMalformed(InvalidRequest):
+    """The EK certificate does not parse as one certificate profile we can judge: duplicate
+    extensions, unsupported name forms, an unreadable issuer or subject name."""
 
 
 class UnknownNode(KbsError):
@@ -178,6 +185,11 @@ class EventLogMismatch(AttestationFailed):
 
 class EventLogMissing(AttestationFailed):
     """A policy names boot components but the node sent no boot event log."""
+
+
+class CounterRollback(AttestationFailed):
+    """The quote's resetCount/restartCount are lower than the node's last verified quote had:
+    the TPM's state was rolled back (restored from a copy or snapshot)."""
 
 
 class NodeNotApproved(AttestationFailed):

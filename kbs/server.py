@@ -36,7 +36,9 @@ from kbs.nodeapi.admission import LimitInterceptor
 from kbs.nodeapi.changefeed import MAX_WATCHERS, ChangeFeed
 from kbs.nodeapi.health import HealthMonitor
 from kbs.nodeapi.metrics import BrokerMetrics, MetricsServer
+from kbs.nodeapi.nodeauth import NodeAuthenticator
 from kbs.nodeapi.service import NodeService
+from kbs.nodekeys import stored_node_key
 from kbs.tls import load_credentials
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
 from keylease.api.v1.limits import MAX_MESSAGE
@@ -109,6 +111,10 @@ async def start_server(
     ctx = ctx or await _load_context(cfg, database_wait)
     tls = load_credentials(cfg.tls_cert, cfg.tls_key)
     metrics = BrokerMetrics()
+    store, master = ctx.store, ctx.master_key
+    auth = NodeAuthenticator(
+        lambda name: stored_node_key(store, master, name), inline=store.is_sqlite
+    )
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -120,10 +126,12 @@ async def start_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ],
         maximum_concurrent_rpcs=MAX_UNARY_RPCS + MAX_WATCHERS,
-        interceptors=[LimitInterceptor(cfg.limits, metrics)],
+        interceptors=[LimitInterceptor(cfg.limits, metrics, auth)],
     )
     feed = ChangeFeed(ctx.store)
-    pb_grpc.add_NodeServiceServicer_to_server(NodeService(ctx, feed, metrics=metrics), server)
+    feed.listen(lambda change: auth.forget(change.node) if change.node else None)
+    service = NodeService(ctx, feed, metrics=metrics, enrolled=auth.forget)
+    pb_grpc.add_NodeServiceServicer_to_server(service, server)
     health = HealthMonitor(ctx.store)
     health.add_to_server(server)
     host = cfg.listen_host

@@ -31,6 +31,7 @@ __all__ = [
     "ServerCredentials",
     "init_pki",
     "load_credentials",
+    "read_config_file",
     "server_names",
     "write_new_file",
 ]
@@ -193,15 +194,16 @@ def init_pki(tls_dir: Path, hosts: Sequence[str]) -> PkiFiles:
     return files
 
 
-def _read(path: Path, key: str) -> tuple[bytes, int]:
-    """The file's bytes and its permission bits."""
+def read_config_file(path: Path, key: str, missing: str = "") -> tuple[bytes, int]:
+    """The bytes (at most 1 MiB) and permission bits of the file config key ``key`` names;
+    ConfigError if it cannot be read (``missing``: what to do when it does not exist)."""
     try:
         with path.open("rb") as f:
             return f.read(1 << 20), stat.S_IMODE(os.fstat(f.fileno()).st_mode)
     except FileNotFoundError:
         raise ConfigError(
-            f"{key} {path} does not exist; `keylease-kbs init` writes it, or point {key} at "
-            "your own PEM file"
+            f"{key} {path} does not exist; "
+            + (missing or f"`keylease-kbs init` writes it, or point {key} at your own PEM file")
         ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read {key} {path}: {exc.strerror}") from None
@@ -209,8 +211,8 @@ def _read(path: Path, key: str) -> tuple[bytes, int]:
 
 def load_credentials(cert_path: Path, key_path: Path) -> ServerCredentials:
     """Read and check a certificate chain and its private key (PEM); raises ConfigError."""
-    chain_pem, _ = _read(cert_path, "tls_cert")
-    key_pem, mode = _read(key_path, "tls_key")
+    chain_pem, _ = read_config_file(cert_path, "tls_cert")
+    key_pem, mode = read_config_file(key_path, "tls_key")
     if mode & 0o077:
         raise ConfigError(
             f"tls_key {key_path} is readable by other users (mode {mode:04o}); "

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.broker import BrokerClient
 from agent.config import load_config
+from agent.enroll import node_identity
 from agent.state import StateDir
 from agent.tpm import Tpm
 from harness.broker import Broker, agent, write_agent_config
@@ -90,16 +91,19 @@ def main() -> int:
             cpu_cli = (broker.cpu_seconds() - cpu0) / args.runs
 
             cfg = load_config(cfg_path)
-            ak = StateDir.open(cfg.state_dir).load_ak()
+            state = StateDir.open(cfg.state_dir)
+            ak = state.load_ak()
             assert ak is not None
             with Tpm.open(cfg.tcti) as t, BrokerClient(cfg) as client:
-                client.get_nonce("bench-1")  # establish the channel (TLS handshake)
+                me = node_identity(cfg, t, state)  # the node key, as the daemon recovers it
+                assert me is not None
+                client.get_nonce(me)  # establish the channel (TLS handshake)
                 cpu1 = broker.cpu_seconds()
                 t1 = time.perf_counter()
                 for _ in range(args.channel_runs):
-                    nonce = client.get_nonce("bench-1")
+                    nonce = client.get_nonce(me)
                     quote = t.quote(ak, qualifying_data(nonce))
-                    reply = client.attest("bench-1", nonce, quote, b"")
+                    reply = client.attest(me, nonce, quote, b"")
                     assert reply.release is not None
                 elapsed = time.perf_counter() - t1
                 cpu_channel = (broker.cpu_seconds() - cpu1) / args.channel_runs

@@ -198,6 +198,7 @@ def _tpm_object_work(ctx: BrokerContext, evs: list[at.Evidence]) -> float:
             keys=[GrantedKey("k", 1, pem)],
             issued_at=now,
             not_after=now + timedelta(hours=1),
+            signer=ctx.signer,
         )
     return (time.process_time() - c0) / len(evs)
 

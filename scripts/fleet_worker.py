@@ -10,7 +10,10 @@ broker(s) over gRPC/TLS with ``grpc.aio``. The parent drives it over a pipe:
 - ``("stop", None)``: exit.
 
 An attestation is GetNonce -> TPM2_Quote (ContextLoad + Quote + Flush, ~1 ms in this process)
--> Attest; its latency is measured from sending GetNonce to receiving the Attest reply.
+-> Attest; its latency is measured from sending GetNonce to receiving the Attest reply. Both
+calls are authenticated as the agent's are: each node derives its node key from the secret its
+enrollment's credential activation recovered (``keylease.api.v1.nodeauth``) and sends the MAC over
+the exact request bytes in the ``keylease-node-auth`` metadata.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from kbs.tpm.objects import parse_public
 from keylease.api.v1 import keylease_pb2 as pb
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
 from keylease.api.v1 import qualifying_data
+from keylease.api.v1.nodeauth import ATTEST, GET_NONCE, auth_metadata, node_key
+from keylease.secret import Secret
 from scripts.fleet_ca import EkCa
 from scripts.fleet_tpm import FleetTpm, Identity
 
@@ -88,6 +93,7 @@ class _Worker:
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         self.ek_ca = EkCa(key, x509.load_pem_x509_certificate(spec.ek_ca_cert_pem))
         self.contexts: dict[str, bytes] = {}  # node name -> saved AK context
+        self.keys: dict[str, Secret] = {}  # node name -> node key
         self.banks = [
             pb.PcrBank(
                 bank="sha256",
@@ -101,11 +107,14 @@ class _Worker:
             address, grpc.ssl_channel_credentials(root_certificates=self.spec.ca_pem)
         )
 
-    def stub(self, index: int) -> pb_grpc.NodeServiceStub:
+    def channel(self, index: int) -> grpc.aio.Channel:
         address = self.spec.addresses[index % len(self.spec.addresses)]
         if address not in self.channels:
             self.channels[address] = self._channel(address)
-        return pb_grpc.NodeServiceStub(self.channels[address])
+        return self.channels[address]
+
+    def stub(self, index: int) -> pb_grpc.NodeServiceStub:
+        return pb_grpc.NodeServiceStub(self.channel(index))
 
     async def enroll(self) -> tuple[int, list[str]]:
         errors: list[str] = []
@@ -140,23 +149,34 @@ class _Worker:
             timeout=RPC_TIMEOUT,
         )
         self.contexts[name] = context
+        self.keys[name] = node_key(secret, name)
 
-    async def attest(self, index: int, stub: pb_grpc.NodeServiceStub | None = None) -> str:
+    async def _signed(
+        self, channel: grpc.aio.Channel, method: str, name: str, request: Any, reply: Any
+    ) -> Any:
+        """``request`` as node ``name``'s agent sends it: serialized once, MAC over those bytes."""
+        raw = request.SerializeToString()
+        call = channel.unary_unary(
+            method, request_serializer=None, response_deserializer=reply.FromString
+        )
+        metadata = auth_metadata(self.keys[name], method, name, raw)
+        return await call(raw, metadata=metadata, timeout=RPC_TIMEOUT)
+
+    async def attest(self, index: int, channel: grpc.aio.Channel | None = None) -> str:
         """One attestation; returns "released", "pending" or raises AioRpcError."""
         name = node_name(index)
-        stub = stub or self.stub(index)
-        reply = await stub.GetNonce(pb.GetNonceRequest(node_name=name), timeout=RPC_TIMEOUT)
+        channel = channel or self.channel(index)
+        request = pb.GetNonceRequest(node_name=name)
+        reply = await self._signed(channel, GET_NONCE, name, request, pb.GetNonceResponse)
         quote, signature = self.tpm.quote(self.contexts[name], qualifying_data(reply.nonce))
-        result = await stub.Attest(
-            pb.AttestRequest(
-                node_name=name,
-                nonce=reply.nonce,
-                quote=quote,
-                signature=signature,
-                banks=self.banks,
-            ),
-            timeout=RPC_TIMEOUT,
+        evidence = pb.AttestRequest(
+            node_name=name,
+            nonce=reply.nonce,
+            quote=quote,
+            signature=signature,
+            banks=self.banks,
         )
+        result = await self._signed(channel, ATTEST, name, evidence, pb.AttestResponse)
         if result.outcome == pb.ATTEST_OUTCOME_RELEASED and result.HasField("release"):
             return "released"
         if result.outcome == pb.ATTEST_OUTCOME_PENDING_APPROVAL:
@@ -164,12 +184,12 @@ class _Worker:
         return f"unexpected outcome {result.outcome}"
 
     async def _timed(
-        self, report: RunReport, index: int, stub: pb_grpc.NodeServiceStub | None = None
+        self, report: RunReport, index: int, channel: grpc.aio.Channel | None = None
     ) -> None:
         t0 = time.time()
         report.first_start = min(report.first_start or t0, t0)
         try:
-            outcome = await self.attest(index, stub)
+            outcome = await self.attest(index, channel)
         except grpc.aio.AioRpcError as exc:
             report.error(f"{node_name(index)}: {_describe(exc)}")
             return
@@ -216,7 +236,7 @@ class _Worker:
                 index = queue.pop()
                 address = self.spec.addresses[index % len(self.spec.addresses)]
                 async with self._channel(address) as channel:
-                    await self._timed(report, index, pb_grpc.NodeServiceStub(channel))
+                    await self._timed(report, index, channel)
 
         await asyncio.gather(*(lane() for _ in range(spec.concurrency)))
 

@@ -1,12 +1,16 @@
 """`keylease-agent run`: the node agent as a systemd service (DESIGN.md steps 4-6).
 
 Start-up: keys are restored from the sealed cache first (``agent.daemon.restore``: TPM only, no
-network), then the agent attests. READY=1 goes to systemd once keys are installed, or after
-``startup_timeout_seconds`` without keys (STATUS= says why). Then, on one worker thread:
+network), the node key is recovered with the TPM (``agent.enroll``), then the agent attests.
+READY=1 goes to systemd once keys are installed, or after ``startup_timeout_seconds`` without
+keys (STATUS= says why). Then, on one worker thread:
 
 - renew at about two thirds of the lease; on failure retry with backoff, no sooner than a busy
   broker asks (``agent.daemon.schedule``); keys stay until the lease's not-after, then go;
-- a denial removes the keys at once (and the cache); retries continue at the backoff pace;
+- only a verified denial removes the keys at once (and the cache); any other failure — broker
+  unreachable or busy, credentials refused (it enrolls again), a refusal without a verdict, a
+  release that does not open or is not signed by the broker — keeps them until the lease ends;
+  retries continue at the backoff pace;
 - the broker's watch stream (``agent.watcher``) wakes the loop: REVOKED removes the keys at once,
   CHANGED (grant, key rotation, policy) attests again; a link or address coming up (netlink)
   wakes a failing loop too.
@@ -14,6 +18,8 @@ network), then the agent attests. READY=1 goes to systemd once keys are installe
 The main thread only handles signals: SIGTERM/SIGINT stop within 10 s (keys stay unless
 ``remove_keys_on_stop``), a second one exits at once, SIGHUP reloads the config (an invalid one is
 refused and the old one kept). WATCHDOG=1 is sent only after a loop iteration that completed.
+If the worker thread dies nonetheless, the process exits 1, so that ``Restart=on-failure``
+starts it again.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from agent.broker import BrokerClient
 from agent.config import AgentConfig, load_config
 from agent.daemon.restore import restore_from_cache
 from agent.daemon.schedule import Schedule
+from agent.enroll import NodeCredentials, node_identity
 from agent.errors import (
     AgentError,
     AttestationDenied,
@@ -85,8 +92,14 @@ class Daemon:
         self._startup_deadline = 0.0
         self._healthy = True
         self._client = BrokerClient(cfg)
+        self._credentials = NodeCredentials()
+        self._worker_died = False
         self._watcher: Watcher[Wake] = Watcher(
-            lambda: self._cfg, self._wakes.put, revoked=Wake.REVOKED, changed=Wake.CHANGED
+            lambda: self._cfg,
+            self._credentials.get,
+            self._wakes.put,
+            revoked=Wake.REVOKED,
+            changed=Wake.CHANGED,
         )
 
     # --- main thread ----------------------------------------------------------------------
@@ -115,7 +128,7 @@ class Daemon:
         if worker.is_alive():  # a blocked RPC must not hold the process past systemd's budget
             logging.shutdown()
             os._exit(0)
-        return 0
+        return 1 if self._worker_died else 0
 
     def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals += 1
@@ -129,7 +142,16 @@ class Daemon:
     # --- worker thread --------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._run_loop()
+        except BaseException:
+            log.critical("the agent's worker thread died; exiting 1", exc_info=True)
+            self._worker_died = True
+            raise
+
+    def _run_loop(self) -> None:
         self._restore()
+        self._recover_identity()
         self._startup_deadline = time.monotonic() + self._cfg.startup_timeout_seconds
         self._watcher.start()
         while not self._stop.is_set():
@@ -234,8 +256,19 @@ class Daemon:
     def _restore(self) -> None:
         restored = restore_from_cache(self._cfg, self._state)
         bundle = restored.bundle
+        if bundle is None and restored.kept_until is not None:
+            self._lease = restored.kept_until
+            self._set_status(
+                state=f"nothing restored: {restored.reason}; keys kept until the lease ends",
+                keys=restored.kept,
+                lease_not_after=restored.kept_until,
+            )
+            self._notifier.ready(describe(self._status))
+            return
         if bundle is None:
-            self._set_status(state=f"nothing restored: {restored.reason}", keys=())
+            self._set_status(
+                state=f"nothing restored: {restored.reason}", keys=(), lease_not_after=None
+            )
             return
         self._lease = bundle.not_after
         self._set_status(
@@ -246,6 +279,14 @@ class Daemon:
         )
         self._notifier.ready(describe(self._status))
 
+    def _recover_identity(self) -> None:
+        """The node key, with the TPM only (ActivateCredential), if this node is enrolled."""
+        try:
+            with Tpm.open(self._cfg.tcti) as tpm:
+                self._credentials.set(node_identity(self._cfg, tpm, self._state))
+        except AgentError as exc:  # the first attempt enrolls again if it must
+            log.warning("cannot recover the node key now: %s", exc.diagnostics())
+
     def _attempt(self) -> None:
         cfg = self._cfg
         now = datetime.now(UTC)
@@ -253,7 +294,7 @@ class Daemon:
             if not route_to(cfg.kbs_host):
                 raise BrokerUnreachable(f"no route to the broker host {cfg.kbs_host}")
             with Tpm.open(cfg.tcti) as tpm:
-                report = attest_once(cfg, tpm, self._client, self._state)
+                report = attest_once(cfg, tpm, self._client, self._state, self._credentials)
         except AttestationDenied as exc:
             self._lease = None
             self._failed(

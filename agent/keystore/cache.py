@@ -1,7 +1,9 @@
 """The sealed cache: the last release, kept in the state directory for restarts and reboots.
 
-- ``release.bin``: the release as the keylease.v1 ``Release`` message it arrived in. It opens
-  only in this TPM in the PCR state it was sealed to, so it needs no other protection at rest.
+- ``release.bin``: the release as the keylease.v1 ``Release`` message it arrived in, the
+  broker's signature included. It opens only in this TPM in the PCR state it was sealed to, and
+  is checked against the broker's signature again before a restore installs anything from it
+  (``agent.release``), so a planted or altered file is refused.
 - ``release-pcrs.json``: the PCR values it was sealed to (public: they are in every quote), so
   that a cache that no longer opens can say which PCR changed.
 
@@ -58,6 +60,8 @@ class SealedCache:
             ),
             bundle_nonce=msg.bundle_nonce,
             bundle_ciphertext=msg.bundle_ciphertext,
+            signing_certificate=msg.signing_certificate,
+            signature=msg.signature,
         )
 
     def save(self, release: ReleaseBlob, quoted: Mapping[int, bytes]) -> None:
@@ -81,6 +85,8 @@ class SealedCache:
                 pcr_indices=list(sealed.pcr_indices),
                 bundle_nonce=release.bundle_nonce,
                 bundle_ciphertext=release.bundle_ciphertext,
+                signing_certificate=release.signing_certificate,
+                signature=release.signature,
             ).SerializeToString(),
         )
 

@@ -60,6 +60,7 @@ __all__ = [
     "issue_admin_cert",
     "list_admin_certs",
     "load_admin_ca",
+    "load_ca",
     "revoke_admin_cert",
     "verify_admin_cert",
 ]
@@ -171,13 +172,14 @@ def check_admin_files(cfg: KbsConfig, now: dt.datetime) -> list[str]:
     ]
 
 
-def _load_ca(cfg: KbsConfig) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def load_ca(cfg: KbsConfig) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The broker's CA (``admin_ca``) and its key (``admin_ca_key``), to issue certificates."""
     ca = x509.load_pem_x509_certificate(load_admin_ca(cfg))
     try:
         key = serialization.load_pem_private_key(cfg.admin_ca_key.read_bytes(), password=None)
     except OSError as exc:
         raise ConfigError(
-            f"cannot read admin_ca_key {cfg.admin_ca_key}: {exc.strerror}; admin certificates "
+            f"cannot read admin_ca_key {cfg.admin_ca_key}: {exc.strerror}; certificates "
             "are issued on the host that holds the broker's CA key"
         ) from None
     except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -202,7 +204,7 @@ def issue_admin_cert(
     existing = [str(f) for f in files if f.exists()]
     if existing:
         raise OperatorError(f"{', '.join(existing)} already exist; choose an empty --out directory")
-    ca, ca_key = _load_ca(cfg)
+    ca, ca_key = load_ca(cfg)
     key = ec.generate_private_key(ec.SECP256R1())
     start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
     subject = x509.Name(

@@ -1,6 +1,6 @@
-"""``keylease-kbs admin-cert ...`` and ``master-key ...``: operator commands that run on the
-broker host only (they need the CA key or write the master key and ``kbs.toml``), never over the
-admin API.
+"""``keylease-kbs admin-cert ...``, ``signing-key create`` and ``master-key ...``: operator commands
+that run on the broker host only (they need the CA key or write the master key and ``kbs.toml``),
+never over the admin API.
 
 ``master-key rotate`` (``--new-key FILE`` or ``--generate``): the new key becomes ``master_key``
 in ``kbs.toml`` and the old one moves to ``previous_master_keys`` (the file is rewritten
@@ -24,6 +24,7 @@ from kbs.admin.certs import (
     AdminCertState,
     issue_admin_cert,
     list_admin_certs,
+    load_ca,
     revoke_admin_cert,
 )
 from kbs.cli.operator import actor, now
@@ -32,6 +33,7 @@ from kbs.cli.parser import Handler
 from kbs.config import KbsConfig, load_config
 from kbs.errors import ConfigError
 from kbs.masterkey import blob_key_id, key_id, master_keyring, new_master_key, read_master_key
+from kbs.signing import create_signing_files, load_signer
 from kbs.store import Store
 
 __all__ = ["COMMANDS"]
@@ -87,6 +89,21 @@ def cmd_admin_cert_list(args: argparse.Namespace) -> int:
             "replicas on other hosts may still accept it; run `keylease-kbs admin-cert revoke "
             "NAME` again"
         )
+    return 0
+
+
+# --- release-signing key ---------------------------------------------------------------------
+
+
+def cmd_signing_key_create(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    ca, ca_key = load_ca(cfg)
+    create_signing_files(ca, ca_key, cfg.signing_key, cfg.signing_cert, now(), replace=args.replace)
+    signer = load_signer(cfg)  # exactly the check `serve` and the agents make
+    _audit(cfg, "signing-key-create", f"release-signing certificate valid until "
+           f"{signer.not_after.isoformat(timespec='seconds')}")  # fmt: skip
+    print(f"wrote {cfg.signing_key} (0600) and {cfg.signing_cert}, issued by {cfg.admin_ca}")
+    print("the broker signs releases with it from its next start; agents need nothing new")
     return 0
 
 
@@ -204,6 +221,7 @@ COMMANDS: dict[str, Handler] = {
     "admin-cert issue": cmd_admin_cert_issue,
     "admin-cert revoke": cmd_admin_cert_revoke,
     "admin-cert list": cmd_admin_cert_list,
+    "signing-key create": cmd_signing_key_create,
     "master-key rotate": cmd_master_key_rotate,
     "master-key status": cmd_master_key_status,
 }

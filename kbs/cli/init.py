@@ -1,7 +1,8 @@
 """``keylease-kbs init DIR``: a new broker directory.
 
 Writes ``kbs.toml`` (every key on its own ``key = value`` line), ``master.key`` (32 random bytes,
-0600), ``tls/`` (CA and server certificate, keys 0600), ``agent-ca.pem`` (the CA agents trust) and,
+0600), ``tls/`` (CA, server certificate and the release-signing key and certificate, keys 0600),
+``agent-ca.pem`` (the CA agents trust) and,
 with ``--ek-roots``, a copy of the EK root bundle as ``ek-roots.pem``. Refuses to overwrite any of
 them: a new master key would make every stored image key undecryptable. If a step fails, the
 files written so far are removed again.
@@ -10,17 +11,23 @@ files written so far are removed again.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import ipaddress
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from kbs.cli.parser import Handler
 from kbs.config import EnrollmentMode, parse_listen
 from kbs.errors import ConfigError, OperatorError
 from kbs.masterkey import new_master_key
-from kbs.tls import init_pki, server_names
+from kbs.signing import create_signing_files
+from kbs.tls import PkiFiles, init_pki, server_names
 from kbs.tpm.ekcert import load_ek_roots
 
 __all__ = ["COMMANDS", "InitResult", "init_broker"]
@@ -45,6 +52,8 @@ def _config_text(listen: str, enrollment: EnrollmentMode) -> str:
             'tls_cert = "tls/server.pem"',
             'tls_key = "tls/server-key.pem"',
             'master_key = "master.key"',
+            'signing_key = "tls/signing-key.pem"',
+            'signing_cert = "tls/signing.pem"',
             'ek_roots = "ek-roots.pem"',
             f'enrollment = "{enrollment.value}"',
             "nonce_ttl_seconds = 60",
@@ -101,6 +110,16 @@ class _Writer:
                 path.unlink(missing_ok=True)
 
 
+def _signing_files(files: PkiFiles, tls_dir: Path) -> None:
+    """The release-signing key and certificate, issued by the CA ``init_pki`` just wrote."""
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    create_signing_files(
+        ca, ca_key, tls_dir / "signing-key.pem", tls_dir / "signing.pem", dt.datetime.now(dt.UTC)
+    )
+
+
 def init_broker(
     directory: Path, *, listen: str, ek_roots: Path | None, enrollment: EnrollmentMode
 ) -> InitResult:
@@ -129,6 +148,7 @@ def init_broker(
         tls_dir.mkdir(mode=0o700)
         writer.created.append(tls_dir)
         files = init_pki(tls_dir, hosts)
+        _signing_files(files, tls_dir)
         writer.write(directory / "agent-ca.pem", files.ca_cert.read_bytes(), 0o644)
         if ek_roots is not None:
             writer.write(directory / "ek-roots.pem", ek_roots.read_bytes(), 0o644)

@@ -1,7 +1,10 @@
 """How ``keylease-kbs`` listings look: aligned tables for people, JSON (``--json``) for scripts.
 
 JSON objects use plain types only: datetimes as ISO-8601 text, bytes as hex, PCR maps as
-``{"index": "hex"}``. Key material is never part of any output.
+``{"index": "hex"}``. Key material is never part of any output. Text a node or a certificate
+supplied (node metadata, audit details quoting a refused EK certificate's names) is escaped for
+the terminal (``keylease.text.printable``) in tables and details; JSON escapes it itself (control
+and non-ASCII characters as ``\\uXXXX``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from kbs.model import (
 )
 from kbs.policy.learn import DiffRow
 from kbs.policy.rules import component_label, short_value
+from keylease.text import printable
 
 __all__ = [
     "audit_json",
@@ -56,12 +60,13 @@ def _pcrs(pcrs: Mapping[int, bytes]) -> dict[str, str]:
 
 
 def dump_json(value: object) -> str:
-    return json.dumps(value, indent=2, sort_keys=False)
+    return json.dumps(value, indent=2, sort_keys=False, ensure_ascii=True)
 
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns padded to their widest cell; the last column is never padded."""
-    table = [list(headers), *[list(r) for r in rows]]
+    """Columns padded to their widest cell; the last column is never padded. Every cell is
+    escaped for the terminal."""
+    table = [list(headers), *[[printable(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
     lines = []
     for row in table:
@@ -145,7 +150,7 @@ def node_details(node: Node, boot: BootRecord | None = None) -> str:
     for bank, values in sorted(node.pcr_banks.items()):
         lines.append(f"pcrs ({bank}):")
         lines.extend(f"  {i:2d}: {values[i].hex()}" for i in sorted(values))
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def key_json(key: StoredKey) -> Json:

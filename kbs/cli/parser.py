@@ -77,6 +77,10 @@ _GROUPS: dict[str, tuple[str, dict[str, str]]] = {
             "list": "issued admin certificates and their state",
         },
     ),
+    "signing-key": (
+        "the key that signs every release (on the broker host)",
+        {"create": "create the release-signing key and its certificate from the broker's CA"},
+    ),
     "master-key": (
         "the master key that encrypts stored image keys (on the broker host)",
         {
@@ -86,7 +90,7 @@ _GROUPS: dict[str, tuple[str, dict[str, str]]] = {
     ),
 }
 # commands that need the broker host's files: refused with --server/--admin-cert/--profile
-LOCAL_ONLY = ("init", "check-config", "serve", "admin-cert", "master-key")
+LOCAL_ONLY = ("init", "check-config", "serve", "admin-cert", "master-key", "signing-key")
 
 
 def _profiles_file() -> Path:
@@ -210,6 +214,12 @@ def _group_arguments(
         parsers["issue"].add_argument(
             "--out", type=Path, required=True, metavar="DIR", help="directory to write to"
         )
+    elif group == "signing-key":
+        parsers["create"].add_argument(
+            "--replace", action="store_true",
+            help="replace the existing key and certificate (brokers sign with the new one from "
+            "their next start; agents accept both)",
+        )  # fmt: skip
     elif group == "master-key":
         how = parsers["rotate"].add_mutually_exclusive_group(required=True)
         how.add_argument(

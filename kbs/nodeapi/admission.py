@@ -8,15 +8,22 @@ Every request passes, in order:
 2. **receiving the request within the deadline**: unary methods are served as client-streaming
    handlers so that the request message is read here, under ``rpc_deadline_seconds``. A client
    that opens calls and never sends (or sends slowly) is cut off instead of holding the server's
-   concurrency slots;
-3. **per-node rate** (token bucket per node name in the request; the name is claimed, not yet
-   proven, so the per-peer limit is what bounds a peer spending another node's budget);
-4. for enrollment and attestation, a **concurrency slot** (``max_concurrent_attestations``) with
+   concurrency slots. The request is kept as received too: its bytes are what the node's MAC
+   covers;
+3. **node authentication** for GetNonce, Attest and Watch (``kbs.nodeapi.nodeauth``): the call
+   must carry a MAC made with the key of the node its request names, else UNAUTHENTICATED "node
+   call not authenticated" (no audit row: a metric and a rate-limited log line). Until here a
+   call has spent only its peer's budget;
+4. **per-node rate** (token bucket per node name, spent only by calls that proved the node) or,
+   for StartEnrollment, **per-EK rate** (token bucket per EK hash: enrollment is open to anyone
+   holding a trusted EK certificate, and a stranger replaying a node's public EK data spends that
+   EK's budget only);
+5. for enrollment and attestation, a **concurrency slot** (``max_concurrent_attestations``) with
    at most ``max_queued_attestations`` waiting: a flood queues, then is refused, and GetNonce or
    Watch are never stuck behind it;
-5. the handler, cancelled after ``rpc_deadline_seconds`` in all (DEADLINE_EXCEEDED).
+6. the handler, cancelled after ``rpc_deadline_seconds`` in all (DEADLINE_EXCEEDED).
 
-Refusals answer RESOURCE_EXHAUSTED with the wait in the message and in the trailing metadata
+Limit refusals answer RESOURCE_EXHAUSTED with the wait in the message and in the trailing metadata
 ``retry-after-ms``. Latency and status codes per method go to ``kbs.nodeapi.metrics``.
 """
 
@@ -27,14 +34,20 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, cast
 
 import grpc
 
 from kbs.config import LimitSettings
+from kbs.errors import DatabaseUnavailable, InvalidRequest, KbsError
 from kbs.nodeapi.metrics import BrokerMetrics
+from kbs.nodeapi.nodeauth import REFUSED_TEXT, Metadata, NodeAuthenticator
 from kbs.nodeapi.ratelimit import InflightCounter, TokenBuckets, peer_host
-from keylease.api.v1.limits import MAX_NODE_NAME
+from kbs.tpm.ekcert import ek_hash
+from kbs.tpm.objects import parse_public
+from keylease.api.v1.limits import MAX_NODE_NAME, MAX_TPM_PUBLIC
+from keylease.api.v1.nodeauth import AUTHENTICATED_METHODS
+from keylease.text import printable
 
 __all__ = ["EXPENSIVE_METHODS", "RETRY_AFTER_KEY", "LimitInterceptor"]
 
@@ -49,6 +62,13 @@ _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # not in grpc-stubs
 Context = grpc.aio.ServicerContext[Any, Any]
 UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
 StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
+
+
+class _Received(NamedTuple):
+    """A request message and the bytes it arrived as."""
+
+    raw: bytes
+    message: Any
 
 
 class _Refused(Exception):
@@ -74,15 +94,19 @@ else:  # not subscriptable at run time
 
 
 class LimitInterceptor(_Interceptor):
-    def __init__(self, settings: LimitSettings, metrics: BrokerMetrics) -> None:
+    def __init__(
+        self, settings: LimitSettings, metrics: BrokerMetrics, authenticator: NodeAuthenticator
+    ) -> None:
         self._s = settings
         self._metrics = metrics
+        self._auth = authenticator
         self._peer_rate = _buckets(
             settings.rate_limit_peer_per_second, settings.rate_limit_peer_burst
         )
         self._node_rate = _buckets(
             settings.rate_limit_node_per_second, settings.rate_limit_node_burst
         )
+        self._ek_rate = _buckets(settings.rate_limit_ek_per_second, settings.rate_limit_ek_burst)
         self._inflight = InflightCounter(settings.max_inflight_per_peer)
         self._slots = asyncio.Semaphore(settings.max_concurrent_attestations)
         self._waiting = 0
@@ -98,22 +122,30 @@ class LimitInterceptor(_Interceptor):
         if found is None or found.request_streaming or not _ours(handler_call_details.method):
             return found  # type: ignore[return-value]  # None: unknown method, gRPC answers it
         handler = found
-        method = handler_call_details.method.rpartition("/")[2]
+        path = handler_call_details.method
+        parse = handler.request_deserializer
+        assert parse is not None
+
+        def received(raw: bytes) -> _Received:
+            return _Received(raw, parse(raw))
+
         if handler.unary_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(method, cast(UnaryBehavior, handler.unary_unary)),
-                request_deserializer=handler.request_deserializer,
+                self._unary(path, cast(UnaryBehavior, handler.unary_unary)),
+                request_deserializer=received,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._stream(method, cast(StreamBehavior, handler.unary_stream)),
-                request_deserializer=handler.request_deserializer,
+                self._stream(path, cast(StreamBehavior, handler.unary_stream)),
+                request_deserializer=received,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
-    def _unary(self, method: str, inner: UnaryBehavior) -> Callable[..., Awaitable[Any]]:
+    def _unary(self, path: str, inner: UnaryBehavior) -> Callable[..., Awaitable[Any]]:
+        method = path.rpartition("/")[2]
+
         async def behavior(requests: AsyncIterator[Any], context: Context) -> Any:
             start = time.monotonic()
             peer = peer_host(context.peer())
@@ -121,8 +153,7 @@ class LimitInterceptor(_Interceptor):
                 self._admit_peer(peer, method)
                 try:
                     async with asyncio.timeout(self._s.rpc_deadline_seconds):
-                        request = await _read_one(context)
-                        self._admit_node(request, method)
+                        request = await self._admit_call(path, peer, context)
                         if method in EXPENSIVE_METHODS:
                             return await self._expensive(inner, request, context)
                         return await inner(request, context)
@@ -137,17 +168,18 @@ class LimitInterceptor(_Interceptor):
 
         return behavior
 
-    def _stream(self, method: str, inner: StreamBehavior) -> Callable[..., AsyncIterator[Any]]:
+    def _stream(self, path: str, inner: StreamBehavior) -> Callable[..., AsyncIterator[Any]]:
+        method = path.rpartition("/")[2]
+
         async def behavior(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
             peer = peer_host(context.peer())
             try:
                 self._admit_peer(peer, method)
                 try:
                     async with asyncio.timeout(self._s.rpc_deadline_seconds):
-                        request = await _read_one(context)
+                        request = await self._admit_call(path, peer, context)
                 finally:
                     self._inflight.release(peer)
-                self._admit_node(request, method)
             except _Refused as exc:
                 await self._refuse(context, exc, method)
             except TimeoutError:
@@ -180,16 +212,64 @@ class LimitInterceptor(_Interceptor):
                 BUSY_RETRY_SECONDS,
             )
 
-    def _admit_node(self, request: Any, method: str) -> None:
+    async def _admit_call(self, path: str, peer: str, context: Context) -> Any:
+        """Read the request, then authenticate the node and charge its (or its EK's) budget;
+        returns the request message."""
+        received: _Received = await _read_one(context)
+        request = received.message
         name = getattr(request, "node_name", "")
-        if self._node_rate is None or not isinstance(name, str) or not name:
-            return
-        if len(name) > MAX_NODE_NAME:  # refused later as INVALID_ARGUMENT; no bucket for it
+        if path in AUTHENTICATED_METHODS:
+            await self._authenticate(path, peer, context, name, received.raw)
+            self._admit_node(name)
+        elif path.endswith("/StartEnrollment"):
+            self._admit_ek(getattr(request, "ek_public", b""))
+        return request
+
+    async def _authenticate(
+        self, path: str, peer: str, context: Context, name: object, raw: bytes
+    ) -> None:
+        try:
+            ok = isinstance(name, str) and await self._auth.verify(
+                path, cast(Metadata, context.invocation_metadata()), name, raw
+            )
+        except DatabaseUnavailable as exc:
+            self._metrics.db_errors.inc()
+            raise _Refused("", exc.diagnostics(), 0, grpc.StatusCode.UNAVAILABLE) from None
+        except KbsError as exc:
+            self._metrics.db_errors.inc()
+            log.error("%s: cannot check the node's key: %s", path, exc)
+            raise _Refused("", "internal error; see the broker log", 0,
+                           grpc.StatusCode.INTERNAL) from None  # fmt: skip
+        if not ok:
+            self._auth.refused(peer, path)
+            raise _Refused("unauthenticated", REFUSED_TEXT, 0, grpc.StatusCode.UNAUTHENTICATED)
+
+    def _admit_node(self, name: str) -> None:
+        """The per-node rate, charged only once the call proved it comes from node ``name``."""
+        if self._node_rate is None or not name or len(name) > MAX_NODE_NAME:
             return
         wait = self._node_rate.take(name)
         if wait:
             rate = self._s.rate_limit_node_per_second
             raise _Refused("node_rate", f"too many requests for node {name!r} ({rate:g}/s)", wait)
+
+    def _admit_ek(self, ek_public: object) -> None:
+        """The per-EK rate of StartEnrollment, keyed by the EK's hash (the key, not its
+        encoding). A request whose EK does not parse passes: the handler refuses it."""
+        if self._ek_rate is None or not isinstance(ek_public, bytes):
+            return
+        if not ek_public or len(ek_public) > MAX_TPM_PUBLIC:
+            return
+        try:
+            digest = ek_hash(parse_public(ek_public, "ek_public").key)
+        except InvalidRequest:
+            return
+        wait = self._ek_rate.take(digest)
+        if wait:
+            rate = self._s.rate_limit_ek_per_second
+            raise _Refused(
+                "ek_rate", f"too many enrollments for EK {digest[:16]} ({rate:g}/s)", wait
+            )
 
     async def _expensive(self, inner: UnaryBehavior, request: Any, context: Context) -> Any:
         """``inner`` in an attestation slot (the caller's timeout bounds the wait)."""
@@ -211,9 +291,10 @@ class LimitInterceptor(_Interceptor):
             self._slots.release()
 
     async def _refuse(self, context: Context, exc: _Refused, method: str) -> NoReturn:
-        self._metrics.limited.labels(exc.limit).inc()
+        if exc.limit:  # "": not a limit (the database failed)
+            self._metrics.limited.labels(exc.limit).inc()
         if exc.code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
-            await context.abort(exc.code, str(exc))
+            await context.abort(exc.code, printable(str(exc)))
         ms = max(1, math.ceil(exc.retry_after * 1000))
         log.info("%s refused: %s; retry in %d ms", method, exc, ms)
         await context.abort(

@@ -9,6 +9,9 @@ Each subscription has a small bounded queue. A subscriber too slow to keep up ne
 others: when its queue is full, the queue's content is folded into one notice (REVOKED if any
 pending notice was a revocation, CHANGED otherwise) — the agent acts on a notice, not on a count.
 
+Listeners (``listen``) see every change as it is dispatched: the node authenticator drops the
+cached key of a node that changed (an enrollment on another replica records a change).
+
 Limits: at most ``MAX_WATCHERS`` subscriptions; at most ``MAX_PER_NODE`` per node name, the
 oldest being closed when a newer one arrives (an agent that reconnects after a network break
 displaces its own stale stream). Closing the feed closes every subscription, so Watch streams end
@@ -20,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kbs.errors import FeedClosed, KbsError, TooManyWatchers
@@ -131,6 +134,7 @@ class ChangeFeed:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._closed = ""
+        self._listeners: list[Callable[[Change], None]] = []
 
     @property
     def watchers(self) -> int:
@@ -188,9 +192,16 @@ class ChangeFeed:
             for sub in list(mine):
                 self._remove(sub, because)
 
+    def listen(self, listener: Callable[[Change], None]) -> None:
+        """Call ``listener`` with every change dispatched from now on (on the event loop)."""
+        self._listeners.append(listener)
+
     def dispatch(self, changes: Sequence[Change]) -> None:
-        """Hand ``changes`` to the subscriptions they concern (the poller calls this)."""
+        """Hand ``changes`` to the listeners and to the subscriptions they concern (the poller
+        calls this)."""
         for change in changes:
+            for listener in self._listeners:
+                listener(change)
             notice = Notice(change.kind, change.reason)
             if change.node is None:
                 targets = [s for mine in self._subs.values() for s in mine]

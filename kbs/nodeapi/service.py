@@ -1,8 +1,14 @@
 """The node-facing gRPC service: protobuf in, typed values to the protocol steps, protobuf out.
 
 This is the one place where broker errors become the node API's status codes: a ``KbsError``
-answers with the code ``NODE_STATUS`` gives its exact class, and its operator-readable text;
-anything else is logged and answered INTERNAL without details. Every field is checked against
+answers with the code ``kbs.nodeapi.status.NODE_STATUS`` gives its exact class, and its
+operator-readable text;
+anything else is logged and answered INTERNAL without details. The classes in
+``VERIFIED_DENIALS`` — a verdict on the node that proved its identity: revoked, no policy, policy
+or event log refuse it, nothing granted, its TPM's counters went back — also carry the trailing
+metadata ``keylease-verdict: denied``: the only answer on which an agent removes its keys.
+Callers reach these handlers only through ``kbs.nodeapi.admission``, which has already checked
+that GetNonce, Attest and Watch come from the node they name. Every field is checked against
 ``keylease.api.v1.limits`` before anything parses it. Refusals and denials are written to the
 audit log here.
 
@@ -34,7 +40,9 @@ from kbs.context import BrokerContext
 from kbs.model import ChangeKind, NodeState, check_node_name
 from kbs.nodeapi.changefeed import ChangeFeed, Notice, Subscription
 from kbs.nodeapi.metrics import BrokerMetrics
+from kbs.nodeapi.status import NODE_STATUS, VERIFIED_DENIALS
 from kbs.nonces import issue_nonce
+from keylease.api.v1 import VERDICT_DENIED, VERDICT_KEY
 from keylease.api.v1 import keylease_pb2 as pb
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
 from keylease.api.v1.limits import (
@@ -54,58 +62,15 @@ from keylease.api.v1.limits import (
     MAX_SIGNATURE,
     MAX_TPM_PUBLIC,
 )
+from keylease.text import printable
 
-__all__ = ["HEARTBEAT_INTERVAL", "NODE_STATUS", "NodeService"]
+__all__ = ["HEARTBEAT_INTERVAL", "NodeService"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 HEARTBEAT_INTERVAL = 15.0
-
-_S = grpc.StatusCode
-# Every broker error, by exact class, to the status the node API answers with.
-NODE_STATUS: dict[type[e.KbsError], grpc.StatusCode] = {
-    e.KbsError: _S.INTERNAL,
-    e.ConfigError: _S.INTERNAL,
-    e.StoreError: _S.INTERNAL,
-    e.DatabaseUnavailable: _S.UNAVAILABLE,
-    e.StoreConflict: _S.INTERNAL,
-    e.OperatorError: _S.INVALID_ARGUMENT,
-    e.NotFound: _S.NOT_FOUND,
-    e.InvalidRequest: _S.INVALID_ARGUMENT,
-    e.EventLogInvalid: _S.INVALID_ARGUMENT,
-    e.UnknownNode: _S.NOT_FOUND,
-    e.EnrollmentRefused: _S.PERMISSION_DENIED,
-    e.UntrustedEk: _S.PERMISSION_DENIED,
-    e.EkPublicMismatch: _S.PERMISSION_DENIED,
-    e.AkAttributesInvalid: _S.PERMISSION_DENIED,
-    e.ActivationFailed: _S.PERMISSION_DENIED,
-    e.NodeEkConflict: _S.ALREADY_EXISTS,
-    e.NotAllowlisted: _S.PERMISSION_DENIED,
-    e.AttestationFailed: _S.PERMISSION_DENIED,
-    e.NonceUnknown: _S.PERMISSION_DENIED,
-    e.NonceExpired: _S.PERMISSION_DENIED,
-    e.QuoteInvalid: _S.PERMISSION_DENIED,
-    e.QuoteStructureInvalid: _S.PERMISSION_DENIED,
-    e.IncorrectSignature: _S.PERMISSION_DENIED,
-    e.QualifyingDataMismatch: _S.PERMISSION_DENIED,
-    e.PcrSelectionMismatch: _S.PERMISSION_DENIED,
-    e.PcrDigestMismatch: _S.PERMISSION_DENIED,
-    e.EventLogMismatch: _S.PERMISSION_DENIED,
-    e.EventLogMissing: _S.PERMISSION_DENIED,
-    e.NodeNotApproved: _S.PERMISSION_DENIED,
-    e.NodeRevoked: _S.PERMISSION_DENIED,
-    e.NoPolicy: _S.PERMISSION_DENIED,
-    e.PolicyDenied: _S.PERMISSION_DENIED,
-    e.NotGranted: _S.PERMISSION_DENIED,
-    e.FeedClosed: _S.UNAVAILABLE,
-    e.TooManyWatchers: _S.RESOURCE_EXHAUSTED,
-    e.AdminAccessDenied: _S.PERMISSION_DENIED,
-    e.RevocationsUnreadable: _S.UNAVAILABLE,
-    e.RevocationNotShared: _S.INTERNAL,
-    e.AdminUnavailable: _S.INTERNAL,
-}
 
 
 def _bounded(field: str, value: bytes | str, limit: int, *, required: bool = True) -> None:
@@ -130,9 +95,12 @@ class NodeService(pb_grpc.NodeServiceServicer):
         feed: ChangeFeed,
         heartbeat: float = HEARTBEAT_INTERVAL,
         metrics: BrokerMetrics | None = None,
+        enrolled: Callable[[str], None] = lambda _name: None,
     ) -> None:
+        """``enrolled(name)``: told after each successful enrollment (the node key changed)."""
         self._ctx = ctx
         self._feed = feed
+        self._enrolled = enrolled
         self._heartbeat = heartbeat
         self._metrics = metrics or BrokerMetrics()
         self._inline = ctx.store.is_sqlite
@@ -151,8 +119,11 @@ class NodeService(pb_grpc.NodeServiceServicer):
         except e.KbsError as exc:
             self._metrics.failed(event, _result(exc), exc)
             self._audit_refusal(event, node, exc)
-            log.info("%s node=%s result=%s reason=%s", event, node or "-", _result(exc), exc)
-            await _abort(context, _status(exc), exc.diagnostics())
+            reason = printable(str(exc))
+            log.info("%s node=%s result=%s reason=%s", event, node or "-", _result(exc), reason)
+            verdict = ((VERDICT_KEY, VERDICT_DENIED),) if type(exc) in VERIFIED_DENIALS else ()
+            await context.abort(_status(exc), exc.diagnostics(), trailing_metadata=verdict)
+            raise AssertionError("unreachable: context.abort raises") from None
         except Exception:  # the service's top-level guard: never leak internals to the peer
             self._metrics.outcome(event, "error", "internal")
             log.exception("%s node=%s failed with an internal error", event, node or "-")
@@ -167,7 +138,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
                 event=event,
                 node=node or None,
                 result=_result(exc),
-                detail=f"{type(exc).__name__}: {exc}"[:1000],
+                detail=printable(f"{type(exc).__name__}: {exc}", 1000),
                 now=self._ctx.clock(),
             )
         except e.KbsError as db_exc:
@@ -213,7 +184,8 @@ class NodeService(pb_grpc.NodeServiceServicer):
             _bounded("secret", request.secret, MAX_PROOF)
             return enroll_step.finish(self._ctx, request.enrollment_id, request.secret)
 
-        _, state = await self._run(context, "enroll", "", run)
+        name, state = await self._run(context, "enroll", "", run)
+        self._enrolled(name)
         self._metrics.outcome("enroll", "ok")
         return pb.FinishEnrollmentResponse(state=_STATES[state])
 
@@ -252,6 +224,8 @@ class NodeService(pb_grpc.NodeServiceServicer):
                 bundle_nonce=rel.bundle_nonce,
                 bundle_ciphertext=rel.bundle_ciphertext,
                 node_name=rel.node_name,
+                signing_certificate=rel.signing_certificate,
+                signature=rel.signature,
             ),
         )
 

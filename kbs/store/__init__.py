@@ -119,12 +119,17 @@ class Store:
     def enroll_node(
         self, *, name: str, ek_hash: str, ek_public: bytes, ek_certificate: bytes,
         ak_public: bytes, state: NodeState, metadata: Mapping[str, str], now: datetime,
+        node_key: bytes | None = None,
     ) -> Node:  # fmt: skip
         return nodes.enroll_node(
             self.database, name=name, ek_hash=ek_hash, ek_public=ek_public,
             ek_certificate=ek_certificate, ak_public=ak_public, state=state, metadata=metadata,
-            now=now,
+            node_key=node_key, now=now,
         )  # fmt: skip
+
+    def node_key(self, name: str) -> bytes | None:
+        """The node's key, sealed under the master key (``kbs.nodeapi.nodeauth`` opens it)."""
+        return nodes.node_key(self.database, name)
 
     def approve_node(self, name: str, labels: Mapping[str, str], now: datetime) -> Node:
         """Approve a node and replace its labels (a CHANGED row for it). NotFound if unknown."""

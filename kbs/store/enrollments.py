@@ -1,8 +1,11 @@
 """What enrollment needs from the database: credential-activation challenges and the EK allowlist.
 
 A challenge (``PendingEnrollment``) is taken once, by one ``DELETE ... RETURNING``, whatever
-replica the proof arrives at; only the newest ``MAX_ENROLLMENTS_PER_NODE`` per node name are
-kept, and expired ones are purged now and then (``kbs.store.expiry``). The allowlist holds the
+replica the proof arrives at; only the newest ``MAX_ENROLLMENTS_PER_NODE`` per node name and EK
+are kept (so a stranger claiming the name with another EK evicts nothing of the real node's, and
+one replaying its public EK data is held to the per-EK rate limit, ``kbs.nodeapi.admission``,
+far below this bound for the milliseconds the real agent needs), and expired ones are purged
+now and then (``kbs.store.expiry``). The allowlist holds the
 EK hashes an operator registered for ``enrollment = "allowlist"``.
 """
 
@@ -34,7 +37,10 @@ def add_enrollment(db: Database, purge: PurgeTimer, pending: PendingEnrollment) 
     """Record a credential-activation challenge."""
     newest = (
         sa.select(enrollments.c.id)
-        .where(enrollments.c.node_name == pending.node_name)
+        .where(
+            enrollments.c.node_name == pending.node_name,
+            enrollments.c.ek_hash == pending.ek_hash,
+        )
         .order_by(enrollments.c.expires_at.desc())
         .limit(MAX_ENROLLMENTS_PER_NODE)
     )
@@ -49,7 +55,9 @@ def add_enrollment(db: Database, purge: PurgeTimer, pending: PendingEnrollment) 
         )  # fmt: skip
         conn.execute(
             enrollments.delete().where(
-                enrollments.c.node_name == pending.node_name, enrollments.c.id.not_in(newest)
+                enrollments.c.node_name == pending.node_name,
+                enrollments.c.ek_hash == pending.ek_hash,
+                enrollments.c.id.not_in(newest),
             )
         )
         if purge.due():

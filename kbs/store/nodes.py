@@ -1,7 +1,10 @@
 """Enrolled nodes: their EK binding, state, labels and last verified attestation.
 
 ``enroll_node`` is one transaction under the ``nodes`` unique constraints (name, EK hash),
-retried on a race with another writer, so one name or EK never yields two nodes. A state change
+retried on a race with another writer, so one name or EK never yields two nodes; it stores the
+node key (sealed) the node's calls are authenticated with, and an enrollment of a known node
+records a CHANGED row so that every replica forgets the old key it may have cached
+(``kbs.nodeapi.nodeauth``). A state change
 by the operator records its change-feed row (``kbs.store.changes``) in the same transaction;
 revoking also drops the node's outstanding nonces and challenges. ``record_attestation`` writes
 the verified PCR values, the key versions the outcome leaves the node holding (``key show``), the
@@ -46,6 +49,7 @@ __all__ = [
     "get_node",
     "list_nodes",
     "node_by_ek",
+    "node_key",
     "record_attestation",
     "set_state",
 ]
@@ -55,6 +59,7 @@ ENROLL_ATTEMPTS = 3
 P = sa.bindparam
 # The attestation path's statements, compiled once per dialect (``Database.run``).
 GET_NODE = sa.select(nodes).where(nodes.c.name == P("p_name"))
+GET_NODE_KEY = sa.select(nodes.c.node_key).where(nodes.c.name == P("p_name"))
 RECORD_ATTESTATION = (
     nodes.update()
     .where(nodes.c.name == P("p_name"))
@@ -84,6 +89,13 @@ def get_node(db: Database, name: str) -> Node | None:
     with db.tx(write=False, single=True) as conn:
         row = db.run(conn, GET_NODE, {"p_name": name}).mappings().first()
     return None if row is None else node_from_row(row)
+
+
+def node_key(db: Database, name: str) -> bytes | None:
+    """The node's sealed node key; None for an unknown node or one enrolled before node keys."""
+    with db.tx(write=False, single=True) as conn:
+        row = db.run(conn, GET_NODE_KEY, {"p_name": name}).first()
+    return None if row is None or row[0] is None else bytes(row[0])
 
 
 def _node_or_raise(conn: sa.Connection, name: str) -> Node:
@@ -123,11 +135,15 @@ def enroll_node(
     state: NodeState,
     metadata: Mapping[str, str],
     now: datetime,
+    node_key: bytes | None = None,
 ) -> Node:
-    """Record a new node, or re-key the AK of a known node with the same EK (state and labels
-    kept). A name bound to another EK, or this EK under another name: NodeEkConflict. A race
-    with another writer (another replica) is retried, so its loser sees the winner's row."""
-    rekey = dict(ek_certificate=ek_certificate, ak_public=ak_public,
+    """Record a new node, or re-key the AK and node key of a known node with the same EK (state
+    and labels kept; the recorded reset/restart counters start over, as a new AK's quotes may
+    come from a cleared TPM). A name bound to another EK, or this EK under another name:
+    NodeEkConflict. A race with another writer (another replica) is retried, so its loser sees
+    the winner's row. Without ``node_key`` every call of the node is refused until it enrolls
+    again."""
+    rekey = dict(ek_certificate=ek_certificate, ak_public=ak_public, node_key=node_key,
                  metadata=dumps_map(metadata), updated_at=ts(now))  # fmt: skip
     new = dict(name=name, state=state.value, labels="{}", ek_hash=ek_hash, ek_public=ek_public,
                enrolled_at=ts(now), pcr_banks="{}", **rekey)  # fmt: skip
@@ -135,7 +151,12 @@ def enroll_node(
         try:
             with db.tx(catalog=False) as conn:
                 if _known(conn, name, ek_hash):
-                    conn.execute(nodes.update().where(nodes.c.name == name).values(rekey))
+                    conn.execute(
+                        nodes.update()
+                        .where(nodes.c.name == name)
+                        .values({**rekey, "reset_count": None, "restart_count": None})
+                    )
+                    record_change(db, conn, name, ChangeKind.CHANGED, "enrolled again", now)
                 else:
                     conn.execute(nodes.insert().values(new))
                 return _node_or_raise(conn, name)

@@ -160,6 +160,7 @@ nodes = _table(
     _c("boot_log_digest", T, nullable=True), _c("last_denial", T, nullable=True),
     _c("last_denial_at", T, nullable=True),
     _c("held_keys", T, server_default="[]"), _c("lease_until", T, nullable=True),
+    _c("node_key", B, nullable=True),
 )  # fmt: skip
 boot_states = _table("boot_states", _c("node_name", T, primary_key=True),
                      _c("log_digest", T), _c("states", T), _c("recorded_at", T))  # fmt: skip

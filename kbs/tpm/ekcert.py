@@ -4,6 +4,12 @@ The chain is built by hand, not with a web-PKI verifier: EK certificates have an
 a critical TPM-manufacturer SAN and the TCG EKU, which web-PKI profiles reject. Each link is
 checked explicitly: issuer name and signature (``verify_directly_issued_by``), validity at ``now``,
 CA basic constraints and keyCertSign on every issuer, and the EK EKU (2.23.133.8.1) on the leaf.
+
+``cryptography`` parses a certificate lazily and raises classes that are not ``ValueError`` for
+some malformed ones (``DuplicateExtension``, ``UnsupportedGeneralNameType``); every part the
+checks read is therefore parsed once, up front, and anything malformed is refused as
+``EkCertificateMalformed`` before a trust decision is made. Names taken from an untrusted
+certificate reach messages only through ``keylease.text.printable``.
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from kbs.errors import ConfigError, EkPublicMismatch, InvalidRequest, UntrustedEk
+from kbs.errors import ConfigError, EkCertificateMalformed, EkPublicMismatch, UntrustedEk
+from keylease.text import printable
 
 __all__ = [
     "EK_CERTIFICATE_EKU",
@@ -34,6 +41,8 @@ EK_CERTIFICATE_EKU = x509.ObjectIdentifier("2.23.133.8.1")
 MAX_CHAIN = 6
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+_MALFORMED = (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension,
+              x509.UnsupportedGeneralNameType)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,7 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         return False
-    except ValueError:  # a malformed extension
+    except _MALFORMED:  # a malformed extension
         return False
 
 
@@ -119,16 +128,45 @@ def _within_validity(cert: x509.Certificate, now: datetime) -> bool:
 
 
 def _describe(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
+    return printable(cert.subject.rfc4514_string(), 200) or f"serial {cert.serial_number:x}"
+
+
+def _parse(der: bytes) -> x509.Certificate:
+    """The certificate with every part the checks read parsed; EkCertificateMalformed if any
+    part does not parse."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise EkCertificateMalformed("ek_certificate is not a DER X.509 certificate") from None
+    for part, read in (
+        ("its extensions", lambda: cert.extensions),
+        ("its issuer name", lambda: cert.issuer.rfc4514_string()),
+        ("its subject name", lambda: cert.subject.rfc4514_string()),
+        ("its validity", lambda: (cert.not_valid_before_utc, cert.not_valid_after_utc)),
+    ):
+        try:
+            read()
+        except x509.DuplicateExtension as exc:
+            raise EkCertificateMalformed(
+                f"the EK certificate is malformed: extension {exc.oid.dotted_string} appears twice"
+            ) from None
+        except x509.UnsupportedGeneralNameType:
+            raise EkCertificateMalformed(
+                "the EK certificate is malformed: it has a name form this broker does not "
+                "accept (x400Address or ediPartyName)"
+            ) from None
+        except _MALFORMED:
+            raise EkCertificateMalformed(
+                f"the EK certificate is malformed: {part} cannot be parsed"
+            ) from None
+    return cert
 
 
 def verify_ek_certificate(der: bytes, bundle: EkTrustBundle, now: datetime) -> x509.Certificate:
-    """Parse the EK certificate and verify it chains to the bundle; raise UntrustedEk otherwise."""
-    try:
-        cert = x509.load_der_x509_certificate(der)
-        extensions = cert.extensions
-    except ValueError:
-        raise InvalidRequest("ek_certificate is not a DER X.509 certificate") from None
+    """Parse the EK certificate and verify it chains to the bundle; raise UntrustedEk otherwise
+    (EkCertificateMalformed when it does not parse)."""
+    cert = _parse(der)
+    extensions = cert.extensions
     try:
         eku = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
@@ -144,8 +182,9 @@ def verify_ek_certificate(der: bytes, bundle: EkTrustBundle, now: datetime) -> x
         )
     if _chains(cert, bundle, now, depth=0):
         return cert
+    issuer = printable(cert.issuer.rfc4514_string(), 200) or "-"
     raise UntrustedEk(
-        f"the EK certificate (issuer {cert.issuer.rfc4514_string() or '-'}) does not chain to "
+        f"the EK certificate (issuer {issuer}) does not chain to "
         "a root in ek_roots; if this TPM's manufacturer is trusted, add its root and "
         "intermediate certificates to the ek_roots bundle"
     )
@@ -159,7 +198,7 @@ def _chains(cert: x509.Certificate, bundle: EkTrustBundle, now: datetime, depth:
             continue
         try:
             cert.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature):
+        except (TypeError, InvalidSignature, *_MALFORMED):
             continue
         if is_root or _chains(issuer, bundle, now, depth + 1):
             return True
@@ -174,7 +213,7 @@ def check_ek_matches(cert: x509.Certificate, ek_key: PublicKey) -> None:
     """The EK public area the node sent must be the key its certificate certifies."""
     try:
         certified = cert.public_key()
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         raise UntrustedEk("the EK certificate's public key cannot be read") from None
     if not isinstance(certified, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise UntrustedEk("the EK certificate certifies neither an RSA nor an ECC key")

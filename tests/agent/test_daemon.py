@@ -3,8 +3,10 @@ broker over TLS, real swtpms. Each test is one scenario of the daemon issue."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -19,9 +21,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from agent.keystore import SealedCache
+from agent.state import StateDir
 from agent.tpm import Tpm
 from harness.broker import Broker, agent
 from harness.daemon import AgentDaemon, NotifySocket
+from harness.forge import broker_signer, forged_release, stranger_signer
 from harness.keys import write_key
 from harness.nodes import Node
 from harness.operator import grant_node, ok
@@ -134,9 +139,11 @@ def test_state_copied_next_to_another_tpm_restores_nothing(
     assert key_files(thief) == []
 
 
-def test_pcr_change_then_restart_restores_nothing(
+def test_pcr_change_then_restart_restores_nothing_and_only_a_verdict_removes_the_keys(
     granted: Node, broker: Broker, daemon_for: Callable[..., tuple[AgentDaemon, NotifySocket]]
 ) -> None:
+    """A cache that no longer opens is no verdict: the keys installed before stay until the
+    lease the agent recorded ends; the broker's denial of the new boot state removes them."""
     daemon, sock = daemon_for(granted)
     assert sock.ready(30) is not None, daemon.log()
     assert daemon.stop() == 0
@@ -146,10 +153,19 @@ def test_pcr_change_then_restart_restores_nothing(
     daemon, sock = daemon_for(granted)
     ready = sock.ready(15)
     assert ready is not None, daemon.log()
-    assert ready.fields["STATUS"].startswith("no keys"), ready.fields
+    assert ready.fields["STATUS"].startswith("1 key, lease until"), ready.fields
+    assert "keys kept until the lease ends" in ready.fields["STATUS"]
     assert "nothing restored from the sealed cache" in daemon.log()
     assert "PCR 7 (sha256) changed since the release was sealed" in daemon.log()
-    assert key_files(granted) == [], "keys the cache no longer backs must go"
+    assert len(key_files(granted)) == 2, "no verdict yet: the keys stay until the lease ends"
+    assert (granted.root / "state" / "release.bin").exists(), "the cache stays too"
+    broker.restart()  # same port: the agent's next retry reaches it and is denied (PCR 7)
+    deadline = time.monotonic() + 20
+    while key_files(granted) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert key_files(granted) == [], daemon.log()
+    assert daemon.wait_log("PCR 7", 5), daemon.log()
+    assert not (granted.root / "state" / "release.bin").exists()
 
 
 def test_lease_expiry_with_the_broker_stopped_removes_the_keys(
@@ -346,3 +362,134 @@ def test_a_busy_brokers_retry_hint_is_a_floor_for_the_next_attempt(
     delay = float(re.search(r"retrying in ([\d.]+) s", lines[0]).group(1))  # type: ignore[union-attr]
     assert hint_ms >= 5000, lines[0]
     assert hint_ms / 1000 <= delay <= hint_ms / 1000 * 1.25 + 0.1, lines[0]
+
+
+# --- issue 10: what a stranger who can write files cannot make the agent do -------------------
+
+
+def _restart_with(
+    granted: Node,
+    broker: Broker,
+    daemon_for: Callable[..., tuple[AgentDaemon, NotifySocket]],
+    plant: Callable[[SealedCache], None],
+) -> tuple[AgentDaemon, NotifySocket, dict[Path, bytes]]:
+    """Keys installed by a daemon, the daemon stopped (keys stay), the broker down, ``plant``
+    run on the cache, the daemon started again; returns it and the key files as they were."""
+    daemon, sock = daemon_for(granted)
+    assert sock.ready(30) is not None, daemon.log()
+    assert daemon.stop() == 0
+    broker.stop()
+    before = {p: p.read_bytes() for p in key_files(granted)}
+    assert len(before) == 2
+    plant(SealedCache(StateDir.open(granted.config().state_dir)))
+    daemon, sock = daemon_for(granted)
+    return daemon, sock, before
+
+
+@pytest.mark.parametrize("planted", ["signed-by-a-stranger", "altered", "unsigned"])
+def test_a_planted_release_bin_is_refused_and_the_keys_kept(
+    granted: Node,
+    broker: Broker,
+    daemon_for: Callable[..., tuple[AgentDaemon, NotifySocket]],
+    tmp_path: Path,
+    planted: str,
+) -> None:
+    """A release made for this very TPM and PCR state by someone who can write the state
+    directory: not signed by the broker, so nothing of it is installed, and the keys installed
+    before stay until their lease ends."""
+    evil = write_key(tmp_path / "evil.pem", ec.generate_private_key(ec.SECP256R1())).read_bytes()
+    cfg = granted.config()
+    expected = {
+        "signed-by-a-stranger": "not issued by the broker's CA",
+        "altered": "signature does not verify",
+        "unsigned": "not signed by the broker",
+    }[planted]
+
+    def plant(cache: SealedCache) -> None:
+        if planted == "signed-by-a-stranger":
+            blob = forged_release(cfg, stranger_signer(tmp_path), [("prod-key", 9, evil)])
+        else:
+            genuine = cache.load()
+            assert genuine is not None
+            ciphertext = bytearray(genuine.bundle_ciphertext)
+            ciphertext[0] ^= 1
+            blob = dataclasses.replace(genuine, bundle_ciphertext=bytes(ciphertext))
+            if planted == "unsigned":
+                blob = dataclasses.replace(genuine, signature=b"", signing_certificate=b"")
+        cache.save(blob, {})
+
+    daemon, sock, before = _restart_with(granted, broker, daemon_for, plant)
+    ready = sock.ready(15)
+    assert ready is not None, daemon.log()
+    assert "keys kept until the lease ends" in ready.fields["STATUS"], ready.fields
+    assert expected in daemon.log()
+    assert {p: p.read_bytes() for p in key_files(granted)} == before
+    assert status(granted)["lease_not_after"] is not None
+    assert daemon.alive()
+
+
+def test_a_cache_whose_lease_ends_in_2_to_the_62_is_refused_and_the_daemon_keeps_running(
+    granted: Node, broker: Broker, daemon_for: Callable[..., tuple[AgentDaemon, NotifySocket]]
+) -> None:
+    """Signed by the broker's own key (as if it had a bug): refused at parse with a clear error
+    (it used to kill the worker thread, and the process exited 0)."""
+    cfg = granted.config()
+
+    def plant(cache: SealedCache) -> None:
+        pem = granted.key_file("prod-key").read_bytes()
+        blob = forged_release(cfg, broker_signer(broker), [("prod-key", 1, pem)], not_after=2**62)
+        cache.save(blob, {})
+
+    daemon, sock, before = _restart_with(granted, broker, daemon_for, plant)
+    assert sock.ready(15) is not None, daemon.log()
+    assert daemon.wait_log("the release's lease times are out of range", 5), daemon.log()
+    time.sleep(2)
+    assert daemon.alive(), daemon.log()
+    assert "Traceback" not in daemon.log()
+    assert {p: p.read_bytes() for p in key_files(granted)} == before
+    broker.restart()  # the broker is back: the next attestation replaces the cache
+    assert daemon.wait_log("attested: prod-key@v1 installed", 20), daemon.log()
+
+
+def test_a_worker_thread_that_dies_makes_the_daemon_exit_non_zero(
+    granted: Node, daemon_for: Callable[..., tuple[AgentDaemon, NotifySocket]], tmp_path: Path
+) -> None:
+    """So that systemd's Restart=on-failure starts it again (it used to exit 0). What kills the
+    worker here: a key directory replaced by a symlink, which the keystore refuses to touch."""
+    own = granted.key_dirs[0] / "keylease"
+    own.parent.mkdir(parents=True, exist_ok=True)
+    own.symlink_to(tmp_path)
+    daemon, _ = daemon_for(granted)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(30) == 1, daemon.log()
+    assert "worker thread died" in daemon.log()
+
+
+def test_a_hardlink_planted_at_the_state_temp_path_is_not_written_through(
+    granted: Node, tmp_path: Path
+) -> None:
+    state = granted.root / "state"
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"not the agent's to write")
+    os.link(precious, state / ".release.bin.tmp")
+    (state / ".release-pcrs.json.tmp").symlink_to(precious)
+    result = granted.attest()
+    assert result.returncode == 0, result
+    assert precious.read_bytes() == b"not the agent's to write"
+    assert precious.stat().st_nlink == 1
+    assert not (state / ".release.bin.tmp").exists()
+    assert not (state / ".release-pcrs.json.tmp").is_symlink()
+    assert "removed it unread" in result.stderr
+    assert SealedCache(StateDir.open(state)).load() is not None
+
+
+def test_the_daemon_locks_its_memory(
+    granted: Node, daemon_for: Callable[..., tuple[AgentDaemon, NotifySocket]]
+) -> None:
+    daemon, sock = daemon_for(granted)
+    assert sock.ready(30) is not None, daemon.log()
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{daemon.pid}/status").read_text().splitlines()
+    )
+    assert int(fields["VmLck"].split()[0]) > 10_000, fields["VmLck"]  # kB: the whole process
+    assert "memory not locked" not in daemon.log()

@@ -559,6 +559,71 @@ def test_audit_shows_refusal_details(kbs: Kbs, config: Path) -> None:
     assert kbs("audit", "--limit", "0").code == 2
 
 
+def test_node_metadata_and_refusal_details_are_escaped_on_the_terminal(
+    kbs: Kbs, config: Path
+) -> None:
+    """Node metadata and audit details quote what a node or a certificate sent: terminal escape
+    sequences and newlines are shown escaped, never acted on (JSON escapes them itself)."""
+    hostile = "\x1b]0;owned\x07\x1b[2J\nINFO forged line\u202e"
+    with open_store(config) as store:
+        store.enroll_node(
+            name="worker-1", ek_hash=EK, ek_public=b"ek", ek_certificate=b"cert",
+            ak_public=b"ak", state=NodeState.PENDING, metadata={"hostname": hostile},
+            now=datetime.now(UTC),
+        )  # fmt: skip
+        store.audit(
+            actor="node:worker-1", event="enroll", node="worker-1", result="refused",
+            detail=f"UntrustedEk: issuer {hostile}", now=datetime.now(UTC),
+        )  # fmt: skip
+    escaped = r"\x1b]0;owned\x07\x1b[2J\x0aINFO forged line\u202e"
+    for out in (kbs("node", "show", "worker-1").out, kbs("audit").out):
+        assert not {"\x1b", "\x07", "\u202e"} & set(out)
+        assert escaped in out
+        assert "\nINFO forged line" not in out
+    shown = json.loads(kbs("node", "show", "worker-1", "--json").out)
+    assert shown["metadata"]["hostname"] == hostile  # JSON carries it exactly, escaped
+    assert "\x1b" not in kbs("node", "show", "worker-1", "--json").out
+
+
+def test_a_broker_from_before_signed_releases_names_the_command_that_upgrades_it(
+    kbs: Kbs, config: Path
+) -> None:
+    (config.parent / "tls" / "signing.pem").unlink()
+    (config.parent / "tls" / "signing-key.pem").unlink()
+    refused = kbs("check-config")
+    assert refused.code == 2
+    assert "keylease-kbs signing-key create" in refused.err
+    created = kbs("signing-key", "create")
+    assert created.code == 0, created
+    key = config.parent / "tls" / "signing-key.pem"
+    assert key.stat().st_mode & 0o777 == 0o600
+    checked = kbs("check-config")
+    assert checked.code == 0, checked
+    assert "signing_cert" in checked.out
+    assert "release signing" in checked.out
+    again = kbs("signing-key", "create")
+    assert again.code == 2
+    assert "--replace" in again.err
+    old = key.read_bytes()
+    assert kbs("signing-key", "create", "--replace").code == 0
+    assert key.read_bytes() != old
+    assert ("operator", "signing-key-create", "ok") in events(config)
+
+
+def test_a_signing_certificate_not_marked_for_release_signing_is_refused(
+    kbs: Kbs, config: Path
+) -> None:
+    """The TLS server certificate (same CA, same kind of key) is no release-signing certificate:
+    a broker using it would have every release refused by the agents, so it does not start."""
+    tls = config.parent / "tls"
+    (tls / "signing.pem").write_bytes((tls / "server.pem").read_bytes())
+    (tls / "signing-key.pem").write_bytes((tls / "server-key.pem").read_bytes())
+    refused = kbs("check-config")
+    assert refused.code == 2
+    assert "not marked OU=keylease-signing" in refused.err
+    assert "agents would refuse every release" in refused.err
+
+
 # --- usage ------------------------------------------------------------------------------------
 
 

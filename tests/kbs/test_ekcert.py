@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +13,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from kbs.errors import ConfigError, EkPublicMismatch, InvalidRequest, UntrustedEk
+from harness.der import duplicate_extension, malformed_issuer, x400_san
+from kbs.errors import (
+    ConfigError,
+    EkCertificateMalformed,
+    EkPublicMismatch,
+    InvalidRequest,
+    UntrustedEk,
+)
 from kbs.tpm.ekcert import (
     EK_CERTIFICATE_EKU,
     check_ek_matches,
@@ -168,3 +176,36 @@ def test_bad_root_bundle_is_a_config_error(
 def test_leaf_in_root_bundle_is_a_config_error(pki: Pki, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a CA"):
         load_ek_roots(bundle(tmp_path, pki.root, pki.ek))
+
+
+# --- crafted certificates (issue 10, finding 6: INTERNAL with a traceback before any trust check)
+
+
+@pytest.mark.parametrize(
+    ("craft", "message"),
+    [
+        (duplicate_extension, r"extension 2\.5\.29\.\d+ appears twice"),
+        (x400_san, "x400Address or ediPartyName"),
+        (malformed_issuer, "its issuer name cannot be parsed"),
+    ],
+    ids=["duplicate-extension", "x400-san", "malformed-issuer"],
+)
+def test_crafted_ek_certificates_are_refused_with_a_specific_error(
+    pki: Pki, tmp_path: Path, craft: Callable[[x509.Certificate, Key], bytes], message: str
+) -> None:
+    """Signed by the trusted intermediate, so only the parse can refuse them."""
+    crafted = craft(pki.ek, pki.inter_key)
+    roots = load_ek_roots(bundle(tmp_path, pki.root, pki.inter))
+    with pytest.raises(EkCertificateMalformed, match=message):
+        verify_ek_certificate(crafted, roots, NOW)
+
+
+def test_an_untrusted_issuer_name_is_escaped_in_the_refusal(pki: Pki, tmp_path: Path) -> None:
+    other = ec.generate_private_key(ec.SECP256R1())
+    hostile = cert("", pki.ek_key, ("evil\x1b]0;owned\x07\nINFO forged line", other))
+    roots = load_ek_roots(bundle(tmp_path, pki.root, pki.inter))
+    with pytest.raises(UntrustedEk) as refused:
+        verify_ek_certificate(der(hostile), roots, NOW)
+    text = str(refused.value)
+    assert not {"\x1b", "\n", "\x07"} & set(text)
+    assert r"CN=evil\x1b]0\;owned\x07\x0aINFO forged line" in text  # RFC 4514 escapes ";"

@@ -10,7 +10,7 @@ import pytest
 from kbs import errors
 from kbs.admin.service import ADMIN_STATUS
 from kbs.errors import KbsError
-from kbs.nodeapi.service import NODE_STATUS
+from kbs.nodeapi.status import NODE_STATUS
 
 TABLES = {"node service": NODE_STATUS, "admin service": ADMIN_STATUS}
 

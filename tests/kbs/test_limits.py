@@ -1,5 +1,7 @@
 """Limits of the node-facing service: message size, per-peer and per-node rate limits with a retry
 hint, server-side deadlines, bounded attestation concurrency, slow clients; and their settings.
+A call that does not prove its node is refused UNAUTHENTICATED after the per-peer limits: that
+answer is how these tests see that the broker served a stranger's request.
 
 Another peer is a real second source address: ``SourceProxy`` reaches the broker from 127.0.0.2."""
 
@@ -25,9 +27,12 @@ from kbs.config import LimitSettings, load_config
 from kbs.errors import ConfigError
 from kbs.nodeapi.admission import RETRY_AFTER_KEY, LimitInterceptor
 from kbs.nodeapi.metrics import BrokerMetrics
+from kbs.nodeapi.nodeauth import NodeAuthenticator
 from kbs.nodeapi.ratelimit import InflightCounter, TokenBuckets, peer_host
 from keylease.api.v1 import keylease_pb2 as pb
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
+from keylease.api.v1.nodeauth import ATTEST, GET_NONCE, auth_metadata
+from keylease.secret import Secret
 
 NodeFactory = Callable[..., Node]
 NONCE = "/keylease.v1.NodeService/GetNonce"
@@ -118,7 +123,8 @@ def channel(broker: Broker) -> Iterator[grpc.Channel]:
 
 
 def nonce_code(stub: pb_grpc.NodeServiceStub, name: str = "nobody") -> grpc.StatusCode:
-    """GetNonce's answer; NOT_FOUND (an unknown node) means the broker served the request."""
+    """GetNonce's answer without node credentials; UNAUTHENTICATED means the broker served the
+    request (past every per-peer limit)."""
     try:
         stub.GetNonce(pb.GetNonceRequest(node_name=name), timeout=10)
     except grpc.RpcError as exc:
@@ -135,9 +141,9 @@ def test_oversized_message_is_refused_and_the_broker_keeps_serving(
         stub.Attest(pb.AttestRequest(node_name="big", event_log=b"\0" * (3 << 20)), timeout=10)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in str(info.value.details())
-    assert nonce_code(stub) == grpc.StatusCode.NOT_FOUND
+    assert nonce_code(stub) == grpc.StatusCode.UNAUTHENTICATED
     with secure_channel(broker.address, broker.ca) as other:
-        assert nonce_code(node_stub(other)) == grpc.StatusCode.NOT_FOUND
+        assert nonce_code(node_stub(other)) == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_flood_from_one_peer_is_refused_with_a_hint_while_another_peer_is_served(
@@ -167,10 +173,11 @@ def test_flood_from_one_peer_is_refused_with_a_hint_while_another_peer_is_served
         time.sleep(0.5)
         result = node.attest()  # enrollment + attestation, 4 requests, from 127.0.0.2
         assert result.returncode == 3, result  # served: enrolled, pending approval
+        identity = node.identity()
         broker.address = address
         # from 127.0.0.1, inside the flood
         with BrokerClient(node.config()) as client, pytest.raises(BrokerBusy) as busy:
-            client.get_nonce(node.name)
+            client.get_nonce(identity)
     finally:
         flooding.clear()
         flooder.join(10)
@@ -189,14 +196,26 @@ def test_flood_from_one_peer_is_refused_with_a_hint_while_another_peer_is_served
     assert "127.0.0.2" not in broker.log()  # the other peer was never refused
 
 
-def test_per_node_rate_limit(broker: Broker) -> None:
+def test_per_node_rate_limit(broker: Broker, make_node: NodeFactory) -> None:
+    """The node's own calls spend its budget (strangers' cannot: test_attacks)."""
+    a, b = make_node("worker-a"), make_node("worker-b", distinct=True)
+    assert a.attest().returncode == b.attest().returncode == 3  # enrolled, pending
     broker.restart(rate_limit_node_per_second=1, rate_limit_node_burst=3)
-    with secure_channel(broker.address, broker.ca) as ch:
-        stub = node_stub(ch)
-        codes = [nonce_code(stub, "worker-a") for _ in range(6)]
-        assert codes[:3] == [grpc.StatusCode.NOT_FOUND] * 3
-        assert codes[3:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
-        assert nonce_code(stub, "worker-b") == grpc.StatusCode.NOT_FOUND  # its own budget
+
+    def codes(node: Node, n: int) -> list[grpc.StatusCode]:
+        found = []
+        with BrokerClient(node.config()) as client:
+            identity = node.identity()
+            for _ in range(n):
+                try:
+                    client.get_nonce(identity)
+                    found.append(grpc.StatusCode.OK)
+                except BrokerBusy:
+                    found.append(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        return found
+
+    assert codes(a, 6) == [grpc.StatusCode.OK] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+    assert codes(b, 1) == [grpc.StatusCode.OK]  # its own budget
     assert "too many requests for node 'worker-a' (1/s)" in broker.log()
 
 
@@ -223,14 +242,14 @@ def test_slow_clients_do_not_block_others(broker: Broker) -> None:
         with secure_channel(proxy.address, broker.ca) as other:
             start = time.monotonic()
             for _ in range(5):
-                assert nonce_code(node_stub(other)) == grpc.StatusCode.NOT_FOUND
+                assert nonce_code(node_stub(other)) == grpc.StatusCode.UNAUTHENTICATED
             assert time.monotonic() - start < 2
         codes = [f.exception().code() for f in stalled]  # type: ignore[union-attr]
         assert set(codes) <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
         assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 8  # the per-peer in-flight cap
         # once cut off, the slow peer itself is served again
         with secure_channel(broker.address, broker.ca) as again:
-            assert nonce_code(node_stub(again)) == grpc.StatusCode.NOT_FOUND
+            assert nonce_code(node_stub(again)) == grpc.StatusCode.UNAUTHENTICATED
     finally:
         release.set()
         proxy.close()
@@ -254,17 +273,40 @@ class SlowService(pb_grpc.NodeServiceServicer):
         return pb.AttestResponse(outcome=pb.ATTEST_OUTCOME_PENDING_APPROVAL)
 
 
-async def _with_server(
-    settings: LimitSettings, body: Callable[[pb_grpc.NodeServiceStub], Any]
-) -> BrokerMetrics:
+NODE, KEY = "n", Secret(b"k" * 32)
+
+
+class SignedStub:
+    """Attest and GetNonce as node NODE calls them: signed with its key KEY."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+
+    def _call(self, method: str, request: Any, response: Any) -> Any:
+        request.node_name = request.node_name or NODE
+        raw = request.SerializeToString()
+        call = self._channel.unary_unary(
+            method, request_serializer=None, response_deserializer=response.FromString
+        )
+        return call(raw, metadata=auth_metadata(KEY, method, request.node_name, raw))
+
+    def Attest(self, request: pb.AttestRequest) -> Any:
+        return self._call(ATTEST, request, pb.AttestResponse)
+
+    def GetNonce(self, request: pb.GetNonceRequest) -> Any:
+        return self._call(GET_NONCE, request, pb.GetNonceResponse)
+
+
+async def _with_server(settings: LimitSettings, body: Callable[[SignedStub], Any]) -> BrokerMetrics:
     metrics = BrokerMetrics()
-    server = grpc.aio.server(interceptors=[LimitInterceptor(settings, metrics)])
+    auth = NodeAuthenticator(lambda name: KEY if name == NODE else None, inline=True)
+    server = grpc.aio.server(interceptors=[LimitInterceptor(settings, metrics, auth)])
     pb_grpc.add_NodeServiceServicer_to_server(SlowService(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await body(pb_grpc.NodeServiceStub(channel))
+            await body(SignedStub(channel))
     finally:
         await server.stop(0)
     return metrics
@@ -280,7 +322,7 @@ async def _code_of(call: Any) -> grpc.StatusCode:
 
 
 def test_server_side_deadline_cancels_a_slow_rpc() -> None:
-    async def body(stub: pb_grpc.NodeServiceStub) -> None:
+    async def body(stub: SignedStub) -> None:
         start = time.monotonic()
         slow = asyncio.ensure_future(_code_of(stub.Attest(pb.AttestRequest(nonce=b"30"))))
         assert await _code_of(stub.GetNonce(pb.GetNonceRequest())) == grpc.StatusCode.OK
@@ -295,7 +337,7 @@ def test_server_side_deadline_cancels_a_slow_rpc() -> None:
 
 
 def test_attestation_flood_queues_then_is_refused() -> None:
-    async def body(stub: pb_grpc.NodeServiceStub) -> None:
+    async def body(stub: SignedStub) -> None:
         calls = [stub.Attest(pb.AttestRequest(nonce=b"0.5")) for _ in range(4)]
         results = asyncio.gather(*(_code_of(c) for c in calls))
         await asyncio.sleep(0.1)

@@ -74,7 +74,7 @@ def test_watch_streams_gauge(broker: Broker, make_node: NodeFactory) -> None:
     assert node.attest().returncode == 3
     port = metrics_port(broker)
     with BrokerClient(node.config()) as client:
-        stream = client.watch(node.name)
+        stream = client.watch(node.identity())
         events = iter(stream)
         next(events)  # the first heartbeat: the stream is open
         assert value(scrape(port), "keylease_watch_streams") == 1

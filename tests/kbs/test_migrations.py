@@ -316,6 +316,27 @@ def test_a_revision_0003_database_keeps_releasing_exactly_what_it_released(
         assert [h.node for h in store.key_details("k", T0).holders] == ["n1"]
 
 
+def test_a_revision_0005_database_gains_node_keys(tmp_path: Path) -> None:
+    """Nodes enrolled before node keys keep their rows, without a key: their calls are refused
+    until their agents enroll again (which stores one)."""
+    path = tmp_path / "kbs.db"
+    with Store.open(path) as store:
+        enroll(store, "n1", EK_A)
+    with sqlite3.connect(path) as raw:  # back to what revision 0005 left
+        raw.execute("ALTER TABLE nodes DROP COLUMN node_key")
+        raw.execute("UPDATE alembic_version SET version_num = '0005_key_versions'")
+    raw.close()
+    with Store.open(path) as store:
+        assert store.schema_version() == HEAD_REVISION
+        assert [n.name for n in store.list_nodes()] == ["n1"]
+        assert store.node_key("n1") is None
+        store.enroll_node(
+            name="n1", ek_hash=EK_A, ek_public=b"ek", ek_certificate=b"cert", ak_public=b"ak2",
+            state=NodeState.APPROVED, metadata={}, now=T0, node_key=b"sealed key",
+        )  # fmt: skip
+        assert store.node_key("n1") == b"sealed key"
+
+
 def test_newer_schema_and_garbage_are_refused(tmp_path: Path) -> None:
     legacy = tmp_path / "legacy.db"
     legacy_database(legacy, 2)

@@ -1,5 +1,8 @@
 """Each attack from DESIGN.md's threat table, against the real broker over TLS and real swtpms:
-refused with a specific error, recorded in the audit log, and nothing released."""
+refused with a specific error, recorded in the audit log, and nothing released. A refusal that is
+not a verdict on the node (a replayed or expired nonce, a quote that does not verify) is
+``AttestationRefused`` (the agent keeps its keys); a verdict (an event log that does not
+replay) is ``AttestationDenied``."""
 
 from __future__ import annotations
 
@@ -15,20 +18,29 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tpm2_pytss import TPM2B_PUBLIC, TPMA_OBJECT
 
 from agent.broker import BrokerClient
-from agent.enroll import enroll
-from agent.errors import AttestationDenied, EnrollmentRefused, ReleaseInvalid, TpmError
+from agent.enroll import Enrolled, enroll
+from agent.errors import (
+    AttestationDenied,
+    AttestationRefused,
+    EnrollmentRefused,
+    ReleaseInvalid,
+    TpmError,
+)
 from agent.release import open_release
+from agent.signature import ReleaseTrust
 from agent.state import StateDir
 from agent.tpm import AkBlobs, Quote, Tpm
 from harness.broker import Broker
 from harness.eventlog import build_event_log, build_log, measured
 from harness.keys import write_key
+from harness.netops import node_call
 from harness.nodes import Node
 from harness.operator import grant_node
 from kbs.store import Store
 from keylease.api.v1 import keylease_pb2 as pb
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
 from keylease.api.v1 import qualifying_data
+from keylease.api.v1.nodeauth import ATTEST
 
 NodeFactory = Callable[..., Node]
 
@@ -40,10 +52,14 @@ def session(node: Node) -> Iterator[tuple[Tpm, BrokerClient, StateDir]]:
         yield tpm, client, StateDir.open(cfg.state_dir)
 
 
-def enrolled(node: Node) -> AkBlobs:
+def enrolled(node: Node) -> Enrolled:
     cfg = node.config()
     with session(node) as (tpm, client, state):
         return enroll(cfg, tpm, client, state)
+
+
+def trust(broker: Broker) -> ReleaseTrust:
+    return ReleaseTrust.load(broker.ca)
 
 
 def audit_details(broker: Broker, node: str) -> list[str]:
@@ -60,44 +76,47 @@ def fresh_quote(tpm: Tpm, ak: AkBlobs, nonce: bytes) -> Quote:
 
 
 @pytest.fixture
-def granted(broker: Broker, make_node: NodeFactory, tmp_path: Path) -> tuple[Node, AkBlobs]:
+def granted(broker: Broker, make_node: NodeFactory, tmp_path: Path) -> tuple[Node, Enrolled]:
     node = make_node("victim")
-    ak = enrolled(node)
+    me = enrolled(node)
     with session(node) as (tpm, client, _):
-        nonce = client.get_nonce(node.name)
-        client.attest(node.name, nonce, fresh_quote(tpm, ak, nonce), b"")  # pending
+        nonce = client.get_nonce(me.identity)
+        client.attest(me.identity, nonce, fresh_quote(tpm, me.ak, nonce), b"")  # pending
     grant_node(broker, node, write_key(tmp_path / "k.pem", rsa.generate_private_key(65537, 2048)))
-    return node, ak
+    return node, me
 
 
 def test_valid_programmatic_attestation_releases(
-    broker: Broker, granted: tuple[Node, AkBlobs]
+    broker: Broker, granted: tuple[Node, Enrolled]
 ) -> None:
     """The control for the tests below: the same calls, untampered, do release."""
-    node, ak = granted
+    node, me = granted
+    ak = me.ak
     with session(node) as (tpm, client, _):
-        nonce = client.get_nonce(node.name)
-        reply = client.attest(node.name, nonce, fresh_quote(tpm, ak, nonce), b"")
+        nonce = client.get_nonce(me.identity)
+        reply = client.attest(me.identity, nonce, fresh_quote(tpm, ak, nonce), b"")
         assert reply.release is not None
-        bundle = open_release(tpm, reply.release, node.name)
+        bundle = open_release(tpm, reply.release, node.name, trust(broker))
     assert [k.name for k in bundle.keys] == ["prod-key"]
     assert releases(broker, node.name) == 1
 
 
-def test_replayed_nonce_is_refused(broker: Broker, granted: tuple[Node, AkBlobs]) -> None:
-    node, ak = granted
+def test_replayed_nonce_is_refused(broker: Broker, granted: tuple[Node, Enrolled]) -> None:
+    node, me = granted
+    ak = me.ak
     with session(node) as (tpm, client, _):
-        nonce = client.get_nonce(node.name)
+        nonce = client.get_nonce(me.identity)
         quote = fresh_quote(tpm, ak, nonce)
-        client.attest(node.name, nonce, quote, b"")
-        with pytest.raises(AttestationDenied, match=r"already used|not issued"):
-            client.attest(node.name, nonce, quote, b"")
+        client.attest(me.identity, nonce, quote, b"")
+        with pytest.raises(AttestationRefused, match=r"already used|not issued"):
+            client.attest(me.identity, nonce, quote, b"")
     assert releases(broker, node.name) == 1
     assert any("NonceUnknown" in d for d in audit_details(broker, node.name))
 
 
-def test_expired_nonce_is_refused(broker: Broker, granted: tuple[Node, AkBlobs]) -> None:
-    node, ak = granted
+def test_expired_nonce_is_refused(broker: Broker, granted: tuple[Node, Enrolled]) -> None:
+    node, me = granted
+    ak = me.ak
     broker.stop()
     text = broker.config.read_text().splitlines()
     broker.config.write_text(
@@ -108,52 +127,57 @@ def test_expired_nonce_is_refused(broker: Broker, granted: tuple[Node, AkBlobs])
     )
     broker.start()
     with session(node) as (tpm, client, _):
-        nonce = client.get_nonce(node.name)
+        nonce = client.get_nonce(me.identity)
         quote = fresh_quote(tpm, ak, nonce)
         time.sleep(2.1)
-        with pytest.raises(AttestationDenied, match="expired"):
-            client.attest(node.name, nonce, quote, b"")
+        with pytest.raises(AttestationRefused, match="expired"):
+            client.attest(me.identity, nonce, quote, b"")
     assert releases(broker, node.name) == 0
     assert any("NonceExpired" in d for d in audit_details(broker, node.name))
 
 
-def test_quote_over_another_nonce_is_refused(broker: Broker, granted: tuple[Node, AkBlobs]) -> None:
-    node, ak = granted
+def test_quote_over_another_nonce_is_refused(
+    broker: Broker, granted: tuple[Node, Enrolled]
+) -> None:
+    node, me = granted
+    ak = me.ak
     with session(node) as (tpm, client, _):
-        old = client.get_nonce(node.name)
-        new = client.get_nonce(node.name)
-        with pytest.raises(AttestationDenied):
-            client.attest(node.name, new, fresh_quote(tpm, ak, old), b"")
+        old = client.get_nonce(me.identity)
+        new = client.get_nonce(me.identity)
+        with pytest.raises(AttestationRefused):
+            client.attest(me.identity, new, fresh_quote(tpm, ak, old), b"")
     assert releases(broker, node.name) == 0
     assert any("QualifyingDataMismatch" in d for d in audit_details(broker, node.name))
 
 
 def test_quote_with_one_byte_changed_is_refused(
-    broker: Broker, granted: tuple[Node, AkBlobs]
+    broker: Broker, granted: tuple[Node, Enrolled]
 ) -> None:
-    node, ak = granted
+    node, me = granted
+    ak = me.ak
     with session(node) as (tpm, client, _):
-        nonce = client.get_nonce(node.name)
+        nonce = client.get_nonce(me.identity)
         quote = fresh_quote(tpm, ak, nonce)
         tampered = bytearray(quote.attest)
         tampered[-40] ^= 0x01
         bad = Quote(bytes(tampered), quote.signature, quote.banks)
-        with pytest.raises(AttestationDenied):
-            client.attest(node.name, nonce, bad, b"")
+        with pytest.raises(AttestationRefused):
+            client.attest(me.identity, nonce, bad, b"")
     assert releases(broker, node.name) == 0
     assert any("IncorrectSignature" in d for d in audit_details(broker, node.name))
 
 
-def test_pcr_value_lied_about_is_refused(broker: Broker, granted: tuple[Node, AkBlobs]) -> None:
-    node, ak = granted
+def test_pcr_value_lied_about_is_refused(broker: Broker, granted: tuple[Node, Enrolled]) -> None:
+    node, me = granted
+    ak = me.ak
     with session(node) as (tpm, client, _):
-        nonce = client.get_nonce(node.name)
+        nonce = client.get_nonce(me.identity)
         quote = fresh_quote(tpm, ak, nonce)
         pcrs = dict(quote.banks["sha256"])
         pcrs[7] = b"\x01" * 32
-        with pytest.raises(AttestationDenied):
+        with pytest.raises(AttestationRefused):
             client.attest(
-                node.name,
+                me.identity,
                 nonce,
                 Quote(quote.attest, quote.signature, {"sha256": pcrs}),
                 b"",
@@ -162,22 +186,23 @@ def test_pcr_value_lied_about_is_refused(broker: Broker, granted: tuple[Node, Ak
 
 
 def test_release_opens_only_in_its_tpm_and_state(
-    broker: Broker, granted: tuple[Node, AkBlobs], make_node: NodeFactory
+    broker: Broker, granted: tuple[Node, Enrolled], make_node: NodeFactory
 ) -> None:
-    node, ak = granted
+    node, me = granted
+    ak = me.ak
     with session(node) as (tpm, client, _):
-        nonce = client.get_nonce(node.name)
-        reply = client.attest(node.name, nonce, fresh_quote(tpm, ak, nonce), b"")
+        nonce = client.get_nonce(me.identity)
+        reply = client.attest(me.identity, nonce, fresh_quote(tpm, ak, nonce), b"")
     assert reply.release is not None
     captured = reply.release  # a recorded release: frozen bytes, as an eavesdropper keeps them
     other = make_node("other", distinct=True)
     with Tpm.open(other.tpm.tcti) as other_tpm, pytest.raises(ReleaseInvalid):
-        open_release(other_tpm, captured, node.name)
+        open_release(other_tpm, captured, node.name, trust(broker))
     with Tpm.open(node.tpm.tcti) as tpm:
-        open_release(tpm, captured, node.name)  # still opens here, in this state
+        open_release(tpm, captured, node.name, trust(broker))  # still opens here, in this state
         tpm.extend_pcr(4, b"new kernel")
         with pytest.raises(ReleaseInvalid):
-            open_release(tpm, captured, node.name)
+            open_release(tpm, captured, node.name, trust(broker))
 
 
 def test_ek_certificate_and_public_mismatch_is_refused(
@@ -259,22 +284,23 @@ def test_malformed_enrollment_gets_invalid_argument(
             )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details()
-        with pytest.raises(grpc.RpcError) as info:
+        with pytest.raises(grpc.RpcError) as info:  # no node key proves a malformed name
             stub.GetNonce(pb.GetNonceRequest(node_name="../../etc"), timeout=10)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_malformed_attestation_gets_invalid_argument_and_broker_keeps_serving(
-    broker: Broker, granted: tuple[Node, AkBlobs]
+    broker: Broker, granted: tuple[Node, Enrolled]
 ) -> None:
-    node, ak = granted
-    channel, stub = raw_stub(broker)
+    node, me = granted
+    ak = me.ak
+    channel, _ = raw_stub(broker)
     with channel, session(node) as (tpm, client, _):
         for fields in (
             {"quote": b"\xff" * 300, "signature": b"\x00\x18"},
             {"quote": b"\x00\x10abc", "signature": b"\x00"},
         ):
-            nonce = client.get_nonce(node.name)
+            nonce = client.get_nonce(me.identity)
             req = pb.AttestRequest(
                 node_name=node.name,
                 nonce=nonce,
@@ -282,37 +308,38 @@ def test_malformed_attestation_gets_invalid_argument_and_broker_keeps_serving(
                 **fields,
             )
             with pytest.raises(grpc.RpcError) as info:
-                stub.Attest(req, timeout=10)
+                node_call(channel, ATTEST, req, pb.AttestResponse, me.identity)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
-        nonce = client.get_nonce(node.name)
-        reply = client.attest(node.name, nonce, fresh_quote(tpm, ak, nonce), b"")
+        nonce = client.get_nonce(me.identity)
+        reply = client.attest(me.identity, nonce, fresh_quote(tpm, ak, nonce), b"")
         assert reply.release is not None
 
 
 def test_event_log_must_replay_to_the_quoted_pcrs(
-    broker: Broker, granted: tuple[Node, AkBlobs]
+    broker: Broker, granted: tuple[Node, Enrolled]
 ) -> None:
     """A boot log that explains the quoted PCRs is accepted; one with an event swapped is denied
     naming the PCR, and nothing is released for it."""
-    node, ak = granted
+    node, me = granted
+    ak = me.ak
     events = [(8, b"grub.cfg"), (9, b"vmlinuz-6.1"), (8, b"console=ttyS0")]
     with session(node) as (tpm, client, _):
         for pcr, data in events:
             tpm.extend_pcr(pcr, data)
-        nonce = client.get_nonce(node.name)
+        nonce = client.get_nonce(me.identity)
         quote = fresh_quote(tpm, ak, nonce)
-        reply = client.attest(node.name, nonce, quote, build_event_log(events))
+        reply = client.attest(me.identity, nonce, quote, build_event_log(events))
         assert reply.release is not None
         forged = build_event_log([(8, b"grub.cfg"), (9, b"vmlinuz-evil"), (8, b"console=ttyS0")])
-        nonce = client.get_nonce(node.name)
+        nonce = client.get_nonce(me.identity)
         with pytest.raises(AttestationDenied, match="PCR 9"):
-            client.attest(node.name, nonce, fresh_quote(tpm, ak, nonce), forged)
+            client.attest(me.identity, nonce, fresh_quote(tpm, ak, nonce), forged)
     assert releases(broker, node.name) == 1
     assert any("EventLogMismatch" in d for d in audit_details(broker, node.name))
 
 
 def test_bad_event_logs_are_refused_specifically_and_the_broker_keeps_serving(
-    broker: Broker, granted: tuple[Node, AkBlobs]
+    broker: Broker, granted: tuple[Node, Enrolled]
 ) -> None:
     """A truncated log and garbage are malformed input (INVALID_ARGUMENT, EventLogInvalid); a log
     in a bank the quote does not cover, or extending a PCR the quote does not cover, does not
@@ -320,9 +347,10 @@ def test_bad_event_logs_are_refused_specifically_and_the_broker_keeps_serving(
     (the parser's own limit, 10,000 events: tests/kbs/test_eventlog.py). Nothing is released for
     any of them, and a good attestation passes after them. (A log extending a PCR the quote does
     not cover: tests/kbs/test_eventlog.py, since the agent always quotes PCRs 0-23.)"""
-    node, ak = granted
+    node, me = granted
+    ak = me.ak
     events = [(8, b"grub.cfg"), (9, b"vmlinuz-6.1")]
-    channel, stub = raw_stub(broker)
+    channel, _ = raw_stub(broker)
     hundred_thousand = build_log([measured(8, 0xD, b"", banks=("sha256",))] * 100_000, ("sha256",))
     with channel, session(node) as (tpm, client, _):
         for pcr, data in events:
@@ -336,7 +364,7 @@ def test_bad_event_logs_are_refused_specifically_and_the_broker_keeps_serving(
             (sha384_only, grpc.StatusCode.PERMISSION_DENIED, "carries sha384 digests but the"),
             (hundred_thousand, grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
         ):  # fmt: skip
-            nonce = client.get_nonce(node.name)
+            nonce = client.get_nonce(me.identity)
             quote = fresh_quote(tpm, ak, nonce)
             request = pb.AttestRequest(
                 node_name=node.name, nonce=nonce, quote=quote.attest, signature=quote.signature,
@@ -346,13 +374,39 @@ def test_bad_event_logs_are_refused_specifically_and_the_broker_keeps_serving(
                 event_log=log,
             )  # fmt: skip
             with pytest.raises(grpc.RpcError) as info:
-                stub.Attest(request, timeout=20)
+                node_call(channel, ATTEST, request, pb.AttestResponse, me.identity)
             assert info.value.code() == code, info.value
             assert error in (info.value.details() or ""), info.value.details()
-        nonce = client.get_nonce(node.name)
-        reply = client.attest(node.name, nonce, fresh_quote(tpm, ak, nonce), good)
+        nonce = client.get_nonce(me.identity)
+        reply = client.attest(me.identity, nonce, fresh_quote(tpm, ak, nonce), good)
         assert reply.release is not None
     assert releases(broker, node.name) == 1
     details = audit_details(broker, node.name)
     assert any("EventLogInvalid" in d for d in details)
     assert any("EventLogMismatch" in d and "sha384" in d for d in details)
+
+
+def test_a_tpm_state_rolled_back_is_denied_naming_the_counters(
+    broker: Broker, make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """The TPM's state file restored from a copy taken two reboots earlier: its quotes are
+    genuine and fresh, but resetCount went back. A verdict: denied, keys removed."""
+    node = make_node("rolled-back")
+    assert node.attest().returncode == 3
+    grant_node(broker, node, write_key(tmp_path / "k.pem", rsa.generate_private_key(65537, 2048)))
+    state_file = node.tpm.state_dir / "tpm2-00.permall"
+    node.tpm.stop()
+    snapshot = state_file.read_bytes()
+    node.tpm.start()
+    node.tpm.restart()
+    node.tpm.restart()
+    result = node.attest()
+    assert result.returncode == 0, result
+    node.tpm.stop()
+    state_file.write_bytes(snapshot)
+    node.tpm.start()
+    denied = node.attest()
+    assert denied.returncode == 4, denied
+    assert "reset/restart counters went back" in denied.stderr
+    assert not node.key_file("prod-key").exists()
+    assert any("CounterRollback" in d for d in audit_details(broker, node.name))

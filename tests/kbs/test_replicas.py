@@ -23,10 +23,17 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agent.blobs import NodeIdentity
 from agent.broker import BrokerClient
-from agent.enroll import enroll
-from agent.errors import AgentError, AttestationDenied, BrokerBusy, BrokerUnreachable
-from agent.tpm import AkBlobs, Tpm
+from agent.enroll import Enrolled, enroll
+from agent.errors import (
+    AgentError,
+    AttestationRefused,
+    BrokerBusy,
+    BrokerUnreachable,
+    NotAuthenticated,
+)
+from agent.tpm import Tpm
 from harness.broker import Broker, pg_broker
 from harness.keys import write_key
 from harness.nodes import Node
@@ -81,19 +88,19 @@ def node_at(broker: Broker, tpm: Swtpm, root: Path, shm_path: Path, name: str) -
 @pytest.fixture
 def granted(
     replicas: Replicas, tpm_factory: Callable[..., Swtpm], tmp_path: Path, shm_path: Path
-) -> tuple[Node, Node, AkBlobs]:
+) -> tuple[Node, Node, Enrolled]:
     """One node, enrolled and granted through replica A; the same node seen from A and from B."""
     tpm = tpm_factory()
     at_a = node_at(replicas.a, tpm, tmp_path / "node", shm_path, "worker-1")
     at_b = node_at(replicas.b, tpm, tmp_path / "node", shm_path, "worker-1")
     cfg = at_a.config()
     with session(at_a) as (t, client, state):
-        ak = enroll(cfg, t, client, state)
-        nonce = client.get_nonce(at_a.name)
-        client.attest(at_a.name, nonce, fresh_quote(t, ak, nonce), b"")  # pending
+        me = enroll(cfg, t, client, state)
+        nonce = client.get_nonce(me.identity)
+        client.attest(me.identity, nonce, fresh_quote(t, me.ak, nonce), b"")  # pending
     key = write_key(tmp_path / "k.pem", rsa.generate_private_key(65537, 2048))
     grant_node(replicas.a, at_a, key)
-    return at_a, at_b, ak
+    return at_a, at_b, me
 
 
 def health(broker: Broker, service: str = "") -> str:
@@ -116,8 +123,8 @@ class Attester:
     """Attest ``node`` in a loop from threads (quotes serialised on one TPM connection), getting
     each nonce at one replica and attesting at the other; counts outcomes."""
 
-    def __init__(self, a: Node, b: Node, ak: AkBlobs) -> None:
-        self.a, self.b, self.ak = a, b, ak
+    def __init__(self, a: Node, b: Node, me: Enrolled) -> None:
+        self.a, self.b, self.ak, self.identity = a, b, me.ak, me.identity
         self.ok = 0
         self.errors: list[AgentError] = []
         self.lock = threading.Lock()
@@ -137,12 +144,11 @@ class Attester:
 
     def one(self, tpm: Tpm, nonce_at: BrokerClient, attest_at: BrokerClient) -> None:
         """One attestation; a failure is recorded, then the client backs off a little."""
-        name = self.a.name
         try:
-            nonce = self._patient(lambda: nonce_at.get_nonce(name))
+            nonce = self._patient(lambda: nonce_at.get_nonce(self.identity))
             with self._tpm_lock:
                 quote = fresh_quote(tpm, self.ak, nonce)
-            reply = self._patient(lambda: attest_at.attest(name, nonce, quote, b""))
+            reply = self._patient(lambda: attest_at.attest(self.identity, nonce, quote, b""))
         except BrokerBusy:
             return  # stopping
         except AgentError as exc:
@@ -204,24 +210,49 @@ def test_e2e_happy_path_on_postgresql(
 
 
 def test_a_nonce_from_one_replica_is_accepted_once_by_any(
-    replicas: Replicas, granted: tuple[Node, Node, AkBlobs]
+    replicas: Replicas, granted: tuple[Node, Node, Enrolled]
 ) -> None:
-    at_a, at_b, ak = granted
+    at_a, at_b, me = granted
+    ak = me.ak
     with session(at_a) as (tpm, client_a, _), session(at_b) as (_, client_b, _):
-        nonce = client_a.get_nonce(at_a.name)
+        nonce = client_a.get_nonce(me.identity)
         quote = fresh_quote(tpm, ak, nonce)
-        assert client_b.attest(at_a.name, nonce, quote, b"").release is not None
+        assert client_b.attest(me.identity, nonce, quote, b"").release is not None
         for client in (client_b, client_a):
-            with pytest.raises(AttestationDenied, match=r"already used|not issued"):
-                client.attest(at_a.name, nonce, quote, b"")
+            with pytest.raises(AttestationRefused, match=r"already used|not issued"):
+                client.attest(me.identity, nonce, quote, b"")
     assert replicas.releases(at_a.name) == 1
 
 
-def test_concurrent_attestations_across_both_replicas(
-    replicas: Replicas, granted: tuple[Node, Node, AkBlobs]
+def test_a_node_enrolled_again_at_one_replica_is_accepted_at_the_other(
+    replicas: Replicas, granted: tuple[Node, Node, Enrolled]
 ) -> None:
-    at_a, at_b, ak = granted
-    attester = Attester(at_a, at_b, ak)
+    """Replica B cached the node's key; the node enrolls again at A (a new key): B drops the old
+    key when the change feed reports the enrollment, and accepts the new one within seconds."""
+    at_a, at_b, me = granted
+    with session(at_b) as (_, client_b, _):
+        client_b.get_nonce(me.identity)  # B has the key cached now
+    with session(at_a) as (tpm, client_a, state):
+        again = enroll(at_a.config(), tpm, client_a, state)
+    assert again.identity.key != me.identity.key
+
+    def accepted(identity: NodeIdentity) -> bool:
+        try:
+            client_b.get_nonce(identity)
+        except NotAuthenticated:
+            return False
+        return True
+
+    with session(at_b) as (_, client_b, _):
+        wait_for(lambda: accepted(again.identity), 3, "the new key accepted at replica B")
+        assert not accepted(me.identity)
+
+
+def test_concurrent_attestations_across_both_replicas(
+    replicas: Replicas, granted: tuple[Node, Node, Enrolled]
+) -> None:
+    at_a, at_b, me = granted
+    attester = Attester(at_a, at_b, me)
     attester.join(attester.run(threads=4, rounds=5), stop=False)
     assert attester.errors == []
     assert attester.ok == 20
@@ -325,13 +356,14 @@ def test_two_tpms_enrolling_one_name_at_both_replicas_at_once(
 
 
 def test_a_replica_killed_mid_attestation_leaves_no_half_written_state(
-    replicas: Replicas, granted: tuple[Node, Node, AkBlobs]
+    replicas: Replicas, granted: tuple[Node, Node, Enrolled]
 ) -> None:
     """Each store call is atomic; a kill between calls leaves a used nonce and at most the audit
     rows of the calls made. Checked: the other replica goes on, no lock is left behind, and every
     release the clients received is in the audit log (plus at most one per request in flight)."""
-    at_a, at_b, ak = granted
-    attester = Attester(at_a, at_b, ak)
+    at_a, at_b, me = granted
+    ak = me.ak
+    attester = Attester(at_a, at_b, me)
     workers = attester.run(threads=4)
     wait_for(lambda: attester.ok >= 4, 30, "attestations under way")
     os.kill(replicas.b.pid, signal.SIGKILL)
@@ -345,21 +377,21 @@ def test_a_replica_killed_mid_attestation_leaves_no_half_written_state(
                       "region=eu"))  # fmt: skip
     assert time.monotonic() - started < 10
     with session(at_a) as (tpm, client, _):
-        nonce = client.get_nonce(at_a.name)
-        assert client.attest(at_a.name, nonce, fresh_quote(tpm, ak, nonce), b"").release
+        nonce = client.get_nonce(me.identity)
+        assert client.attest(me.identity, nonce, fresh_quote(tpm, ak, nonce), b"").release
     replicas.b.start()  # and the killed replica comes back on the same database
     with session(at_b) as (tpm, client, _):
-        nonce = client.get_nonce(at_b.name)
-        assert client.attest(at_b.name, nonce, fresh_quote(tpm, ak, nonce), b"").release
+        nonce = client.get_nonce(me.identity)
+        assert client.attest(me.identity, nonce, fresh_quote(tpm, ak, nonce), b"").release
 
 
 def test_database_restart_under_load(
-    replicas: Replicas, granted: tuple[Node, Node, AkBlobs], postgres: PostgresServer
+    replicas: Replicas, granted: tuple[Node, Node, Enrolled], postgres: PostgresServer
 ) -> None:
-    at_a, at_b, ak = granted
+    at_a, at_b, me = granted
     assert health(replicas.a) == health(replicas.b) == "SERVING"
     assert health(replicas.a, "keylease.v1.NodeService") == "SERVING"
-    attester = Attester(at_a, at_b, ak)
+    attester = Attester(at_a, at_b, me)
     workers = attester.run(threads=2)
     try:
         wait_for(lambda: attester.ok >= 2, 30, "attestations under way")

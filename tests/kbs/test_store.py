@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from kbs.model import ChangeKind, KeyState, Node, NodeState, PendingEnrollment
 from kbs.policy.rules import AllowedValue, Document, Rule, check_document
 from kbs.store import AuditEvent, Store
 from kbs.store.cache import CHECK_INTERVAL, MAX_AGE, LabelCache
+from kbs.store.enrollments import MAX_ENROLLMENTS_PER_NODE
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 EK_A, EK_B = "a" * 64, "b" * 64
@@ -145,6 +147,19 @@ def test_enrollment_challenge_is_single_use(store: Store) -> None:
         store.take_enrollment("e2", T0)
 
 
+def test_challenges_are_capped_per_node_name_and_ek(store: Store) -> None:
+    """Challenges under the node's name with another EK (a stranger's own TPM) evict none of the
+    node's: the newest MAX_ENROLLMENTS_PER_NODE are kept per name *and* EK."""
+    store.add_enrollment(pending("real", T0 + timedelta(seconds=300)))
+    for i in range(MAX_ENROLLMENTS_PER_NODE + 4):
+        other = replace(pending(f"x{i}", T0 + timedelta(seconds=400 + i)), ek_hash=EK_B)
+        store.add_enrollment(other)
+    assert store.take_enrollment("real", T0).id == "real"
+    with pytest.raises(ActivationFailed, match="unknown or already used"):
+        store.take_enrollment("x0", T0)  # the stranger's oldest went when its own cap was hit
+    assert store.take_enrollment(f"x{MAX_ENROLLMENTS_PER_NODE + 3}", T0).ek_hash == EK_B
+
+
 # --- nodes ------------------------------------------------------------------------------------
 
 
@@ -175,6 +190,27 @@ def test_reenrollment_with_the_same_ek_keeps_state_and_labels(store: Store) -> N
     assert again.metadata == {"v": "2"}
     assert again.state is NodeState.APPROVED
     assert again.labels == {"cluster": "prod"}
+
+
+def test_reenrollment_replaces_the_node_key_and_restarts_the_counters(store: Store) -> None:
+    """Another enrollment of a known node stores its new node key, forgets the counters of the
+    old AK's quotes and records a CHANGED row (replicas drop the old key they cached)."""
+    store.enroll_node(
+        name="n1", ek_hash=EK_A, ek_public=b"ek", ek_certificate=b"c", ak_public=b"ak-1",
+        state=NodeState.APPROVED, metadata={}, now=T0, node_key=b"key-1",
+    )  # fmt: skip
+    store.record_attestation("n1", banks={"sha256": {}}, reset_count=5, restart_count=2, now=T0)
+    last = store.last_change_id()
+    store.enroll_node(
+        name="n1", ek_hash=EK_A, ek_public=b"ek", ek_certificate=b"c", ak_public=b"ak-2",
+        state=NodeState.PENDING, metadata={}, now=T0, node_key=b"key-2",
+    )  # fmt: skip
+    assert store.node_key("n1") == b"key-2"
+    assert store.node_key("nobody") is None
+    node = store.get_node("n1")
+    assert node is not None
+    assert (node.reset_count, node.restart_count, node.state) == (None, None, NodeState.APPROVED)
+    assert [(c.node, c.kind) for c in store.changes_since(last)] == [("n1", ChangeKind.CHANGED)]
 
 
 def test_ek_conflict_both_ways(store: Store) -> None:

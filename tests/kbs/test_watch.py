@@ -1,7 +1,8 @@
 """Revocation push and key rotation against a real broker subprocess: the Watch stream delivers
-REVOKED and CHANGED to the nodes they concern (and only to them), refuses unknown and malformed
-names, never holds up the broker's shutdown, and a rotated key reaches the node's key dirs beside
-the older version until that is retired."""
+REVOKED and CHANGED to the nodes they concern (and only to them), is opened only by the node
+itself (unknown, malformed and unproven names alike are UNAUTHENTICATED), never holds up the
+broker's shutdown, and a rotated key reaches the node's key dirs beside the older version until
+that is retired."""
 
 from __future__ import annotations
 
@@ -19,17 +20,23 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from agent.blobs import NodeIdentity
 from agent.broker import BrokerClient, WatchEvent, WatchKind, WatchStream
-from agent.errors import AgentError, BrokerError, BrokerUnreachable, NodeUnknown
+from agent.errors import AgentError, BrokerUnreachable, NotAuthenticated
 from harness.broker import Broker
 from harness.keys import write_key
 from harness.nodes import Node
 from harness.operator import grant_node, ok
+from kbs.config import load_config
 from kbs.errors import FeedClosed
+from kbs.masterkey import master_keyring
 from kbs.model import ChangeKind, NodeState
 from kbs.nodeapi.changefeed import MAX_PER_NODE, QUEUE_SIZE, ChangeFeed, Notice
+from kbs.nodekeys import seal_new_node_key
 from kbs.server import SHUTDOWN_GRACE
 from kbs.store import Store
+from keylease.api.v1.nodeauth import node_key
+from keylease.secret import Secret
 
 NodeFactory = Callable[..., Node]
 Item = WatchEvent | AgentError | None  # None: the stream ended cleanly
@@ -38,8 +45,9 @@ Item = WatchEvent | AgentError | None  # None: the stream ended cleanly
 class Watcher:
     """One Watch stream read by a background thread into a queue."""
 
-    def __init__(self, client: BrokerClient, node_name: str) -> None:
-        self.stream: WatchStream = client.watch(node_name)
+    def __init__(self, client: BrokerClient, node: Node | NodeIdentity) -> None:
+        identity = node.identity() if isinstance(node, Node) else node
+        self.stream: WatchStream = client.watch(identity)
         self.items: queue.Queue[Item] = queue.Queue()
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -102,7 +110,7 @@ def test_revocation_arrives_within_5_seconds(
     broker: Broker, make_node: NodeFactory, client: BrokerClient
 ) -> None:
     node = enrolled(make_node, "worker-1")
-    watcher = Watcher(client, node.name)
+    watcher = Watcher(client, node)
     watcher.heartbeat()
     ok(broker.kbs("node", "revoke", node.name))
     revoked_at = time.monotonic()
@@ -123,7 +131,7 @@ def test_changes_reach_granted_nodes_only(
     grant_node(broker, granted, ec_key(tmp_path / "k1.pem"))
     ok(broker.kbs("node", "approve", other.name, "--label", "cluster=dev"))
     ok(broker.kbs("key", "import", "second", "--private-key", str(ec_key(tmp_path / "k2.pem"))))
-    watch_granted, watch_other = Watcher(client, granted.name), Watcher(client, other.name)
+    watch_granted, watch_other = Watcher(client, granted), Watcher(client, other)
     watch_granted.heartbeat()
     watch_other.heartbeat()
 
@@ -147,13 +155,16 @@ def test_changes_reach_granted_nodes_only(
     assert "labels" in watch_granted.wait(WatchKind.CHANGED).reason
 
 
-def test_unknown_and_malformed_names_are_refused(client: BrokerClient) -> None:
-    with pytest.raises(NodeUnknown, match="not enrolled"):
-        list(client.watch("nobody"))
-    for name in ("bad name!", "", "x" * 64, "../etc"):
-        with pytest.raises(BrokerError, match="INVALID_ARGUMENT") as info:
-            list(client.watch(name))
-        assert not isinstance(info.value, NodeUnknown)
+def test_unknown_and_malformed_names_are_refused(
+    make_node: NodeFactory, client: BrokerClient
+) -> None:
+    """Whatever the name, a stream the caller cannot prove is refused with the same answer: it
+    learns nothing about which nodes exist."""
+    known = enrolled(make_node, "known")
+    for name in ("nobody", known.name, "bad name!", "", "x" * 64, "../etc"):
+        guess = NodeIdentity(name, Secret(bytes(32)))
+        with pytest.raises(NotAuthenticated, match="node call not authenticated"):
+            list(client.watch(guess))
 
 
 def test_a_revoked_node_hears_it_at_once(
@@ -162,7 +173,7 @@ def test_a_revoked_node_hears_it_at_once(
     node = enrolled(make_node, "gone")
     ok(broker.kbs("node", "revoke", node.name))
     time.sleep(1)  # the change row is old news by the time the node connects
-    watcher = Watcher(client, node.name)
+    watcher = Watcher(client, node)
     event = watcher.next(timeout=2)
     assert isinstance(event, WatchEvent)
     assert event.kind is WatchKind.REVOKED
@@ -174,7 +185,7 @@ def test_a_newer_stream_displaces_the_oldest_for_the_same_node(
     node = enrolled(make_node, "busy")
     watchers = []
     for _ in range(MAX_PER_NODE + 1):
-        watchers.append(Watcher(client, node.name))
+        watchers.append(Watcher(client, node))
         watchers[-1].heartbeat()
     assert watchers[0].ended() is None
     ok(broker.kbs("node", "revoke", node.name))
@@ -186,12 +197,17 @@ def test_broker_stops_within_its_grace_with_20_open_streams(
     broker: Broker, client: BrokerClient
 ) -> None:
     names = [f"fleet-{i}" for i in range(20)]
+    master = master_keyring(load_config(broker.config))
+    identities = []
     with Store.open(broker.directory / "kbs.db") as store:  # node rows as enrollment leaves them
         for i, name in enumerate(names):
+            secret = os.urandom(32)
             store.enroll_node(name=name, ek_hash=f"{i:064x}", ek_public=b"ek",
                               ek_certificate=b"cert", ak_public=b"ak", state=NodeState.APPROVED,
-                              metadata={}, now=datetime.now(UTC))  # fmt: skip
-    watchers = [Watcher(client, name) for name in names]
+                              metadata={}, now=datetime.now(UTC),
+                              node_key=seal_new_node_key(master, name, secret))  # fmt: skip
+            identities.append(NodeIdentity(name, node_key(secret, name)))
+    watchers = [Watcher(client, identity) for identity in identities]
     for watcher in watchers:
         watcher.heartbeat()
     start = time.monotonic()
@@ -259,7 +275,7 @@ def test_a_frozen_broker_ends_the_stream_within_30_seconds(
     client's pings, not after the OS's TCP timeout (regression: gRPC's default ping timeout is a
     minute)."""
     node = enrolled(make_node, "lonely")
-    watcher = Watcher(client, node.name)
+    watcher = Watcher(client, node)
     watcher.heartbeat()
     os.kill(broker.pid, signal.SIGSTOP)
     try:

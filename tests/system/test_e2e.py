@@ -199,6 +199,8 @@ def test_no_key_material_in_logs_db_or_state(
     assert (
         node.key_file("canary").read_bytes() == pem
     )  # it was released, so the test means something
+    node_key = node.identity().key.reveal()  # the node's call key is never written anywhere
+    needles += [node_key.hex()]
     broker.stop()  # flush the log
 
     texts = {
@@ -214,4 +216,5 @@ def test_no_key_material_in_logs_db_or_state(
         blob = path.read_bytes()
         assert body_lines[1].encode() not in blob, f"key material in {path}"
         assert der not in blob, f"key material in {path}"
+        assert node_key not in blob, f"the node key in {path}"
         assert scalar not in blob, f"key material in {path}"

@@ -141,6 +141,14 @@ def test_agent_unit_essentials() -> None:
     assert s["StateDirectoryMode"] == ["0700"]
 
 
+@pytest.mark.parametrize("unit", [AGENT, KBS], ids=lambda u: u.name)
+def test_no_core_dumps_and_memory_may_be_locked(unit: Path) -> None:
+    """Key material must not reach a core file; mlockall needs an unlimited RLIMIT_MEMLOCK."""
+    s = _settings(unit)
+    assert s["LimitCORE"] == ["0"]
+    assert s["LimitMEMLOCK"] == ["infinity"]
+
+
 @pytest.mark.parametrize("where", KEY_MOUNTS)
 def test_mount_units_are_named_after_their_tmpfs(where: str) -> None:
     escaped = subprocess.run(

@@ -7,9 +7,13 @@ This package also holds the few pure functions both sides must compute identical
 import hashlib
 from dataclasses import dataclass
 
-__all__ = ["SealedImport", "bundle_aad", "qualifying_data"]
+__all__ = ["VERDICT_DENIED", "VERDICT_KEY", "SealedImport", "bundle_aad", "qualifying_data"]
 
 NONCE_BYTES = 32
+# Trailing metadata of a refusal that is a verdict on the authenticated node (see keylease.proto):
+# the only answer on which an agent removes its keys.
+VERDICT_KEY = "keylease-verdict"
+VERDICT_DENIED = "denied"
 
 
 @dataclass(frozen=True)

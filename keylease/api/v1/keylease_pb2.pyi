@@ -138,7 +138,7 @@ class AttestResponse(_message.Message):
     def __init__(self, outcome: _Optional[_Union[AttestOutcome, str]] = ..., release: _Optional[_Union[Release, _Mapping]] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ("duplicate", "in_sym_seed", "sealed_public", "pcr_bank", "pcr_indices", "bundle_nonce", "bundle_ciphertext", "node_name")
+    __slots__ = ("duplicate", "in_sym_seed", "sealed_public", "pcr_bank", "pcr_indices", "bundle_nonce", "bundle_ciphertext", "node_name", "signing_certificate", "signature")
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     IN_SYM_SEED_FIELD_NUMBER: _ClassVar[int]
     SEALED_PUBLIC_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,8 @@ class Release(_message.Message):
     BUNDLE_NONCE_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     duplicate: bytes
     in_sym_seed: bytes
     sealed_public: bytes
@@ -155,7 +157,9 @@ class Release(_message.Message):
     bundle_nonce: bytes
     bundle_ciphertext: bytes
     node_name: str
-    def __init__(self, duplicate: _Optional[bytes] = ..., in_sym_seed: _Optional[bytes] = ..., sealed_public: _Optional[bytes] = ..., pcr_bank: _Optional[str] = ..., pcr_indices: _Optional[_Iterable[int]] = ..., bundle_nonce: _Optional[bytes] = ..., bundle_ciphertext: _Optional[bytes] = ..., node_name: _Optional[str] = ...) -> None: ...
+    signing_certificate: bytes
+    signature: bytes
+    def __init__(self, duplicate: _Optional[bytes] = ..., in_sym_seed: _Optional[bytes] = ..., sealed_public: _Optional[bytes] = ..., pcr_bank: _Optional[str] = ..., pcr_indices: _Optional[_Iterable[int]] = ..., bundle_nonce: _Optional[bytes] = ..., bundle_ciphertext: _Optional[bytes] = ..., node_name: _Optional[str] = ..., signing_certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class KeyBundle(_message.Message):
     __slots__ = ("node_name", "issued_at_unix", "not_after_unix", "keys")

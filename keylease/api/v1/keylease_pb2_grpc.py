@@ -99,8 +99,9 @@ class NodeServiceServicer:
         keys and on CHANGED by attesting again; keys still come only from a successful Attest.
         The first event is sent once the subscription is in place: REVOKED if the node is already
         revoked, HEARTBEAT otherwise (attest after it to miss nothing). Then HEARTBEAT every 15 s.
-        Unknown node: NOT_FOUND; malformed name: INVALID_ARGUMENT. The stream ends with OK when the
-        broker stops (reconnect with backoff) or when a newer stream for the same node displaces it.
+        Only the node itself can open it (authenticated like every call after enrollment); the
+        stream ends with OK when the broker stops (reconnect with backoff) or when a newer stream of
+        the same node displaces it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

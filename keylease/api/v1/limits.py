@@ -15,6 +15,7 @@ __all__ = [
     "MAX_EK_CERTIFICATE",
     "MAX_ENROLLMENT_ID",
     "MAX_EVENT_LOG",
+    "MAX_LEASE_SECONDS",
     "MAX_MESSAGE",
     "MAX_METADATA_ENTRIES",
     "MAX_METADATA_TEXT",
@@ -27,7 +28,9 @@ __all__ = [
     "MAX_PROOF",
     "MAX_QUOTE",
     "MAX_RELEASE_MESSAGE",
+    "MAX_RELEASE_SIGNATURE",
     "MAX_SIGNATURE",
+    "MAX_SIGNING_CERTIFICATE",
     "MAX_TPM_PUBLIC",
     "MAX_WATCH_REASON",
 ]
@@ -48,6 +51,9 @@ MAX_PCR_BANKS = 4  # banks in one quote (sha1, sha256, sha384; one spare)
 MAX_PCR_VALUE = 64
 MAX_PCR_INDEX = 23
 MAX_WATCH_REASON = 200  # what the agent keeps of a watch event's text
+MAX_SIGNING_CERTIFICATE = 4096  # a release's signing certificate, X.509 DER
+MAX_RELEASE_SIGNATURE = 256  # a release's ECDSA signature, DER (72 bytes for P-256)
+MAX_LEASE_SECONDS = 90 * 86400  # the longest lease a broker gives (`lease_seconds`)
 MAX_MESSAGE = 2 << 20  # any node request, whole (the broker's gRPC receive limit)
 MAX_RELEASE_MESSAGE = 4 << 20  # any broker reply, whole (the agent's gRPC receive limit)
 MAX_ADMIN_REQUEST = 2 << 20  # an admin API request, whole (it carries at most a 1 MiB key file)

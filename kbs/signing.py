@@ -1,0 +1,167 @@
+"""The broker's release-signing key: every release it sends is signed (``keylease.api.v1.signing``
+says what is signed and which certificate may sign it).
+
+``signing_key`` (ECDSA P-256, PEM, mode 0600 like ``master.key``) and ``signing_cert`` (its
+certificate, issued by the broker's CA ``admin_ca`` — ``tls/ca.pem``, which agents trust as
+``agent-ca.pem`` — with ``OU=keylease-signing``) are written by ``init`` into ``tls/``, or by
+``keylease-kbs signing-key create`` for a broker directory made before releases were signed.
+``load_signer`` is the one loader (``serve`` and ``check-config``): it checks the certificate
+exactly as agents will, so a broker never starts with a key whose releases agents would refuse.
+ECDSA P-256 because a TPM can verify it too (TPM2_VerifySignature), e.g. for PolicyAuthorize.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from kbs.config import KbsConfig
+from kbs.errors import ConfigError, OperatorError
+from kbs.tls import read_config_file, write_new_file
+from keylease.api.v1.signing import SIGNATURE_ALGORITHM, SIGNING_OU, signing_certificate
+
+__all__ = ["SIGNING_VALIDITY", "ReleaseSigner", "create_signing_files", "load_signer"]
+
+SIGNING_VALIDITY = dt.timedelta(days=3650)
+_CREATE = "keylease-kbs signing-key create"
+
+
+@dataclass(frozen=True, repr=False)
+class ReleaseSigner:
+    """Signs releases; ``certificate`` (DER) travels with each one. ``repr`` shows no key."""
+
+    key: ec.EllipticCurvePrivateKey
+    certificate: bytes
+    not_after: dt.datetime
+
+    def sign(self, payload: bytes) -> bytes:
+        return self.key.sign(payload, SIGNATURE_ALGORITHM)
+
+    def __repr__(self) -> str:
+        return "ReleaseSigner(<redacted>)"
+
+
+def _read(path: Path, key: str) -> tuple[bytes, int]:
+    return read_config_file(
+        path,
+        key,
+        "releases are signed since this version: create the release-signing key and certificate "
+        f"with `{_CREATE}` (on the host holding the broker's CA key), or point `signing_key`/"
+        "`signing_cert` in kbs.toml at them",
+    )
+
+
+def _ca(cfg: KbsConfig) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(cfg.admin_ca.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read admin_ca {cfg.admin_ca}: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"admin_ca {cfg.admin_ca} is not a PEM certificate") from None
+
+
+def load_signer(cfg: KbsConfig, now: dt.datetime | None = None) -> ReleaseSigner:
+    """Read and check ``signing_key`` and ``signing_cert``; raises ConfigError naming the fix."""
+    key_pem, mode = _read(cfg.signing_key, "signing_key")
+    cert_pem, _ = _read(cfg.signing_cert, "signing_cert")
+    if mode & 0o077:
+        raise ConfigError(
+            f"signing_key {cfg.signing_key} is readable by other users (mode {mode:04o}); run "
+            f"`chmod 600 {cfg.signing_key}`"
+        )
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(
+            f"signing_key {cfg.signing_key} is not an unencrypted PEM private key"
+        ) from None
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise ConfigError(f"signing_cert {cfg.signing_cert} is not a PEM certificate") from None
+    der = cert.public_bytes(serialization.Encoding.DER)
+    ca = _ca(cfg)
+    try:
+        checked = signing_certificate(der, [ca], ConfigError)
+        if not checked.valid_at(now or dt.datetime.now(dt.UTC)):
+            raise ConfigError(
+                f"it is not valid now (valid {checked.not_before:%Y-%m-%d} to "
+                f"{checked.not_after:%Y-%m-%d})"
+            )
+    except ConfigError as exc:
+        raise ConfigError(
+            f"signing_cert {cfg.signing_cert}: {exc}; agents would refuse every release. Make a "
+            f"new one with `{_CREATE} --replace`"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != checked.key:
+        raise ConfigError(
+            f"signing_key {cfg.signing_key} is not the key of signing_cert {cfg.signing_cert}"
+        )
+    return ReleaseSigner(key=key, certificate=der, not_after=cert.not_valid_after_utc)
+
+
+def create_signing_files(
+    ca: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    key_path: Path,
+    cert_path: Path,
+    now: dt.datetime,
+    *,
+    replace: bool = False,
+) -> None:
+    """A new release-signing key (0600) and its certificate from the broker's CA. Existing files
+    are refused unless ``replace`` (then each is swapped in atomically, the key first)."""
+    existing = [str(p) for p in (key_path, cert_path) if p.exists()]
+    if existing and not replace:
+        raise OperatorError(
+            f"{', '.join(existing)} already exist; `{_CREATE} --replace` makes a new key"
+        )
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, SIGNING_OU),
+            x509.NameAttribute(NameOID.COMMON_NAME, "keylease-kbs release signing"),
+        ]
+    )
+    usage = x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + SIGNING_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    for path, data, mode in ((key_path, key_pem, 0o600), (cert_path, cert_pem, 0o644)):
+        tmp = path.with_name(f".{path.name}.new")
+        try:
+            tmp.unlink(missing_ok=True)
+            write_new_file(tmp, data, mode)
+            if replace:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)  # fails if the file appeared meanwhile: never overwrite
+                tmp.unlink()
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
