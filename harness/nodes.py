@@ -20,6 +20,7 @@ class Node:
     keys_root: Path  # on a tmpfs: the agent refuses key directories that would reach a disk
     broker: Broker
     config_extra: list[str] = field(default_factory=list)  # more agent.toml lines
+    via: str = ""  # the address the agent reaches the broker at (e.g. a SourceProxy); "": direct
 
     @property
     def config_path(self) -> Path:
@@ -41,6 +42,7 @@ class Node:
             key_dirs=self.key_dirs,
             node_name=self.name,
             extra_lines=self.config_extra,
+            address=self.via,
         )
 
     def config(self) -> AgentConfig:

@@ -83,6 +83,11 @@ def _args() -> argparse.Namespace:
     p.add_argument("--replicas", type=int, default=1, help="brokers (>1 needs --database)")
     p.add_argument("--broker-cpus", default="", help="taskset CPU list for the broker(s)")
     p.add_argument("--keep-limits", action="store_true", help="keep the per-peer limits on")
+    p.add_argument(
+        "--no-front",
+        action="store_true",
+        help="gRPC on the listen address itself, without the connection front (to compare)",
+    )
     p.add_argument("--py-spy", default="", help="record broker 0 with py-spy (raw) to this file")
     args = p.parse_args()
     if args.replicas > 1 and not (args.database or args.postgres):
@@ -260,6 +265,8 @@ def _bench(args: argparse.Namespace) -> int:
         for i in range(1, args.replicas):
             brokers.append(_replica(brokers[0], work / f"kbs{i}", roots))
         settings: dict[str, int | str] = {} if args.keep_limits else dict(BENCH_LIMITS)
+        if args.no_front:
+            settings["max_connections_per_address"] = 0
         if args.database:
             settings["database"] = args.database
         elif args.sqlite_dir:

@@ -1,10 +1,16 @@
-"""Admission control for the node-facing service: a gRPC server interceptor.
+"""Admission control for the node-facing listener: a gRPC server interceptor.
 
-Every request passes, in order:
+It covers every service on the listener: ``keylease.v1.NodeService`` and ``grpc.health.v1.Health``
+(``ADMITTED_SERVICES``). The client's address is the real one even behind the connection front
+(``kbs.nodeapi.front``), which relays each connection from a loopback port: ``PeerMap`` resolves
+it. Every request passes, in order:
 
-1. **per-peer rate** (token bucket per client IP address, ``context.peer()``) and **per-peer
-   in-flight** cap (unfinished requests from that address; for Watch only until its request is
-   read, so a fleet behind one NAT address can keep its streams open);
+1. **per-peer rate** (token bucket per client IP address) and **per-peer in-flight** cap
+   (unfinished requests from that address); a stream also takes a **per-peer stream slot** of its
+   kind for its whole life: ``max_watch_streams_per_peer`` node Watch streams (one per agent: a
+   fleet behind one NAT address needs one each) and ``max_health_watches_per_peer`` health Watch
+   streams (at most ``MAX_HEALTH_WATCHES`` in all), so one client cannot hold the server's
+   concurrency with streams;
 2. **receiving the request within the deadline**: unary methods are served as client-streaming
    handlers so that the request message is read here, under ``rpc_deadline_seconds``. A client
    that opens calls and never sends (or sends slowly) is cut off instead of holding the server's
@@ -17,12 +23,15 @@ Every request passes, in order:
 5. the handler, cancelled after ``rpc_deadline_seconds`` in all (DEADLINE_EXCEEDED).
 
 Refusals answer RESOURCE_EXHAUSTED with the wait in the message and in the trailing metadata
-``retry-after-ms``. Latency and status codes per method go to ``kbs.nodeapi.metrics``.
+``retry-after-ms``, and are logged at most once per limit every 10 s (a flood is one line, not
+thousands). Latency and status codes per method go to ``kbs.nodeapi.metrics`` (health methods as
+``Health.Check`` and ``Health.Watch``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import time
@@ -33,22 +42,34 @@ import grpc
 
 from kbs.config import LimitSettings
 from kbs.nodeapi.metrics import BrokerMetrics
-from kbs.nodeapi.ratelimit import InflightCounter, TokenBuckets, peer_host
+from kbs.nodeapi.ratelimit import InflightCounter, PeerMap, TokenBuckets
+from kbs.nodeapi.refusals import ThrottledLog
 from keylease.api.v1.limits import MAX_NODE_NAME
 
-__all__ = ["EXPENSIVE_METHODS", "RETRY_AFTER_KEY", "LimitInterceptor"]
+__all__ = [
+    "ADMITTED_SERVICES",
+    "EXPENSIVE_METHODS",
+    "MAX_HEALTH_WATCHES",
+    "RETRY_AFTER_KEY",
+    "LimitInterceptor",
+]
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_KEY = "retry-after-ms"
-SERVICE_PREFIX = "/keylease.v1.NodeService/"  # other services on the server pass untouched
+SERVICE_PREFIX = "/keylease.v1.NodeService/"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+ADMITTED_SERVICES = (SERVICE_PREFIX, HEALTH_PREFIX)  # every service on the node listener
 EXPENSIVE_METHODS = frozenset({"StartEnrollment", "FinishEnrollment", "Attest"})
+MAX_HEALTH_WATCHES = 1024  # health Watch streams open at once, from all peers
 BUSY_RETRY_SECONDS = 1.0
+STREAM_RETRY_SECONDS = 30.0
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # not in grpc-stubs
 
 Context = grpc.aio.ServicerContext[Any, Any]
 UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
 StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
+WriterBehavior = Callable[[Any, Context], Awaitable[None]]  # a stream written with context.write
 
 
 class _Refused(Exception):
@@ -74,9 +95,19 @@ else:  # not subscriptable at run time
 
 
 class LimitInterceptor(_Interceptor):
-    def __init__(self, settings: LimitSettings, metrics: BrokerMetrics) -> None:
+    def __init__(
+        self, settings: LimitSettings, metrics: BrokerMetrics, peers: PeerMap | None = None
+    ) -> None:
         self._s = settings
         self._metrics = metrics
+        self._peers = peers if peers is not None else PeerMap()
+        self._streams = {
+            "Watch": InflightCounter(settings.max_watch_streams_per_peer),
+            "Health.Watch": InflightCounter(
+                settings.max_health_watches_per_peer, MAX_HEALTH_WATCHES
+            ),
+        }
+        self._throttled = ThrottledLog(log)
         self._peer_rate = _buckets(
             settings.rate_limit_peer_per_second, settings.rate_limit_peer_burst
         )
@@ -98,16 +129,19 @@ class LimitInterceptor(_Interceptor):
         if found is None or found.request_streaming or not _ours(handler_call_details.method):
             return found  # type: ignore[return-value]  # None: unknown method, gRPC answers it
         handler = found
-        method = handler_call_details.method.rpartition("/")[2]
+        method = _label(handler_call_details.method)
         if handler.unary_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
                 self._unary(method, cast(UnaryBehavior, handler.unary_unary)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream is not None:
+        if handler.unary_stream is not None and method in self._streams:
+            inner = handler.unary_stream
             return grpc.stream_stream_rpc_method_handler(
-                self._stream(method, cast(StreamBehavior, handler.unary_stream)),
+                self._writer_stream(method, cast(WriterBehavior, inner))
+                if inspect.iscoroutinefunction(inner)
+                else self._stream(method, cast(StreamBehavior, inner)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -116,7 +150,7 @@ class LimitInterceptor(_Interceptor):
     def _unary(self, method: str, inner: UnaryBehavior) -> Callable[..., Awaitable[Any]]:
         async def behavior(requests: AsyncIterator[Any], context: Context) -> Any:
             start = time.monotonic()
-            peer = peer_host(context.peer())
+            peer = self._peers.host(context.peer())
             try:
                 self._admit_peer(peer, method)
                 try:
@@ -139,20 +173,10 @@ class LimitInterceptor(_Interceptor):
 
     def _stream(self, method: str, inner: StreamBehavior) -> Callable[..., AsyncIterator[Any]]:
         async def behavior(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-            peer = peer_host(context.peer())
-            try:
-                self._admit_peer(peer, method)
-                try:
-                    async with asyncio.timeout(self._s.rpc_deadline_seconds):
-                        request = await _read_one(context)
-                finally:
-                    self._inflight.release(peer)
-                self._admit_node(request, method)
-            except _Refused as exc:
-                await self._refuse(context, exc, method)
-            except TimeoutError:
-                await self._timed_out(context, method, peer)
-            self._metrics.watch_streams.inc()
+            peer = self._peers.host(context.peer())
+            request = await self._open_stream(method, peer, context)
+            gauge = self._stream_gauge(method)
+            gauge.inc()
             code = ""
             try:
                 async for response in inner(request, context):
@@ -161,10 +185,70 @@ class LimitInterceptor(_Interceptor):
                 code = "CANCELLED"  # the client went away or the server is stopping
                 raise
             finally:
-                self._metrics.watch_streams.dec()
+                self._streams[method].release(peer)
+                gauge.dec()
                 self._metrics.rpc(method, code or _code(context), None)
 
         return behavior
+
+    def _writer_stream(self, method: str, inner: WriterBehavior) -> Callable[..., Awaitable[None]]:
+        """``_stream`` for a handler that writes with ``context.write`` (grpc.health.v1 Watch)."""
+
+        async def behavior(requests: AsyncIterator[Any], context: Context) -> None:
+            peer = self._peers.host(context.peer())
+            request = await self._open_stream(method, peer, context)
+            gauge = self._stream_gauge(method)
+            gauge.inc()
+            code = ""
+            try:
+                await inner(request, context)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            finally:
+                self._streams[method].release(peer)
+                gauge.dec()
+                self._metrics.rpc(method, code or _code(context), None)
+
+        return behavior
+
+    async def _open_stream(self, method: str, peer: str, context: Context) -> Any:
+        """Admit a stream: per-peer rate and in-flight while its request is read, a stream slot
+        of its kind for its whole life (the caller releases it once the stream ends); returns
+        the request. Refusals abort the call."""
+        streams = self._streams[method]
+        try:
+            self._admit_peer(peer, method)
+            try:
+                if not streams.acquire(peer):
+                    raise _Refused(
+                        "peer_streams", self._streams_full(method, peer), STREAM_RETRY_SECONDS
+                    )
+                try:
+                    async with asyncio.timeout(self._s.rpc_deadline_seconds):
+                        request = await _read_one(context)
+                    self._admit_node(request, method)
+                except BaseException:
+                    streams.release(peer)
+                    raise
+            finally:
+                self._inflight.release(peer)
+        except _Refused as exc:
+            await self._refuse(context, exc, method)
+        except TimeoutError:
+            await self._timed_out(context, method, peer)
+        return request
+
+    def _streams_full(self, method: str, peer: str) -> str:
+        streams = self._streams[method]
+        if streams.count(peer) >= streams.limit:
+            return f"{streams.limit} {method} streams from {peer} are already open"
+        return f"the broker has {streams.total} {method} streams open, its limit"
+
+    def _stream_gauge(self, method: str) -> Any:
+        if method == "Watch":
+            return self._metrics.watch_streams
+        return self._metrics.health_watch_streams
 
     def _admit_peer(self, peer: str, method: str) -> None:
         """Per-peer rate, then take an in-flight slot (the caller releases it)."""
@@ -215,7 +299,9 @@ class LimitInterceptor(_Interceptor):
         if exc.code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
             await context.abort(exc.code, str(exc))
         ms = max(1, math.ceil(exc.retry_after * 1000))
-        log.info("%s refused: %s; retry in %d ms", method, exc, ms)
+        self._throttled.log(
+            logging.INFO, exc.limit, "%s refused: %s; retry in %d ms", method, exc, ms
+        )
         await context.abort(
             exc.code, f"{exc}; retry in {ms} ms", trailing_metadata=((RETRY_AFTER_KEY, str(ms)),)
         )
@@ -224,7 +310,14 @@ class LimitInterceptor(_Interceptor):
     async def _timed_out(self, context: Context, method: str, peer: str) -> NoReturn:
         self._metrics.limited.labels("deadline").inc()
         limit = self._s.rpc_deadline_seconds
-        log.warning("%s from %s cancelled: not done within %g s", method, peer, limit)
+        self._throttled.log(
+            logging.WARNING,
+            "deadline",
+            "%s from %s cancelled: not done within %g s",
+            method,
+            peer,
+            limit,
+        )
         await context.abort(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             f"the request was not received and handled within the broker's {limit:g} s deadline",
@@ -233,7 +326,13 @@ class LimitInterceptor(_Interceptor):
 
 
 def _ours(method: str) -> bool:
-    return method.startswith(SERVICE_PREFIX)
+    return method.startswith(ADMITTED_SERVICES)
+
+
+def _label(method: str) -> str:
+    """The method's name in metrics and limits: ``Attest``, ``Watch``; ``Health.Check``."""
+    name = method.rpartition("/")[2]
+    return f"Health.{name}" if method.startswith(HEALTH_PREFIX) else name
 
 
 def _buckets(rate: float, burst: int) -> TokenBuckets | None:

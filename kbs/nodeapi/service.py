@@ -3,8 +3,9 @@
 This is the one place where broker errors become the node API's status codes: a ``KbsError``
 answers with the code ``NODE_STATUS`` gives its exact class, and its operator-readable text;
 anything else is logged and answered INTERNAL without details. Every field is checked against
-``keylease.api.v1.limits`` before anything parses it. Refusals and denials are written to the
-audit log here.
+``keylease.api.v1.limits`` before anything parses it. Refusals and denials that came after the
+node proved itself are written to the audit log here; the others (anyone can cause them) are a
+metric and a throttled log line (``kbs.nodeapi.refusals``).
 
 ``Watch`` streams hints from the change feed (``kbs.nodeapi.changefeed``) to one node: subscribe
 first, then look the node up, so that nothing between the two is missed; REVOKED at once for a
@@ -34,6 +35,7 @@ from kbs.context import BrokerContext
 from kbs.model import ChangeKind, NodeState, check_node_name
 from kbs.nodeapi.changefeed import ChangeFeed, Notice, Subscription
 from kbs.nodeapi.metrics import BrokerMetrics
+from kbs.nodeapi.refusals import ThrottledLog, proves_identity
 from kbs.nonces import issue_nonce
 from keylease.api.v1 import keylease_pb2 as pb
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
@@ -133,6 +135,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
         self._heartbeat = heartbeat
         self._metrics = metrics or BrokerMetrics()
         self._inline = ctx.store.is_sqlite
+        self._throttled = ThrottledLog(log)
 
     async def _run(
         self,
@@ -148,7 +151,6 @@ class NodeService(pb_grpc.NodeServiceServicer):
         except e.KbsError as exc:
             self._metrics.failed(event, _result(exc), exc)
             self._audit_refusal(event, node, exc)
-            log.info("%s node=%s result=%s reason=%s", event, node or "-", _result(exc), exc)
             await _abort(context, _status(exc), exc.diagnostics())
         except Exception:  # the service's top-level guard: never leak internals to the peer
             self._metrics.outcome(event, "error", "internal")
@@ -156,14 +158,28 @@ class NodeService(pb_grpc.NodeServiceServicer):
             await _abort(context, grpc.StatusCode.INTERNAL, "internal error; see the broker log")
 
     def _audit_refusal(self, event: str, node: str, exc: e.KbsError) -> None:
-        if not node:  # no node to attribute it to (or refused before the name was known)
+        """An audit row and a log line for a refusal of a node that proved itself; for any other
+        refusal a metric and a throttled log line (one per step and error class every 10 s)."""
+        result = _result(exc)
+        if not node or not proves_identity(exc):
+            self._metrics.unproven_refusals.labels(event, type(exc).__name__).inc()
+            self._throttled.log(
+                logging.INFO,
+                (event, type(exc)),
+                "%s node=%s result=%s reason=%s",
+                event,
+                node or "-",
+                result,
+                exc,
+            )
             return
+        log.info("%s node=%s result=%s reason=%s", event, node, result, exc)
         try:
             self._ctx.store.audit(
                 actor=f"node:{node}" if node else "node:?",
                 event=event,
                 node=node or None,
-                result=_result(exc),
+                result=result,
                 detail=f"{type(exc).__name__}: {exc}"[:1000],
                 now=self._ctx.clock(),
             )
@@ -261,7 +277,13 @@ class NodeService(pb_grpc.NodeServiceServicer):
             check_node_name(name)
             sub = self._feed.subscribe(name)
         except e.KbsError as exc:
-            log.info("watch node=%s result=refused reason=%s", _name(name) or "-", exc)
+            self._throttled.log(
+                logging.INFO,
+                ("watch", type(exc)),
+                "watch node=%s result=refused reason=%s",
+                _name(name) or "-",
+                exc,
+            )
             await _abort(context, _status(exc), exc.diagnostics())
         why = "the client went away"
         started = False

@@ -198,7 +198,7 @@ def test_a_revision_0002_database_gains_admin_revocations(tmp_path: Path) -> Non
         raw.execute("UPDATE alembic_version SET version_num = '0002'")
     raw.close()
     with Store.open(path) as store:
-        assert store.schema_version() == HEAD_REVISION == "0003"
+        assert store.schema_version() == HEAD_REVISION
         assert [n.name for n in store.list_nodes()] == ["n1"]
         key = store.get_key("k")
         assert key is not None
@@ -206,6 +206,25 @@ def test_a_revision_0002_database_gains_admin_revocations(tmp_path: Path) -> Non
         audit = AuditEvent("operator:t", "admin-cert-revoke", None, "ok", "alice")
         store.add_admin_revocations([AdminRevocation("ab", "alice", T0)], audit, T0)
         assert store.admin_revocation("ab") == AdminRevocation("ab", "alice", T0)
+
+
+def test_a_revision_0003_database_gains_the_audit_time_index(tmp_path: Path) -> None:
+    path = tmp_path / "kbs.db"
+    with Store.open(path) as store:
+        store.audit(actor="a", event="e", node=None, result="ok", detail="old", now=T0)
+    with sqlite3.connect(path) as raw:  # back to what revision 0003 left
+        raw.execute("DROP INDEX audit_at")
+        raw.execute("UPDATE alembic_version SET version_num = '0003'")
+    raw.close()
+    with Store.open(path) as store:
+        assert store.schema_version() == HEAD_REVISION
+        assert store.prune_audit(T0 + timedelta(seconds=1)) == 1
+    with sqlite3.connect(path) as raw:
+        plan = raw.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM audit WHERE at < '2026' ORDER BY at LIMIT 5"
+        ).fetchall()
+    raw.close()
+    assert "audit_at" in str(plan)
 
 
 def test_newer_schema_and_garbage_are_refused(tmp_path: Path) -> None:
