@@ -21,7 +21,7 @@ from keylease.api.v1 import bundle_aad
 from keylease.api.v1 import keylease_pb2 as pb
 from keylease.secret import Secret
 
-__all__ = ["Bundle", "open_release"]
+__all__ = ["Bundle", "open_release", "parse_bundle"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,11 @@ def open_release(tpm: Tpm, blob: ReleaseBlob, node_name: str) -> Bundle:
         raise ReleaseInvalid(
             "the key bundle does not decrypt: it was altered in transit or at rest"
         ) from None
+    return parse_bundle(plaintext, node_name)
+
+
+def parse_bundle(plaintext: bytes, node_name: str) -> Bundle:
+    """The decrypted key bundle for ``node_name``: raises ReleaseInvalid or InvalidKey."""
     msg = pb.KeyBundle()
     try:
         msg.ParseFromString(plaintext)
@@ -74,7 +79,17 @@ def open_release(tpm: Tpm, blob: ReleaseBlob, node_name: str) -> Bundle:
         validate_private_key_pem(key.name, key.pem)
     return Bundle(
         node_name=msg.node_name,
-        issued_at=datetime.fromtimestamp(msg.issued_at_unix, UTC),
-        not_after=datetime.fromtimestamp(msg.not_after_unix, UTC),
+        issued_at=_time(msg.issued_at_unix, "issued_at"),
+        not_after=_time(msg.not_after_unix, "not_after"),
         keys=keys,
     )
+
+
+def _time(unix: int, field: str) -> datetime:
+    """A bundle time; a value no date can hold (e.g. 2**62) is refused, never a crash."""
+    try:
+        return datetime.fromtimestamp(unix, UTC)
+    except (OverflowError, OSError, ValueError):
+        raise ReleaseInvalid(
+            f"the key bundle's {field} ({unix}) is not a time; refusing it"
+        ) from None

@@ -191,25 +191,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
         self, request: pb.StartEnrollmentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.StartEnrollmentResponse:
         def run() -> enroll_step.Challenge:
-            _bounded("node_name", request.node_name, MAX_NODE_NAME)
-            _bounded("ek_certificate", request.ek_certificate, MAX_EK_CERTIFICATE)
-            _bounded("ek_public", request.ek_public, MAX_TPM_PUBLIC)
-            _bounded("ak_public", request.ak_public, MAX_TPM_PUBLIC)
-            if len(request.metadata) > MAX_METADATA_ENTRIES:
-                raise e.InvalidRequest(f"metadata has more than {MAX_METADATA_ENTRIES} entries")
-            for k, v in request.metadata.items():
-                _bounded("metadata key", k, MAX_METADATA_TEXT)
-                _bounded("metadata value", v, MAX_METADATA_TEXT, required=False)
-            return enroll_step.start(
-                self._ctx,
-                enroll_step.EnrollmentRequest(
-                    node_name=request.node_name,
-                    ek_certificate=request.ek_certificate,
-                    ek_public=request.ek_public,
-                    ak_public=request.ak_public,
-                    metadata=dict(request.metadata),
-                ),
-            )
+            return enroll_step.start(self._ctx, _enrollment_request(request))
 
         challenge = await self._run(context, "enroll", _name(request.node_name), run)
         return pb.StartEnrollmentResponse(
@@ -323,6 +305,25 @@ def _watch_event(notice: Notice | None) -> pb.WatchEvent:
     if notice is None:
         return pb.WatchEvent(kind=pb.WATCH_KIND_HEARTBEAT)
     return pb.WatchEvent(kind=_KINDS[notice.kind], reason=notice.reason)
+
+
+def _enrollment_request(request: pb.StartEnrollmentRequest) -> enroll_step.EnrollmentRequest:
+    _bounded("node_name", request.node_name, MAX_NODE_NAME)
+    _bounded("ek_certificate", request.ek_certificate, MAX_EK_CERTIFICATE)
+    _bounded("ek_public", request.ek_public, MAX_TPM_PUBLIC)
+    _bounded("ak_public", request.ak_public, MAX_TPM_PUBLIC)
+    if len(request.metadata) > MAX_METADATA_ENTRIES:
+        raise e.InvalidRequest(f"metadata has more than {MAX_METADATA_ENTRIES} entries")
+    for k, v in request.metadata.items():
+        _bounded("metadata key", k, MAX_METADATA_TEXT)
+        _bounded("metadata value", v, MAX_METADATA_TEXT, required=False)
+    return enroll_step.EnrollmentRequest(
+        node_name=request.node_name,
+        ek_certificate=request.ek_certificate,
+        ek_public=request.ek_public,
+        ak_public=request.ak_public,
+        metadata=dict(request.metadata),
+    )
 
 
 def _evidence(request: pb.AttestRequest) -> attest_step.Evidence:
