@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import load_config
+from agent.errors import ConfigError as AgentConfigError
 from agent.errors import ReleaseInvalid
 from agent.release import parse_bundle
 from keylease.api.v1 import keylease_pb2 as pb
@@ -60,3 +62,12 @@ def test_a_key_bundle_time_no_date_can_hold_is_refused() -> None:
         bundle = pb.KeyBundle(node_name="n", issued_at_unix=issued, not_after_unix=not_after)
         with pytest.raises(ReleaseInvalid, match="is not a time; refusing it"):
             parse_bundle(bundle.SerializeToString(), "n")
+
+
+def test_a_kbs_ca_the_kernel_cannot_look_up_is_a_config_error(tmp_path: Path) -> None:
+    """Found by the agent_config target: a kbs_ca path component longer than NAME_MAX made
+    Path.is_file() raise OSError (ENAMETOOLONG) out of load_config."""
+    config = tmp_path / "agent.toml"
+    config.write_text(f'kbs = "kbs.example.net:8443"\nkbs_ca = "{"x" * 300}/ca.pem"\n')
+    with pytest.raises(AgentConfigError, match="cannot be used: File name too long"):
+        load_config(config)
