@@ -2,6 +2,9 @@
 
 Enrolls first when needed (``agent.enroll``). On a denial the keys this agent installed are
 removed at once, and the cached release dropped; on success the release becomes the new cache.
+A cache that cannot be written (state directory full or read-only) does not undo the attestation:
+the keys are installed under a valid lease; a warning says that a restart would restore the
+previous release (or none) and attest again, and the next renewal writes the cache again.
 """
 
 from __future__ import annotations
@@ -61,7 +64,15 @@ def attest_once(cfg: AgentConfig, tpm: Tpm, client: BrokerClient, state: StateDi
         )
     bundle = open_release(tpm, reply.release, cfg.node_name)
     installed, removed = install_keys(cfg, bundle.keys)
-    cache.save(reply.release, quote.pcrs)
+    try:
+        cache.save(reply.release, quote.pcrs)
+    except StateError as exc:
+        log.warning(
+            "attest node=%s: the sealed cache was not updated (%s); the keys are installed, a "
+            "restart before the next renewal restores the previous release",
+            cfg.node_name,
+            exc,
+        )
     log.info(
         "attest node=%s result=ok keys=%s until=%s",
         cfg.node_name,

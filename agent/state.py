@@ -10,6 +10,7 @@ enrollment record here, ``status.json`` in ``agent.status``, the sealed cache in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -88,7 +89,8 @@ class StateDir:
             finally:
                 os.close(dfd)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. a read-only file system: nothing to undo
+                tmp.unlink(missing_ok=True)
             raise StateError(f"cannot write {final}: {exc.strerror}") from None
 
     def remove(self, name: str) -> None:

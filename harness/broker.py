@@ -56,9 +56,11 @@ class Broker:
         lease_seconds: int = 0,
         nofile: int | None = None,
     ) -> None:
-        """``nofile``: the broker's RLIMIT_NOFILE (soft and hard), as systemd's LimitNOFILE=."""
+        """``nofile``: the broker's RLIMIT_NOFILE (soft and hard), as systemd's LimitNOFILE=;
+        ``wrapper``, set before ``start``: a command the broker runs under (``harness.faults``)."""
         self.directory = directory
         self.nofile = nofile
+        self.wrapper: list[str] = []
         self.config = directory / "kbs.toml"
         self.log_path = directory / "kbs.log"
         self.address = ""
@@ -95,6 +97,7 @@ class Broker:
         limit = [f"--nofile={self.nofile}:{self.nofile}"] if self.nofile else []
         self._proc = subprocess.Popen(
             [
+                *self.wrapper,
                 *(["prlimit", *limit] if limit else []),
                 KBS,
                 "--config",
