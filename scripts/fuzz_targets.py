@@ -406,6 +406,11 @@ def _cache_seeds() -> Iterator[bytes]:
 
 
 def _config_file(data: bytes) -> Path:
+    """``data`` as a config file, next to an ``agent-ca.pem`` (relative paths resolve there, so
+    seeds and corpus entries stay valid from one run to the next)."""
+    ca = _work() / "agent-ca.pem"
+    if not ca.exists():
+        ca.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
     path = _work() / "fuzz.toml"
     path.write_bytes(data)
     return path
@@ -420,15 +425,13 @@ def fuzz_kbs_config(data: bytes) -> None:
 
 
 def _agent_config_seeds() -> Iterator[bytes]:
-    ca = _work() / "agent-ca.pem"
-    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
     yield (
-        f'kbs = "kbs.example.net:8443"\nkbs_ca = "{ca}"\ntcti = "device:/dev/tpmrm0"\n'
-        'state_dir = "/var/lib/keylease"\nnode_name = "worker-1"\n'
-        'key_dirs = ["/etc/crio/keys", "/etc/containerd/ocicrypt/keys"]\nevent_log = ""\n'
-        "rpc_timeout_seconds = 10\nstartup_timeout_seconds = 30\nretry_max_seconds = 60.5\n"
-        "remove_keys_on_stop = false\nunsafe_allow_disk_key_dirs = false\n"
-    ).encode()
+        b'kbs = "kbs.example.net:8443"\nkbs_ca = "agent-ca.pem"\ntcti = "device:/dev/tpmrm0"\n'
+        b'state_dir = "/var/lib/keylease"\nnode_name = "worker-1"\n'
+        b'key_dirs = ["/etc/crio/keys", "/etc/containerd/ocicrypt/keys"]\nevent_log = ""\n'
+        b"rpc_timeout_seconds = 10\nstartup_timeout_seconds = 30\nretry_max_seconds = 60.5\n"
+        b"remove_keys_on_stop = false\nunsafe_allow_disk_key_dirs = false\n"
+    )
 
 
 def _kbs_config_seeds() -> Iterator[bytes]:
