@@ -78,14 +78,22 @@ class Sampler(threading.Thread):
             self.samples.append((time.monotonic() - start, _rss_mib(self.pid)))
             self.stopping.wait(SAMPLE_SECONDS)
 
-    def slope_mib_per_minute(self) -> float:
-        """Least-squares slope after the first tenth of the run (warm-up)."""
+    def slope_mib_per_minute(self, start: float = 0.1, end: float = 1.0) -> float:
+        """Least-squares slope over the part of the run from ``start`` to ``end`` (fractions;
+        by default after the first tenth, the warm-up)."""
         if len(self.samples) < 3:
             return float("nan")
-        skip = self.samples[0][0] + (self.samples[-1][0] - self.samples[0][0]) / 10
-        points = [(t, m) for t, m in self.samples if t >= skip] or self.samples
+        first, span = self.samples[0][0], self.samples[-1][0] - self.samples[0][0]
+        points = [(t, m) for t, m in self.samples
+                  if first + start * span <= t <= first + end * span]  # fmt: skip
+        if len(points) < 2:
+            return float("nan")
         ts, ms = [t for t, _ in points], [m for _, m in points]
-        return statistics.linear_regression(ts, ms).slope * 60 if len(points) > 1 else 0.0
+        return statistics.linear_regression(ts, ms).slope * 60
+
+    def at(self, fraction: float) -> float:
+        """RSS (MiB) at ``fraction`` of the run."""
+        return self.samples[min(len(self.samples) - 1, int(fraction * len(self.samples)))][1]
 
 
 def _rss_mib(pid: int) -> float:
@@ -230,8 +238,11 @@ def _report(
               f"p99 {_percentile(ms, 0.99):.1f}, max {ms[-1]:.1f}")  # fmt: skip
     if rss:
         slope = sampler.slope_mib_per_minute()
-        print(f"  broker RSS MiB: start {rss[0]:.1f}, end {rss[-1]:.1f}, max {max(rss):.1f}; "
-              f"slope {slope:+.3f} MiB/min over {len(rss)} samples")  # fmt: skip
+        quarters = ", ".join(f"{sampler.at(q):.1f}" for q in (0.25, 0.5, 0.75))
+        print(f"  broker RSS MiB: start {rss[0]:.1f}, at 1/4, 1/2, 3/4 {quarters}, end "
+              f"{rss[-1]:.1f}; slope {slope:+.3f} MiB/min after the first tenth, "
+              f"{sampler.slope_mib_per_minute(0.5):+.3f} over the second half "
+              f"({len(rss)} samples)")  # fmt: skip
     print(f"  broker CPU: {cpu:.1f} s ({cpu / args.duration:.2f} cores)")
     print(f"  health flood: {health.rounds} rounds of {HEALTH_STREAMS} streams, at most "
           f"{health.held} held at once, {health.refused} refused")  # fmt: skip

@@ -31,6 +31,7 @@ thousands). Latency and status codes per method go to ``kbs.nodeapi.metrics`` (h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
@@ -173,21 +174,9 @@ class LimitInterceptor(_Interceptor):
 
     def _stream(self, method: str, inner: StreamBehavior) -> Callable[..., AsyncIterator[Any]]:
         async def behavior(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-            peer = self._peers.host(context.peer())
-            request = await self._open_stream(method, peer, context)
-            gauge = self._stream_gauge(method)
-            gauge.inc()
-            code = ""
-            try:
+            async with self._held_stream(method, context) as request:
                 async for response in inner(request, context):
                     yield response
-            except (asyncio.CancelledError, GeneratorExit):
-                code = "CANCELLED"  # the client went away or the server is stopping
-                raise
-            finally:
-                self._streams[method].release(peer)
-                gauge.dec()
-                self._metrics.rpc(method, code or _code(context), None)
 
         return behavior
 
@@ -195,22 +184,28 @@ class LimitInterceptor(_Interceptor):
         """``_stream`` for a handler that writes with ``context.write`` (grpc.health.v1 Watch)."""
 
         async def behavior(requests: AsyncIterator[Any], context: Context) -> None:
-            peer = self._peers.host(context.peer())
-            request = await self._open_stream(method, peer, context)
-            gauge = self._stream_gauge(method)
-            gauge.inc()
-            code = ""
-            try:
+            async with self._held_stream(method, context) as request:
                 await inner(request, context)
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            finally:
-                self._streams[method].release(peer)
-                gauge.dec()
-                self._metrics.rpc(method, code or _code(context), None)
 
         return behavior
+
+    @contextlib.asynccontextmanager
+    async def _held_stream(self, method: str, context: Context) -> AsyncIterator[Any]:
+        """The admitted stream's request, its slot held (and counted) until the stream ends."""
+        peer = self._peers.host(context.peer())
+        request = await self._open_stream(method, peer, context)
+        gauge = self._stream_gauge(method)
+        gauge.inc()
+        code = ""
+        try:
+            yield request
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"  # the client went away or the server is stopping
+            raise
+        finally:
+            self._streams[method].release(peer)
+            gauge.dec()
+            self._metrics.rpc(method, code or _code(context), None)
 
     async def _open_stream(self, method: str, peer: str, context: Context) -> Any:
         """Admit a stream: per-peer rate and in-flight while its request is read, a stream slot

@@ -6,9 +6,11 @@ their whole life, and grpc.health.v1 inside admission control."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,9 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from harness.netops import SourceProxy
-from kbs.config import LimitSettings
+from kbs.config import LimitSettings, load_config
+from kbs.errors import ConfigError
 from kbs.nodeapi.admission import LimitInterceptor
-from kbs.nodeapi.front import ConnectionFront, FrontLimits
+from kbs.nodeapi.front import FDS_PER_CONNECTION, RESERVED_FDS, ConnectionFront, FrontLimits
 from kbs.nodeapi.metrics import BrokerMetrics
 from kbs.nodeapi.ratelimit import PeerMap
 from keylease.api.v1 import keylease_pb2 as pb
@@ -158,37 +161,38 @@ def test_a_connection_that_says_nothing_is_closed_after_the_handshake_timeout() 
     asyncio.run(serve(FrontLimits(10, 5, 0.5), LimitSettings(), body))
 
 
+ONE_REQUEST_PER_PEER = LimitSettings(rate_limit_peer_per_second=0.01, rate_limit_peer_burst=1)
+
+
+async def refused_as(address: str) -> str:
+    """The address a peer's second request is refused as (one request per peer is allowed)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.NodeServiceStub(channel)
+        assert await code_of(stub.GetNonce(pb.GetNonceRequest())) == grpc.StatusCode.OK
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetNonce(pb.GetNonceRequest())
+    found = re.search(r"too many requests from (\S+) ", str(info.value.details()))
+    assert found, info.value.details()
+    return found.group(1)
+
+
 def test_per_peer_limits_see_the_real_client_address_through_the_front() -> None:
     async def body(served: Served) -> None:
         proxy = SourceProxy(served.address, "127.0.0.2")
         try:
-            async with grpc.aio.insecure_channel(proxy.address) as far:
-                stub = pb_grpc.NodeServiceStub(far)
-                assert await code_of(stub.GetNonce(pb.GetNonceRequest())) == grpc.StatusCode.OK
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await stub.GetNonce(pb.GetNonceRequest())
-                assert "too many requests from 127.0.0.2" in str(info.value.details())
-            async with grpc.aio.insecure_channel(served.address) as near:  # its own budget
-                stub = pb_grpc.NodeServiceStub(near)
-                assert await code_of(stub.GetNonce(pb.GetNonceRequest())) == grpc.StatusCode.OK
+            assert await refused_as(proxy.address) == "127.0.0.2"
+            assert await refused_as(served.address) == "127.0.0.1"  # its own budget
         finally:
             proxy.close()
 
-    settings = LimitSettings(rate_limit_peer_per_second=0.01, rate_limit_peer_burst=1)
-    asyncio.run(serve(FrontLimits(10, 5, 30), settings, body))
+    asyncio.run(serve(FrontLimits(10, 5, 30), ONE_REQUEST_PER_PEER, body))
 
 
 def test_an_ipv4_client_of_a_dual_stack_listener_is_named_by_its_ipv4_address() -> None:
     async def body(served: Served) -> None:
-        async with grpc.aio.insecure_channel(served.address) as channel:
-            stub = pb_grpc.NodeServiceStub(channel)
-            assert await code_of(stub.GetNonce(pb.GetNonceRequest())) == grpc.StatusCode.OK
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.GetNonce(pb.GetNonceRequest())
-            assert "too many requests from 127.0.0.1 " in str(info.value.details())
+        assert await refused_as(served.address) == "127.0.0.1"
 
-    settings = LimitSettings(rate_limit_peer_per_second=0.01, rate_limit_peer_burst=1)
-    asyncio.run(serve(FrontLimits(10, 5, 30), settings, body, host="::"))
+    asyncio.run(serve(FrontLimits(10, 5, 30), ONE_REQUEST_PER_PEER, body, host="::"))
 
 
 def test_watch_streams_hold_their_slot_for_their_whole_life() -> None:
@@ -243,3 +247,31 @@ def test_health_service_is_inside_admission_control() -> None:
         max_health_watches_per_peer=2, rate_limit_peer_per_second=0.01, rate_limit_peer_burst=5
     )
     asyncio.run(serve(FrontLimits(10, 5, 30), settings, body))
+
+
+def test_the_units_descriptor_limit_carries_a_large_fleet() -> None:
+    """systemd/keylease-kbs.service's LimitNOFILE, as the broker sizes its connections from it:
+    one connection per agent (its watch stream), three descriptors each."""
+    unit = (Path(__file__).resolve().parents[2] / "systemd" / "keylease-kbs.service").read_text()
+    nofile = int(re.search(r"^LimitNOFILE=(\d+)$", unit, re.M).group(1))  # type: ignore[union-attr]
+    limits = FrontLimits.sized(LimitSettings(), nofile)
+    assert limits.max_connections >= 20_000
+    assert limits.per_address == LimitSettings().max_connections_per_address
+    assert nofile >= FDS_PER_CONNECTION * limits.max_connections + RESERVED_FDS
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("max_connections_per_address = -1", "max_connections_per_address` must be an integer"),
+        ("handshake_timeout_seconds = 0", "handshake_timeout_seconds` must be a number from 0.1"),
+        ("idle_timeout_seconds = 0.5", "idle_timeout_seconds` must be a number from 1"),
+        ("max_health_watches_per_peer = 5000", "max_health_watches_per_peer` must be"),
+        ("max_watch_streams_per_peer = 0", "max_watch_streams_per_peer` must be an integer from 1"),
+    ],
+)
+def test_connection_settings_are_validated(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "kbs.toml"
+    path.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)

@@ -410,14 +410,22 @@ def test_agent_killed_mid_install_and_mid_cache_write(
 # --- the wall clock -----------------------------------------------------------------------------
 
 
-def test_clock_stepped_forward_keeps_keys_for_the_lease_and_renews_once(
-    broker: Broker, make_node: NodeFactory, tmp_path: Path, daemons: Daemons
-) -> None:
-    broker.restart(lease_seconds=15)
-    node = granted_node(broker, make_node, tmp_path, "clock-fwd")
+def clocked_agent(
+    broker: Broker, make_node: NodeFactory, tmp_path: Path, daemons: Daemons, lease: int
+) -> tuple[Node, AgentDaemon, JumpingClock]:
+    """A granted node whose daemon runs with a wall clock the test can step, keys installed."""
+    broker.restart(lease_seconds=lease)
+    node = granted_node(broker, make_node, tmp_path, f"clock-{lease}")
     clock = JumpingClock(tmp_path / "clock")
     daemon = daemons.start(node, env=clock.env())
     daemons.ready(daemon)
+    return node, daemon, clock
+
+
+def test_clock_stepped_forward_keeps_keys_for_the_lease_and_renews_once(
+    broker: Broker, make_node: NodeFactory, tmp_path: Path, daemons: Daemons
+) -> None:
+    node, daemon, clock = clocked_agent(broker, make_node, tmp_path, daemons, lease=15)
     settled(broker.directory / "kbs.db", node.name)
     before = attested(daemon)
     clock.jump(+2 * 3600)  # past the lease's not-after, by the node's clock only
@@ -435,11 +443,7 @@ def test_clock_stepped_forward_keeps_keys_for_the_lease_and_renews_once(
 def test_clock_stepped_back_cannot_keep_keys_past_the_lease(
     broker: Broker, make_node: NodeFactory, tmp_path: Path, daemons: Daemons
 ) -> None:
-    broker.restart(lease_seconds=12)
-    node = granted_node(broker, make_node, tmp_path, "clock-back")
-    clock = JumpingClock(tmp_path / "clock")
-    daemon = daemons.start(node, env=clock.env())
-    daemons.ready(daemon)
+    node, daemon, clock = clocked_agent(broker, make_node, tmp_path, daemons, lease=12)
     received = time.monotonic()
     broker.stop()  # no renewal from now on
     clock.jump(-50 * 60)  # the lease would last 50 more minutes by the node's clock
