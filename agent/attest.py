@@ -6,7 +6,10 @@ node's credentials (UNAUTHENTICATED: it does not know this node's key). Only a v
 agent installed, and the cached release. A refusal without a verdict (a nonce unknown or
 expired, a quote the broker could not verify) is retried once at once with a new nonce, then
 reported (``AttestationRefused``); the keys stay. On success the release, checked against the
-broker's signature, is installed and becomes the new cache.
+broker's signature, is installed and becomes the new cache. A cache that cannot be written
+(state directory full or read-only) does not undo the attestation: the keys are installed under a
+valid lease; a warning says that a restart would restore the previous release (or none) and
+attest again, and the next renewal writes the cache again.
 """
 
 from __future__ import annotations
@@ -78,7 +81,15 @@ def attest_once(
         )
     bundle = open_release(tpm, reply.release, cfg.node_name, trust)
     installed, removed = install_keys(cfg, bundle.keys)
-    SealedCache(state).save(reply.release, quote.banks.get(reply.release.sealed.pcr_bank, {}))
+    try:
+        SealedCache(state).save(reply.release, quote.banks.get(reply.release.sealed.pcr_bank, {}))
+    except StateError as exc:
+        log.warning(
+            "attest node=%s: the sealed cache was not updated (%s); the keys are installed, a "
+            "restart before the next renewal restores the previous release",
+            cfg.node_name,
+            exc,
+        )
     log.info(
         "attest node=%s result=ok keys=%s until=%s",
         cfg.node_name,

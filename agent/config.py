@@ -94,7 +94,11 @@ def parse_config(raw: dict[str, Any], path: Path) -> AgentConfig:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise t.fail("kbs", f'must be HOST:PORT (e.g. "kbs.example.net:8443"), got {kbs!r}')
     kbs_ca = t.path_value("kbs_ca")
-    if not kbs_ca.is_file():
+    try:
+        present = kbs_ca.is_file()
+    except OSError as exc:  # e.g. a name too long (is_file answers False only for "missing")
+        raise ConfigError(f"{path}: kbs_ca {kbs_ca} cannot be used: {exc.strerror}") from None
+    if not present:
         raise ConfigError(
             f"{path}: kbs_ca {kbs_ca} does not exist; copy agent-ca.pem from the broker "
             "(written by `keylease-kbs init`)"

@@ -29,7 +29,7 @@ from keylease.api.v1.limits import MAX_LEASE_SECONDS
 from keylease.secret import Secret
 from keylease.text import printable
 
-__all__ = ["Bundle", "open_release"]
+__all__ = ["Bundle", "open_release", "parse_bundle"]
 
 EARLIEST = int(datetime(2000, 1, 1, tzinfo=UTC).timestamp())
 LATEST = int(datetime(9999, 12, 31, tzinfo=UTC).timestamp())
@@ -74,6 +74,18 @@ def open_release(tpm: Tpm, blob: ReleaseBlob, node_name: str, trust: ReleaseTrus
         raise ReleaseInvalid(
             "the key bundle does not decrypt: it was altered in transit or at rest"
         ) from None
+    bundle = parse_bundle(plaintext, node_name)
+    if not signer.valid_at(bundle.issued_at):
+        raise ReleaseInvalid(
+            f"the release-signing certificate was not valid when the release was issued "
+            f"({bundle.issued_at:%Y-%m-%d %H:%M} UTC; valid {signer.not_before:%Y-%m-%d} to "
+            f"{signer.not_after:%Y-%m-%d}); refusing it"
+        )
+    return bundle
+
+
+def parse_bundle(plaintext: bytes, node_name: str) -> Bundle:
+    """The decrypted key bundle for ``node_name``: raises ReleaseInvalid or InvalidKey."""
     msg = pb.KeyBundle()
     try:
         msg.ParseFromString(plaintext)
@@ -84,12 +96,6 @@ def open_release(tpm: Tpm, blob: ReleaseBlob, node_name: str, trust: ReleaseTrus
             f"the key bundle names node {printable(msg.node_name, 64)!r}, not {node_name!r}"
         )
     issued_at, not_after = _lease(msg.issued_at_unix, msg.not_after_unix)
-    if not signer.valid_at(issued_at):
-        raise ReleaseInvalid(
-            f"the release-signing certificate was not valid when the release was issued "
-            f"({issued_at:%Y-%m-%d %H:%M} UTC; valid {signer.not_before:%Y-%m-%d} to "
-            f"{signer.not_after:%Y-%m-%d}); refusing it"
-        )
     keys = tuple(
         InstallableKey(name=k.name, version=k.version, pem=Secret(k.private_key_pem))
         for k in msg.keys
@@ -101,7 +107,8 @@ def open_release(tpm: Tpm, blob: ReleaseBlob, node_name: str, trust: ReleaseTrus
 
 
 def _lease(issued_at: int, not_after: int) -> tuple[datetime, datetime]:
-    """The lease's times, or ReleaseInvalid when they make no sense."""
+    """The lease's times, or ReleaseInvalid when they make no sense (a value no date can hold,
+    e.g. 2**62, is refused, never a crash)."""
     if not (EARLIEST <= issued_at <= LATEST and EARLIEST <= not_after <= LATEST):
         raise ReleaseInvalid(
             f"the release's lease times are out of range (issued_at {issued_at}, not_after "

@@ -14,6 +14,7 @@ the sealed cache in ``agent.keystore.cache``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -97,7 +98,8 @@ class StateDir:
             finally:
                 os.close(dfd)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. a read-only file system: nothing to undo
+                tmp.unlink(missing_ok=True)
             raise StateError(f"cannot write {final}: {exc.strerror}") from None
 
     def _create(self, tmp: Path) -> int:

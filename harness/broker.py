@@ -49,9 +49,18 @@ class Broker:
     """``keylease-kbs init`` into ``directory``, then ``serve`` in the background."""
 
     def __init__(
-        self, directory: Path, ek_roots: Path, enrollment: str = "manual", lease_seconds: int = 0
+        self,
+        directory: Path,
+        ek_roots: Path,
+        enrollment: str = "manual",
+        lease_seconds: int = 0,
+        nofile: int | None = None,
     ) -> None:
+        """``nofile``: the broker's RLIMIT_NOFILE (soft and hard), as systemd's LimitNOFILE=;
+        ``wrapper``, set before ``start``: a command the broker runs under (``harness.faults``)."""
         self.directory = directory
+        self.nofile = nofile
+        self.wrapper: list[str] = []
         self.config = directory / "kbs.toml"
         self.log_path = directory / "kbs.log"
         self.address = ""
@@ -85,8 +94,18 @@ class Broker:
         ready = self.directory / "ready"
         ready.unlink(missing_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child)
+        limit = [f"--nofile={self.nofile}:{self.nofile}"] if self.nofile else []
         self._proc = subprocess.Popen(
-            [KBS, "--config", str(self.config), "serve", "--ready-file", str(ready)],
+            [
+                *self.wrapper,
+                *(["prlimit", *limit] if limit else []),
+                KBS,
+                "--config",
+                str(self.config),
+                "serve",
+                "--ready-file",
+                str(ready),
+            ],
             stdout=log,
             stderr=log,
             env=dict(os.environ, TSS2_LOG="esys+none"),
@@ -164,11 +183,13 @@ def write_agent_config(
     node_name: str,
     extra_lines: Sequence[str] = (),
     event_log: Path | None = None,
+    address: str = "",
 ) -> Path:
+    """``address``: where the agent reaches the broker (default: the broker's own address)."""
     path.write_text(
         "\n".join(
             [
-                f'kbs = "{broker.address}"',
+                f'kbs = "{address or broker.address}"',
                 f'kbs_ca = "{broker.ca}"',
                 f'tcti = "{tcti}"',
                 f'state_dir = "{state_dir}"',

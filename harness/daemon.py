@@ -9,7 +9,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,24 +89,39 @@ class NotifySocket:
 
 
 class AgentDaemon:
-    """``keylease-agent --config CONFIG run`` in the background; output goes to ``log_path``."""
+    """``keylease-agent --config CONFIG run`` in the background; output goes to ``log_path``.
 
-    def __init__(self, config: Path, log_path: Path, notify: NotifySocket | None = None) -> None:
+    ``wrapper`` runs it under another command (``strace ...``, ``unshare ...``: see
+    ``harness.faults``), ``env`` adds to its environment."""
+
+    def __init__(
+        self,
+        config: Path,
+        log_path: Path,
+        notify: NotifySocket | None = None,
+        wrapper: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.log_path = log_path
         self.notify = notify
+        self.wrapper = list(wrapper)
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
 
     def start(self) -> AgentDaemon:
-        env = dict(os.environ, TSS2_LOG="esys+none")
+        env = dict(os.environ, TSS2_LOG="esys+none", **self.env)
         env.pop("NOTIFY_SOCKET", None)
         if self.notify is not None:
             env["NOTIFY_SOCKET"] = str(self.notify.path)
         with open(self.log_path, "ab") as log:
             self.started_at = time.monotonic()
             self.proc = subprocess.Popen(
-                [AGENT, "--config", str(self.config), "run"], stdout=log, stderr=log, env=env
+                [*self.wrapper, AGENT, "--config", str(self.config), "run"],
+                stdout=log,
+                stderr=log,
+                env=env,
             )
         return self
 

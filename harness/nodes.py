@@ -26,6 +26,7 @@ class Node:
     broker: Broker
     config_extra: list[str] = field(default_factory=list)  # more agent.toml lines
     event_log: Path | None = None  # the boot event log the agent sends (none by default)
+    via: str = ""  # the address the agent reaches the broker at (e.g. a SourceProxy); "": direct
 
     @property
     def config_path(self) -> Path:
@@ -49,6 +50,7 @@ class Node:
             node_name=self.name,
             extra_lines=self.config_extra,
             event_log=self.event_log,
+            address=self.via,
         )
 
     def config(self) -> AgentConfig:

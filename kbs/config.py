@@ -37,6 +37,16 @@ Keys (all optional; README "kbs.toml" is the reference)::
     max_inflight_per_peer = 128         # unfinished requests from one client IP address
     max_concurrent_attestations = 16    # enrollment + attestation work at once
     max_queued_attestations = 128       # waiting for a slot; more are refused
+    max_watch_streams_per_peer = 1024   # node Watch streams open from one client IP address
+    max_health_watches_per_peer = 4     # grpc.health.v1 Watch streams open from one address
+
+    # connections (``kbs.nodeapi.front``)
+    max_connections = 0                 # TCP connections at once; 0: sized from the fd limit
+    max_connections_per_address = 1024  # from one client IP address; 0: no front (not advised)
+    handshake_timeout_seconds = 10      # first byte and TLS handshake, then the connection goes
+    idle_timeout_seconds = 300          # a connection without an RPC for this long is closed
+
+    audit_retention_days = 90           # audit rows older than this are deleted; 0 keeps all
 
 Relative paths resolve against the config file's directory. The limit defaults leave ample room
 for a 10,000-node fleet renewing every 60 s (~170 attestations/s, two requests each) behind one
@@ -78,6 +88,9 @@ _KEYS = (
     "rpc_deadline_seconds", "rate_limit_peer_per_second", "rate_limit_peer_burst",
     "rate_limit_node_per_second", "rate_limit_node_burst", "max_inflight_per_peer",
     "max_concurrent_attestations", "max_queued_attestations",
+    "max_watch_streams_per_peer", "max_health_watches_per_peer", "max_connections",
+    "max_connections_per_address", "handshake_timeout_seconds", "idle_timeout_seconds",
+    "audit_retention_days",
 )  # fmt: skip
 
 
@@ -101,6 +114,12 @@ class LimitSettings:
     max_inflight_per_peer: int = 128
     max_concurrent_attestations: int = 16
     max_queued_attestations: int = 128
+    max_watch_streams_per_peer: int = 1024
+    max_health_watches_per_peer: int = 4
+    max_connections: int = 0  # 0: sized from the process's file-descriptor limit at start
+    max_connections_per_address: int = 1024  # 0: no connection front (kbs.nodeapi.front)
+    handshake_timeout_seconds: float = 10.0
+    idle_timeout_seconds: float = 300.0
 
 
 DEFAULT_LIMITS = LimitSettings()
@@ -129,6 +148,7 @@ class KbsConfig:
     signing_key: Path = Path("tls/signing-key.pem")
     signing_cert: Path = Path("tls/signing.pem")
     limits: LimitSettings = DEFAULT_LIMITS
+    audit_retention_days: int = 90  # 0: keep audit rows forever
 
 
 def parse_listen(value: str, where: str = "listen") -> tuple[str, int]:
@@ -192,6 +212,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> KbsConfig:
         signing_key=t.path_value("signing_key", "tls/signing-key.pem"),
         signing_cert=t.path_value("signing_cert", "tls/signing.pem"),
         limits=_limits(t),
+        audit_retention_days=t.integer("audit_retention_days", 90, 0, 36_500),
     )
 
 
@@ -248,4 +269,18 @@ def _limits(t: Table) -> LimitSettings:
         max_queued_attestations=t.integer(
             "max_queued_attestations", d.max_queued_attestations, 0, 100_000
         ),
+        max_watch_streams_per_peer=t.integer(
+            "max_watch_streams_per_peer", d.max_watch_streams_per_peer, 1, 1_000_000
+        ),
+        max_health_watches_per_peer=t.integer(
+            "max_health_watches_per_peer", d.max_health_watches_per_peer, 0, 1_000
+        ),
+        max_connections=t.integer("max_connections", d.max_connections, 0, 10_000_000),
+        max_connections_per_address=t.integer(
+            "max_connections_per_address", d.max_connections_per_address, 0, 10_000_000
+        ),
+        handshake_timeout_seconds=t.number(
+            "handshake_timeout_seconds", d.handshake_timeout_seconds, 0.1, 600
+        ),
+        idle_timeout_seconds=t.number("idle_timeout_seconds", d.idle_timeout_seconds, 1, 86_400),
     )

@@ -15,11 +15,22 @@ until the database is back.
 
 Keepalive: the server pings idle connections every ``KEEPALIVE_MS`` (so a dead agent's watch
 stream is freed) and accepts client pings every 5 s or slower (the agent pings every 10 s).
+
+Connections: the ``listen`` address is served by the connection front (``kbs.nodeapi.front``:
+per-address and total connection caps, a deadline for the first byte) which relays to gRPC on a
+loopback port; gRPC ends TLS handshakes slower than ``handshake_timeout_seconds`` and closes
+connections without an RPC for ``idle_timeout_seconds``. ``max_connections_per_address = 0``
+puts gRPC on ``listen`` directly instead (no per-address cap; for a broker behind a proxy that
+enforces its own).
+
+Audit retention runs here too: rows older than ``audit_retention_days`` are deleted every hour
+(``kbs.retention``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -32,13 +43,16 @@ from kbs.admin.service import AdminServer, start_admin_server
 from kbs.config import KbsConfig
 from kbs.context import BrokerContext
 from kbs.errors import ConfigError, DatabaseUnavailable, KbsError
-from kbs.nodeapi.admission import LimitInterceptor
+from kbs.nodeapi.admission import MAX_HEALTH_WATCHES, LimitInterceptor
 from kbs.nodeapi.changefeed import MAX_WATCHERS, ChangeFeed
+from kbs.nodeapi.front import BACKEND_HOST, ConnectionFront, FrontLimits, fd_limit
 from kbs.nodeapi.health import HealthMonitor
 from kbs.nodeapi.metrics import BrokerMetrics, MetricsServer
 from kbs.nodeapi.nodeauth import NodeAuthenticator
+from kbs.nodeapi.ratelimit import PeerMap
 from kbs.nodeapi.service import NodeService
 from kbs.nodekeys import stored_node_key
+from kbs.retention import prune_audit_forever
 from kbs.tls import load_credentials
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
 from keylease.api.v1.limits import MAX_MESSAGE
@@ -57,6 +71,8 @@ class RunningServer:
     """A started broker: ``port`` is the bound port (useful with ``listen = "host:0"``)."""
 
     health: HealthMonitor | None = None  # grpc.health.v1 on the node listener
+    front: ConnectionFront | None = None  # None: gRPC listens on `listen` itself
+    retention: asyncio.Task[None] | None = None  # audit retention (None: keep every row)
 
     def __init__(
         self,
@@ -76,6 +92,12 @@ class RunningServer:
         self.metrics_server = metrics_server  # None: `metrics_listen = ""`
 
     async def stop(self, grace: float | None = SHUTDOWN_GRACE) -> None:
+        if self.front is not None:
+            self.front.stop_accepting()
+        if self.retention is not None:
+            self.retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.retention
         if self.health is not None:
             await self.health.stop()
         if self.admin_server is not None:
@@ -84,6 +106,8 @@ class RunningServer:
             await self.metrics_server.stop()
         await self.feed.stop()
         await self.server.stop(grace)
+        if self.front is not None:
+            await self.front.close()
         self.ctx.store.close()
 
 
@@ -115,6 +139,7 @@ async def start_server(
     auth = NodeAuthenticator(
         lambda name: stored_node_key(store, master, name), inline=store.is_sqlite
     )
+    peers = PeerMap()  # the client behind each connection the front relays
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -124,9 +149,10 @@ async def start_server(
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            *_connection_options(cfg),
         ],
-        maximum_concurrent_rpcs=MAX_UNARY_RPCS + MAX_WATCHERS,
-        interceptors=[LimitInterceptor(cfg.limits, metrics, auth)],
+        maximum_concurrent_rpcs=MAX_UNARY_RPCS + MAX_WATCHERS + MAX_HEALTH_WATCHES,
+        interceptors=[LimitInterceptor(cfg.limits, metrics, auth, peers)],
     )
     feed = ChangeFeed(ctx.store)
     feed.listen(lambda change: auth.forget(change.node) if change.node else None)
@@ -135,7 +161,14 @@ async def start_server(
     health = HealthMonitor(ctx.store)
     health.add_to_server(server)
     host = cfg.listen_host
-    address = f"[{host}]:{cfg.listen_port}" if ":" in host else f"{host}:{cfg.listen_port}"
+    fronted = cfg.limits.max_connections_per_address > 0
+    address = (
+        f"{BACKEND_HOST}:0"
+        if fronted
+        else f"[{host}]:{cfg.listen_port}"
+        if ":" in host
+        else f"{host}:{cfg.listen_port}"
+    )
     creds = grpc.ssl_server_credentials([(tls.key_pem, tls.chain_pem)])
     try:
         port = server.add_secure_port(address, creds)
@@ -149,9 +182,30 @@ async def start_server(
         raise
     await health.start()
     await server.start()
-    log.info("keylease-kbs serving on %s:%d (enrollment=%s)", host, port, cfg.enrollment.value)
     running = RunningServer(server, ctx, port, feed, metrics)
     running.health = health
+    if fronted:
+        front = ConnectionFront(FrontLimits.sized(cfg.limits, fd_limit()), port, metrics, peers)
+        try:
+            running.port = await front.start(host, cfg.listen_port)
+        except KbsError:
+            await running.stop(0)
+            raise
+        running.front = front
+        log.info(
+            "connections: at most %d (file descriptor limit %d), %d per client address",
+            front.limits.max_connections,
+            fd_limit(),
+            front.limits.per_address,
+        )
+    log.info(
+        "keylease-kbs serving on %s:%d (enrollment=%s)", host, running.port, cfg.enrollment.value
+    )
+    if cfg.audit_retention_days:
+        running.retention = asyncio.create_task(
+            prune_audit_forever(ctx.store, cfg.audit_retention_days, running.metrics, ctx.clock),
+            name="keylease-audit-retention",
+        )
     if cfg.metrics_listen is not None:
         try:
             running.metrics_server = await MetricsServer.start(
@@ -169,6 +223,14 @@ async def start_server(
         await running.stop(0)
         raise
     return running
+
+
+def _connection_options(cfg: KbsConfig) -> list[tuple[str, int]]:
+    """gRPC's own connection timeouts: the TLS handshake and connections without RPCs."""
+    return [
+        ("grpc.server_handshake_timeout_ms", int(cfg.limits.handshake_timeout_seconds * 1000)),
+        ("grpc.max_connection_idle_ms", int(cfg.limits.idle_timeout_seconds * 1000)),
+    ]
 
 
 async def _serve(cfg: KbsConfig, ready_file: Path | None) -> None:

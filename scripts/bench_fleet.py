@@ -32,7 +32,6 @@ node or one NAT) are lifted for the benchmark; per-node limits stay at their def
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import shutil
 import statistics
@@ -40,24 +39,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
-from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from harness.broker import Broker
-from harness.keys import write_key
-from harness.netops import metrics_port
-from harness.swtpm import Swtpm, SwtpmCa
 from scripts import fleet_metrics
-from scripts.fleet_ca import EkCa
-from scripts.fleet_worker import RunReport, RunSpec, WorkerSpec, node_name, worker_main
+from scripts.fleet_setup import running_fleet
+from scripts.fleet_worker import RunReport, RunSpec
 
-POLICY_PCRS = "0,1,2,3,4,5,6,7"
-LABEL = "role=bench"
 BENCH_LIMITS: dict[str, int | str] = {
     "rate_limit_peer_per_second": 0,  # every simulated node shares 127.0.0.1
     "max_inflight_per_peer": 100_000,
@@ -83,6 +71,11 @@ def _args() -> argparse.Namespace:
     p.add_argument("--replicas", type=int, default=1, help="brokers (>1 needs --database)")
     p.add_argument("--broker-cpus", default="", help="taskset CPU list for the broker(s)")
     p.add_argument("--keep-limits", action="store_true", help="keep the per-peer limits on")
+    p.add_argument(
+        "--no-front",
+        action="store_true",
+        help="gRPC on the listen address itself, without the connection front (to compare)",
+    )
     p.add_argument("--py-spy", default="", help="record broker 0 with py-spy (raw) to this file")
     args = p.parse_args()
     if args.replicas > 1 and not (args.database or args.postgres):
@@ -92,35 +85,11 @@ def _args() -> argparse.Namespace:
     return args
 
 
-def _replica(first: Broker, directory: Path, ek_roots: Path) -> Broker:
-    """Another broker on the same database, TLS identity and master key as ``first``."""
-    other = Broker(directory, ek_roots, enrollment="ek-ca")
-    for item in ("master.key", "agent-ca.pem", "tls"):
-        src, dst = first.directory / item, directory / item
-        if src.is_dir():
-            shutil.rmtree(dst)
-            shutil.copytree(src, dst)
-        else:
-            shutil.copy2(src, dst)
-    return other
-
-
 def _status(pid: int, field: str) -> str:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return line.split(":", 1)[1].strip()
     return "?"
-
-
-def _must(result: Any, what: str) -> None:
-    if result.returncode != 0:
-        raise SystemExit(f"bench: {what} failed: {result!r}")
-
-
-def _ask(conns: list[Connection], command: str, arg: object = None) -> list[Any]:
-    for conn in conns:
-        conn.send((command, arg))
-    return [conn.recv() for conn in conns]
 
 
 def _py_spy(args: argparse.Namespace, pid: int, seconds: float) -> subprocess.Popen[bytes] | None:
@@ -135,30 +104,6 @@ def _py_spy(args: argparse.Namespace, pid: int, seconds: float) -> subprocess.Po
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-
-
-def _setup_catalog(broker: Broker, work: Path, names: list[str]) -> None:
-    """Approve every node with the bench label; policy over PCRs 0-7; an RSA-3072 key granted."""
-    from kbs.store import Store  # the bench writes approvals directly: 10,000 CLI runs take long
-
-    store = Store.open(_database(broker))
-    try:
-        now = datetime.now(UTC)
-        for name in names:
-            store.approve_node(name, {"role": "bench"}, now)
-    finally:
-        store.close()
-    write_key(work / "k.pem", rsa.generate_private_key(65537, 3072))
-    _must(broker.kbs("policy", "set", "p", "--pcrs", POLICY_PCRS, "--from-node", names[0]), "p")
-    _must(broker.kbs("policy", "assign", "p", "--selector", LABEL), "policy assign")
-    _must(broker.kbs("key", "import", "k", "--private-key", str(work / "k.pem")), "key import")
-    _must(broker.kbs("grant", "add", "k", "--selector", LABEL), "grant add")
-
-
-def _database(broker: Broker) -> Path | str:
-    from kbs.config import load_config
-
-    return load_config(broker.config).database
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -249,106 +194,43 @@ def main() -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    ctx = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="kl-fleet-") as tmp:
-        work = Path(tmp)
-        golden = SwtpmCa(work / "swtpm-ca").golden / "tpm2-00.permall"
-        ek_ca = EkCa.create()
-        roots = work / "roots.pem"
-        roots.write_bytes(ek_ca.root_pem())
-        brokers = [Broker(work / "kbs0", roots, enrollment="ek-ca")]
-        for i in range(1, args.replicas):
-            brokers.append(_replica(brokers[0], work / f"kbs{i}", roots))
-        settings: dict[str, int | str] = {} if args.keep_limits else dict(BENCH_LIMITS)
-        if args.database:
-            settings["database"] = args.database
-        elif args.sqlite_dir:
-            settings["database"] = str(Path(tempfile.mkdtemp(dir=args.sqlite_dir)) / "kbs.db")
-        tpms: list[Swtpm] = []
-        procs: list[Any] = []
-        try:
-            for b in brokers:
-                b.set(**settings, metrics_listen="127.0.0.1:0")
-                b.start()
-                if args.broker_cpus:
-                    subprocess.run(["taskset", "-pc", args.broker_cpus, str(b.pid)], check=True)
-            metrics = [metrics_port(b) for b in brokers]
-            affinity = ",".join(str(c) for c in sorted(os.sched_getaffinity(brokers[0].pid)))
-            conns: list[Connection] = []
-            for w in range(args.clients):
-                d = work / f"tpm{w}"
-                d.mkdir()
-                shutil.copyfile(golden, d / "tpm2-00.permall")
-                tpm = Swtpm(d)
-                tpm.start()
-                tpms.append(tpm)
-                parent, child = ctx.Pipe()
-                spec = WorkerSpec(
-                    worker=w,
-                    tcti=tpm.tcti,
-                    addresses=tuple(b.address for b in brokers),
-                    ca_pem=brokers[0].ca.read_bytes(),
-                    ek_ca_key_pem=ek_ca.key.private_bytes(
-                        serialization.Encoding.PEM,
-                        serialization.PrivateFormat.PKCS8,
-                        serialization.NoEncryption(),
-                    ),
-                    ek_ca_cert_pem=ek_ca.root_pem(),
-                    nodes=tuple(range(w, args.nodes, args.clients)),
-                )
-                proc = ctx.Process(target=worker_main, args=(child, spec), daemon=True)
-                proc.start()
-                procs.append(proc)
-                conns.append(parent)
-            t0 = time.monotonic()
-            enrolled = _ask(conns, "enroll")
-            count = sum(n for n, _ in enrolled)
-            problems = [e for _, errs in enrolled for e in errs]
-            print(f"enrolled {count}/{args.nodes} nodes in {time.monotonic() - t0:.1f} s")
-            for text in problems[:5]:
-                print(f"  enrollment error: {text}")
-            if count == 0:
-                return 1
-            # node 0 attests once (denied: no policy yet) so that its PCRs seed the policy
-            conns[0].send(("attest", 0))
-            conns[0].recv()
-            t0 = time.monotonic()
-            _setup_catalog(brokers[0], work, [node_name(i) for i in range(args.nodes)])
-            print(f"approved, policy, key and grant set up in {time.monotonic() - t0:.1f} s")
-            run = RunSpec(
-                mode=args.mode,
-                start_at=time.time() + 1.0,
-                duration=args.duration,
-                period=args.period,
-                concurrency=args.concurrency,
-            )
-            spy = _py_spy(args, brokers[0].pid, run.duration if args.mode != "storm" else 60)
-            hist0 = [fleet_metrics.scrape(m) for m in metrics]
-            cpu0 = sum(b.cpu_seconds() for b in brokers)
-            w0 = time.monotonic()
-            reports: list[RunReport] = _ask(conns, "run", run)
-            wall = time.monotonic() - w0 - 1.0
-            cpu = sum(b.cpu_seconds() for b in brokers) - cpu0
-            _print_report(args, reports, cpu, wall, brokers, affinity)
-            _print_broker_latency(
-                [
-                    fleet_metrics.subtract(fleet_metrics.scrape(m), before)
-                    for m, before in zip(metrics, hist0, strict=True)
-                ]
-            )
-            if spy is not None:
-                spy.wait()
-            for conn in conns:
-                conn.send(("stop", None))
-        finally:
-            for proc in procs:
-                proc.join(10)
-                if proc.is_alive():
-                    proc.kill()
-            for tpm in tpms:
-                tpm.stop()
-            for b in brokers:
-                b.stop()
+    settings: dict[str, int | str] = {} if args.keep_limits else dict(BENCH_LIMITS)
+    if args.no_front:
+        settings["max_connections_per_address"] = 0
+    if args.database:
+        settings["database"] = args.database
+    elif args.sqlite_dir:
+        settings["database"] = str(Path(tempfile.mkdtemp(dir=args.sqlite_dir)) / "kbs.db")
+    with running_fleet(
+        args.nodes, args.clients, settings, replicas=args.replicas, broker_cpus=args.broker_cpus
+    ) as fleet:
+        if fleet.enrolled == 0:
+            return 1
+        brokers = fleet.brokers
+        affinity = ",".join(str(c) for c in sorted(os.sched_getaffinity(brokers[0].pid)))
+        run = RunSpec(
+            mode=args.mode,
+            start_at=time.time() + 1.0,
+            duration=args.duration,
+            period=args.period,
+            concurrency=args.concurrency,
+        )
+        spy = _py_spy(args, brokers[0].pid, run.duration if args.mode != "storm" else 60)
+        hist0 = [fleet_metrics.scrape(m) for m in fleet.metrics]
+        cpu0 = sum(b.cpu_seconds() for b in brokers)
+        w0 = time.monotonic()
+        reports: list[RunReport] = fleet.ask("run", run)
+        wall = time.monotonic() - w0 - 1.0
+        cpu = sum(b.cpu_seconds() for b in brokers) - cpu0
+        _print_report(args, reports, cpu, wall, brokers, affinity)
+        _print_broker_latency(
+            [
+                fleet_metrics.subtract(fleet_metrics.scrape(m), before)
+                for m, before in zip(fleet.metrics, hist0, strict=True)
+            ]
+        )
+        if spy is not None:
+            spy.wait()
     return 0
 
 

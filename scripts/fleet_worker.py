@@ -68,6 +68,7 @@ class RunSpec:
     duration: float  # renewal/max: seconds of load
     period: float  # renewal: seconds between two attestations of one node
     concurrency: int  # storm/max: attestations in flight in this worker
+    watch: bool = False  # every node also keeps a Watch stream open, as an agent does (soak)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class RunReport:
     first_start: float = 0.0
     last_end: float = 0.0
     max_lateness: float = 0.0  # renewal: how late (s) the worst attestation started
+    watch_events: int = 0  # watch: events received on the nodes' streams
 
     def error(self, text: str) -> None:
         self.errors += 1
@@ -202,6 +204,8 @@ class _Worker:
 
     async def run(self, spec: RunSpec) -> RunReport:
         report = RunReport()
+        watchers = [asyncio.create_task(self._watch(i, report)) for i in self.spec.nodes
+                    if spec.watch]  # fmt: skip
         await asyncio.sleep(max(0.0, spec.start_at - time.time()))
         if spec.mode == "renewal":
             await self._renewal(spec, report)
@@ -209,7 +213,27 @@ class _Worker:
             await self._storm(spec, report)
         else:
             await self._max(spec, report)
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
         return report
+
+    async def _watch(self, index: int, report: RunReport) -> None:
+        """The node's Watch stream, as an agent keeps it: any end of it is an error (the broker
+        ends a stream only when it stops); reopened a second later."""
+        name = node_name(index)
+        while True:
+            call = self.stub(index).Watch(pb.WatchRequest(node_name=name))
+            try:
+                async for _event in call:
+                    report.watch_events += 1
+                report.error(f"{name}: watch stream ended")
+            except grpc.aio.AioRpcError as exc:
+                report.error(f"{name}: watch: {_describe(exc)}")
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            await asyncio.sleep(1.0)
 
     async def _renewal(self, spec: RunSpec, report: RunReport) -> None:
         """Every node attests every ``period`` s from a random phase, until ``duration`` ends."""

@@ -7,11 +7,14 @@ cd "$(dirname "$0")/.."
 # The container runtimes the tests drive (tests/system/test_runtimes.py): containerd + runc
 # (through the CRI), Debian's registry (served on 127.0.0.1 by the tests), buildah and podman,
 # busybox-static (the one program in the test images), patchelf (for setup-trixie.sh).
+# The fault-injection tests (tests/system/test_faults.py) kill a process at an exact system call
+# with strace (a process's wall clock is made to jump by harness/wallclock.c, built with gcc).
 RUNTIME_PACKAGES=(containerd runc docker-registry buildah podman conmon busybox-static patchelf)
 APT_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gnutls-bin skopeo
               build-essential python3-venv python3-dev ca-certificates
               libsystemd-dev systemd postgresql
               qemu-system-x86 qemu-utils ovmf mmdebstrap netcat-openbsd e2fsprogs
+              strace
               "${RUNTIME_PACKAGES[@]}")
 # Services these packages enable that the tests never use (each test starts its own, private
 # and on loopback); Debian's registry would otherwise listen on every address (:5000).

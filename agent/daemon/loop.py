@@ -6,7 +6,8 @@ READY=1 goes to systemd once keys are installed, or after ``startup_timeout_seco
 keys (STATUS= says why). Then, on one worker thread:
 
 - renew at about two thirds of the lease; on failure retry with backoff, no sooner than a busy
-  broker asks (``agent.daemon.schedule``); keys stay until the lease's not-after, then go;
+  broker asks (``agent.daemon.schedule``); keys stay until the lease ends, then go, and the agent
+  attests again at once (the lease is measured on the monotonic clock: ``agent.daemon.lease``);
 - only a verified denial removes the keys at once (and the cache); any other failure — broker
   unreachable or busy, credentials refused (it enrolls again), a refusal without a verdict, a
   release that does not open or is not signed by the broker — keeps them until the lease ends;
@@ -39,6 +40,7 @@ from types import FrameType
 from agent.attest import attest_once
 from agent.broker import BrokerClient
 from agent.config import AgentConfig, load_config
+from agent.daemon.lease import Lease
 from agent.daemon.restore import restore_from_cache
 from agent.daemon.schedule import Schedule
 from agent.enroll import NodeCredentials, node_identity
@@ -87,7 +89,7 @@ class Daemon:
         self._wakes: queue.Queue[Wake] = queue.Queue()
         self._stop = threading.Event()
         self._signals = 0
-        self._lease: datetime | None = None
+        self._lease: Lease | None = None
         self._schedule = Schedule(cfg.retry_max_seconds, self._rng)
         self._startup_deadline = 0.0
         self._healthy = True
@@ -165,7 +167,7 @@ class Daemon:
                 self._sleep_until_woken(5.0)
 
     def _tick(self) -> None:
-        self._expire_lease(datetime.now(UTC))
+        self._expire_lease()
         if not self._notifier.is_ready and time.monotonic() >= self._startup_deadline:
             self._notifier.ready(
                 f"no keys after {self._cfg.startup_timeout_seconds:g} s: {describe(self._status)}"
@@ -180,7 +182,7 @@ class Daemon:
         now = time.monotonic()
         deadlines = [self._schedule.next_attempt - now]
         if self._lease is not None:
-            deadlines.append((self._lease - datetime.now(UTC)).total_seconds())
+            deadlines.append(self._lease.remaining())
         if not self._notifier.is_ready:
             deadlines.append(self._startup_deadline - now)
         if self._notifier.watchdog_interval is not None:
@@ -257,7 +259,7 @@ class Daemon:
         restored = restore_from_cache(self._cfg, self._state)
         bundle = restored.bundle
         if bundle is None and restored.kept_until is not None:
-            self._lease = restored.kept_until
+            self._lease = Lease.restored(restored.kept_until, datetime.now(UTC))
             self._set_status(
                 state=f"nothing restored: {restored.reason}; keys kept until the lease ends",
                 keys=restored.kept,
@@ -270,7 +272,7 @@ class Daemon:
                 state=f"nothing restored: {restored.reason}", keys=(), lease_not_after=None
             )
             return
-        self._lease = bundle.not_after
+        self._lease = Lease.restored(bundle.not_after, datetime.now(UTC))
         self._set_status(
             state="keys installed",
             keys=tuple((k.name, k.version) for k in bundle.keys),
@@ -290,6 +292,7 @@ class Daemon:
     def _attempt(self) -> None:
         cfg = self._cfg
         now = datetime.now(UTC)
+        asked_at = time.monotonic()
         try:
             if not route_to(cfg.kbs_host):
                 raise BrokerUnreachable(f"no route to the broker host {cfg.kbs_host}")
@@ -318,8 +321,8 @@ class Daemon:
             self._failed(now, "error", exc, state="error")
             return
         bundle = report.bundle
-        self._lease = bundle.not_after
-        delay = self._schedule.renew(bundle.not_after)
+        self._lease = Lease.received(bundle.issued_at, bundle.not_after, asked_at)
+        delay = self._schedule.renew(self._lease.remaining())
         log.info(
             "attested: %s installed, lease until %s, renewing in %.0f s",
             bundle.describe(),
@@ -352,11 +355,11 @@ class Daemon:
             last_attestation_at=now, last_result=result, last_reason=str(exc), **status
         )
 
-    def _expire_lease(self, now: datetime) -> None:
-        if self._lease is None or now < self._lease:
+    def _expire_lease(self) -> None:
+        if self._lease is None or not self._lease.ended():
             return
         removed = self._remove_all_keys()
-        reason = f"lease ended at {self._lease.isoformat()} without renewal"
+        reason = f"lease ended at {self._lease.not_after.isoformat()} without renewal"
         log.warning(
             "%s: removed %d key file(s)",
             reason,
@@ -365,6 +368,7 @@ class Daemon:
         )
         self._lease = None
         self._set_status(state=f"no keys: {reason}", keys=(), lease_not_after=None)
+        self._schedule.soon()  # only a new lease brings keys back: ask for one now
 
     def _remove_all_keys(self) -> tuple[str, ...]:
         return remove_all_keys(self._cfg, SealedCache(self._state))

@@ -1,15 +1,21 @@
-"""Admission control for the node-facing service: a gRPC server interceptor.
+"""Admission control for the node-facing listener: a gRPC server interceptor.
 
-Every request passes, in order:
+It covers every service on the listener: ``keylease.v1.NodeService`` and ``grpc.health.v1.Health``
+(``ADMITTED_SERVICES``). The client's address is the real one even behind the connection front
+(``kbs.nodeapi.front``), which relays each connection from a loopback port: ``PeerMap`` resolves
+it. Every request passes, in order:
 
-1. **per-peer rate** (token bucket per client IP address, ``context.peer()``) and **per-peer
-   in-flight** cap (unfinished requests from that address; for Watch only until its request is
-   read, so a fleet behind one NAT address can keep its streams open);
+1. **per-peer rate** (token bucket per client IP address) and **per-peer in-flight** cap
+   (unfinished requests from that address); a stream also takes a **per-peer stream slot** of its
+   kind for its whole life: ``max_watch_streams_per_peer`` node Watch streams (one per agent: a
+   fleet behind one NAT address needs one each) and ``max_health_watches_per_peer`` health Watch
+   streams (at most ``MAX_HEALTH_WATCHES`` in all), so one client cannot hold the server's
+   concurrency with streams;
 2. **receiving the request within the deadline**: unary methods are served as client-streaming
    handlers so that the request message is read here, under ``rpc_deadline_seconds``. A client
    that opens calls and never sends (or sends slowly) is cut off instead of holding the server's
-   concurrency slots. The request is kept as received too: its bytes are what the node's MAC
-   covers;
+   concurrency slots;
+   The request is kept as received too: its bytes are what the node's MAC covers;
 3. **node authentication** for GetNonce, Attest and Watch (``kbs.nodeapi.nodeauth``): the call
    must carry a MAC made with the key of the node its request names, else UNAUTHENTICATED "node
    call not authenticated" (no audit row: a metric and a rate-limited log line). Until here a
@@ -24,67 +30,54 @@ Every request passes, in order:
 6. the handler, cancelled after ``rpc_deadline_seconds`` in all (DEADLINE_EXCEEDED).
 
 Limit refusals answer RESOURCE_EXHAUSTED with the wait in the message and in the trailing metadata
-``retry-after-ms``. Latency and status codes per method go to ``kbs.nodeapi.metrics``.
+``retry-after-ms``, and are logged at most once per limit every 10 s (a flood is one line, not
+thousands). Latency and status codes per method go to ``kbs.nodeapi.metrics`` (health methods as
+``Health.Check`` and ``Health.Watch``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import grpc
 
 from kbs.config import LimitSettings
-from kbs.errors import DatabaseUnavailable, InvalidRequest, KbsError
+from kbs.nodeapi.callers import CallerCheck, Context, Received, Refused
 from kbs.nodeapi.metrics import BrokerMetrics
-from kbs.nodeapi.nodeauth import REFUSED_TEXT, Metadata, NodeAuthenticator
-from kbs.nodeapi.ratelimit import InflightCounter, TokenBuckets, peer_host
-from kbs.tpm.ekcert import ek_hash
-from kbs.tpm.objects import parse_public
-from keylease.api.v1.limits import MAX_NODE_NAME, MAX_TPM_PUBLIC
-from keylease.api.v1.nodeauth import AUTHENTICATED_METHODS
+from kbs.nodeapi.nodeauth import NodeAuthenticator
+from kbs.nodeapi.ratelimit import InflightCounter, PeerMap, TokenBuckets
+from kbs.nodeapi.refusals import ThrottledLog
 from keylease.text import printable
 
-__all__ = ["EXPENSIVE_METHODS", "RETRY_AFTER_KEY", "LimitInterceptor"]
+__all__ = [
+    "ADMITTED_SERVICES",
+    "EXPENSIVE_METHODS",
+    "MAX_HEALTH_WATCHES",
+    "RETRY_AFTER_KEY",
+    "LimitInterceptor",
+]
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_KEY = "retry-after-ms"
-SERVICE_PREFIX = "/keylease.v1.NodeService/"  # other services on the server pass untouched
+SERVICE_PREFIX = "/keylease.v1.NodeService/"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+ADMITTED_SERVICES = (SERVICE_PREFIX, HEALTH_PREFIX)  # every service on the node listener
 EXPENSIVE_METHODS = frozenset({"StartEnrollment", "FinishEnrollment", "Attest"})
+MAX_HEALTH_WATCHES = 1024  # health Watch streams open at once, from all peers
 BUSY_RETRY_SECONDS = 1.0
-_EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # not in grpc-stubs
+STREAM_RETRY_SECONDS = 30.0
 
-Context = grpc.aio.ServicerContext[Any, Any]
 UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
 StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
-
-
-class _Received(NamedTuple):
-    """A request message and the bytes it arrived as."""
-
-    raw: bytes
-    message: Any
-
-
-class _Refused(Exception):
-    """A limit refused the request (internal to this module)."""
-
-    def __init__(
-        self,
-        limit: str,
-        text: str,
-        retry_after: float,
-        code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ) -> None:
-        super().__init__(text)
-        self.limit = limit
-        self.retry_after = retry_after
-        self.code = code
+WriterBehavior = Callable[[Any, Context], Awaitable[None]]  # a stream written with context.write
 
 
 if TYPE_CHECKING:
@@ -95,18 +88,26 @@ else:  # not subscriptable at run time
 
 class LimitInterceptor(_Interceptor):
     def __init__(
-        self, settings: LimitSettings, metrics: BrokerMetrics, authenticator: NodeAuthenticator
+        self,
+        settings: LimitSettings,
+        metrics: BrokerMetrics,
+        authenticator: NodeAuthenticator,
+        peers: PeerMap | None = None,
     ) -> None:
         self._s = settings
         self._metrics = metrics
-        self._auth = authenticator
+        self._callers = CallerCheck(settings, metrics, authenticator)
+        self._peers = peers if peers is not None else PeerMap()
+        self._streams = {
+            "Watch": InflightCounter(settings.max_watch_streams_per_peer),
+            "Health.Watch": InflightCounter(
+                settings.max_health_watches_per_peer, MAX_HEALTH_WATCHES
+            ),
+        }
+        self._throttled = ThrottledLog(log)
         self._peer_rate = _buckets(
             settings.rate_limit_peer_per_second, settings.rate_limit_peer_burst
         )
-        self._node_rate = _buckets(
-            settings.rate_limit_node_per_second, settings.rate_limit_node_burst
-        )
-        self._ek_rate = _buckets(settings.rate_limit_ek_per_second, settings.rate_limit_ek_burst)
         self._inflight = InflightCounter(settings.max_inflight_per_peer)
         self._slots = asyncio.Semaphore(settings.max_concurrent_attestations)
         self._waiting = 0
@@ -123,11 +124,12 @@ class LimitInterceptor(_Interceptor):
             return found  # type: ignore[return-value]  # None: unknown method, gRPC answers it
         handler = found
         path = handler_call_details.method
+        method = _label(path)
         parse = handler.request_deserializer
         assert parse is not None
 
-        def received(raw: bytes) -> _Received:
-            return _Received(raw, parse(raw))
+        def received(raw: bytes) -> Received:
+            return Received(raw, parse(raw))
 
         if handler.unary_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
@@ -135,31 +137,34 @@ class LimitInterceptor(_Interceptor):
                 request_deserializer=received,
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream is not None:
+        if handler.unary_stream is not None and method in self._streams:
+            inner = handler.unary_stream
             return grpc.stream_stream_rpc_method_handler(
-                self._stream(path, cast(StreamBehavior, handler.unary_stream)),
+                self._writer_stream(path, cast(WriterBehavior, inner))
+                if inspect.iscoroutinefunction(inner)
+                else self._stream(path, cast(StreamBehavior, inner)),
                 request_deserializer=received,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
     def _unary(self, path: str, inner: UnaryBehavior) -> Callable[..., Awaitable[Any]]:
-        method = path.rpartition("/")[2]
+        method = _label(path)
 
         async def behavior(requests: AsyncIterator[Any], context: Context) -> Any:
             start = time.monotonic()
-            peer = peer_host(context.peer())
+            peer = self._peers.host(context.peer())
             try:
                 self._admit_peer(peer, method)
                 try:
                     async with asyncio.timeout(self._s.rpc_deadline_seconds):
-                        request = await self._admit_call(path, peer, context)
+                        request = await self._callers.admit(path, peer, context)
                         if method in EXPENSIVE_METHODS:
                             return await self._expensive(inner, request, context)
                         return await inner(request, context)
                 finally:
                     self._inflight.release(peer)
-            except _Refused as exc:
+            except Refused as exc:
                 await self._refuse(context, exc, method)
             except TimeoutError:
                 await self._timed_out(context, method, peer)
@@ -169,34 +174,78 @@ class LimitInterceptor(_Interceptor):
         return behavior
 
     def _stream(self, path: str, inner: StreamBehavior) -> Callable[..., AsyncIterator[Any]]:
-        method = path.rpartition("/")[2]
-
         async def behavior(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-            peer = peer_host(context.peer())
-            try:
-                self._admit_peer(peer, method)
-                try:
-                    async with asyncio.timeout(self._s.rpc_deadline_seconds):
-                        request = await self._admit_call(path, peer, context)
-                finally:
-                    self._inflight.release(peer)
-            except _Refused as exc:
-                await self._refuse(context, exc, method)
-            except TimeoutError:
-                await self._timed_out(context, method, peer)
-            self._metrics.watch_streams.inc()
-            code = ""
-            try:
+            async with self._held_stream(path, context) as request:
                 async for response in inner(request, context):
                     yield response
-            except (asyncio.CancelledError, GeneratorExit):
-                code = "CANCELLED"  # the client went away or the server is stopping
-                raise
-            finally:
-                self._metrics.watch_streams.dec()
-                self._metrics.rpc(method, code or _code(context), None)
 
         return behavior
+
+    def _writer_stream(self, path: str, inner: WriterBehavior) -> Callable[..., Awaitable[None]]:
+        """``_stream`` for a handler that writes with ``context.write`` (grpc.health.v1 Watch)."""
+
+        async def behavior(requests: AsyncIterator[Any], context: Context) -> None:
+            async with self._held_stream(path, context) as request:
+                await inner(request, context)
+
+        return behavior
+
+    @contextlib.asynccontextmanager
+    async def _held_stream(self, path: str, context: Context) -> AsyncIterator[Any]:
+        """The admitted stream's request, its slot held (and counted) until the stream ends."""
+        method = _label(path)
+        peer = self._peers.host(context.peer())
+        request = await self._open_stream(path, peer, context)
+        gauge = self._stream_gauge(method)
+        gauge.inc()
+        code = ""
+        try:
+            yield request
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"  # the client went away or the server is stopping
+            raise
+        finally:
+            self._streams[method].release(peer)
+            gauge.dec()
+            self._metrics.rpc(method, code or _code(context), None)
+
+    async def _open_stream(self, path: str, peer: str, context: Context) -> Any:
+        """Admit a stream: per-peer rate and in-flight while its request is read, a stream slot
+        of its kind for its whole life (the caller releases it once the stream ends); returns
+        the request. Refusals abort the call."""
+        method = _label(path)
+        streams = self._streams[method]
+        try:
+            self._admit_peer(peer, method)
+            try:
+                if not streams.acquire(peer):
+                    raise Refused(
+                        "peer_streams", self._streams_full(method, peer), STREAM_RETRY_SECONDS
+                    )
+                try:
+                    async with asyncio.timeout(self._s.rpc_deadline_seconds):
+                        request = await self._callers.admit(path, peer, context)
+                except BaseException:
+                    streams.release(peer)
+                    raise
+            finally:
+                self._inflight.release(peer)
+        except Refused as exc:
+            await self._refuse(context, exc, method)
+        except TimeoutError:
+            await self._timed_out(context, method, peer)
+        return request
+
+    def _streams_full(self, method: str, peer: str) -> str:
+        streams = self._streams[method]
+        if streams.count(peer) >= streams.limit:
+            return f"{streams.limit} {method} streams from {peer} are already open"
+        return f"the broker has {streams.total} {method} streams open, its limit"
+
+    def _stream_gauge(self, method: str) -> Any:
+        if method == "Watch":
+            return self._metrics.watch_streams
+        return self._metrics.health_watch_streams
 
     def _admit_peer(self, peer: str, method: str) -> None:
         """Per-peer rate, then take an in-flight slot (the caller releases it)."""
@@ -204,77 +253,18 @@ class LimitInterceptor(_Interceptor):
             wait = self._peer_rate.take(peer)
             if wait:
                 rate = self._s.rate_limit_peer_per_second
-                raise _Refused("peer_rate", f"too many requests from {peer} ({rate:g}/s)", wait)
+                raise Refused("peer_rate", f"too many requests from {peer} ({rate:g}/s)", wait)
         if not self._inflight.acquire(peer):
-            raise _Refused(
+            raise Refused(
                 "peer_inflight",
                 f"{self._inflight.limit} requests from {peer} are already in progress",
                 BUSY_RETRY_SECONDS,
             )
 
-    async def _admit_call(self, path: str, peer: str, context: Context) -> Any:
-        """Read the request, then authenticate the node and charge its (or its EK's) budget;
-        returns the request message."""
-        received: _Received = await _read_one(context)
-        request = received.message
-        name = getattr(request, "node_name", "")
-        if path in AUTHENTICATED_METHODS:
-            await self._authenticate(path, peer, context, name, received.raw)
-            self._admit_node(name)
-        elif path.endswith("/StartEnrollment"):
-            self._admit_ek(getattr(request, "ek_public", b""))
-        return request
-
-    async def _authenticate(
-        self, path: str, peer: str, context: Context, name: object, raw: bytes
-    ) -> None:
-        try:
-            ok = isinstance(name, str) and await self._auth.verify(
-                path, cast(Metadata, context.invocation_metadata()), name, raw
-            )
-        except DatabaseUnavailable as exc:
-            self._metrics.db_errors.inc()
-            raise _Refused("", exc.diagnostics(), 0, grpc.StatusCode.UNAVAILABLE) from None
-        except KbsError as exc:
-            self._metrics.db_errors.inc()
-            log.error("%s: cannot check the node's key: %s", path, exc)
-            raise _Refused("", "internal error; see the broker log", 0,
-                           grpc.StatusCode.INTERNAL) from None  # fmt: skip
-        if not ok:
-            self._auth.refused(peer, path)
-            raise _Refused("unauthenticated", REFUSED_TEXT, 0, grpc.StatusCode.UNAUTHENTICATED)
-
-    def _admit_node(self, name: str) -> None:
-        """The per-node rate, charged only once the call proved it comes from node ``name``."""
-        if self._node_rate is None or not name or len(name) > MAX_NODE_NAME:
-            return
-        wait = self._node_rate.take(name)
-        if wait:
-            rate = self._s.rate_limit_node_per_second
-            raise _Refused("node_rate", f"too many requests for node {name!r} ({rate:g}/s)", wait)
-
-    def _admit_ek(self, ek_public: object) -> None:
-        """The per-EK rate of StartEnrollment, keyed by the EK's hash (the key, not its
-        encoding). A request whose EK does not parse passes: the handler refuses it."""
-        if self._ek_rate is None or not isinstance(ek_public, bytes):
-            return
-        if not ek_public or len(ek_public) > MAX_TPM_PUBLIC:
-            return
-        try:
-            digest = ek_hash(parse_public(ek_public, "ek_public").key)
-        except InvalidRequest:
-            return
-        wait = self._ek_rate.take(digest)
-        if wait:
-            rate = self._s.rate_limit_ek_per_second
-            raise _Refused(
-                "ek_rate", f"too many enrollments for EK {digest[:16]} ({rate:g}/s)", wait
-            )
-
     async def _expensive(self, inner: UnaryBehavior, request: Any, context: Context) -> Any:
         """``inner`` in an attestation slot (the caller's timeout bounds the wait)."""
         if self._slots.locked() and self._waiting >= self._s.max_queued_attestations:
-            raise _Refused(
+            raise Refused(
                 "busy",
                 f"the broker is busy ({self._s.max_concurrent_attestations} attestations running, "
                 f"{self._waiting} waiting)",
@@ -290,13 +280,15 @@ class LimitInterceptor(_Interceptor):
         finally:
             self._slots.release()
 
-    async def _refuse(self, context: Context, exc: _Refused, method: str) -> NoReturn:
+    async def _refuse(self, context: Context, exc: Refused, method: str) -> NoReturn:
         if exc.limit:  # "": not a limit (the database failed)
             self._metrics.limited.labels(exc.limit).inc()
         if exc.code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
             await context.abort(exc.code, printable(str(exc)))
         ms = max(1, math.ceil(exc.retry_after * 1000))
-        log.info("%s refused: %s; retry in %d ms", method, exc, ms)
+        self._throttled.log(
+            logging.INFO, exc.limit, "%s refused: %s; retry in %d ms", method, exc, ms
+        )
         await context.abort(
             exc.code, f"{exc}; retry in {ms} ms", trailing_metadata=((RETRY_AFTER_KEY, str(ms)),)
         )
@@ -305,7 +297,14 @@ class LimitInterceptor(_Interceptor):
     async def _timed_out(self, context: Context, method: str, peer: str) -> NoReturn:
         self._metrics.limited.labels("deadline").inc()
         limit = self._s.rpc_deadline_seconds
-        log.warning("%s from %s cancelled: not done within %g s", method, peer, limit)
+        self._throttled.log(
+            logging.WARNING,
+            "deadline",
+            "%s from %s cancelled: not done within %g s",
+            method,
+            peer,
+            limit,
+        )
         await context.abort(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             f"the request was not received and handled within the broker's {limit:g} s deadline",
@@ -314,21 +313,17 @@ class LimitInterceptor(_Interceptor):
 
 
 def _ours(method: str) -> bool:
-    return method.startswith(SERVICE_PREFIX)
+    return method.startswith(ADMITTED_SERVICES)
+
+
+def _label(method: str) -> str:
+    """The method's name in metrics and limits: ``Attest``, ``Watch``; ``Health.Check``."""
+    name = method.rpartition("/")[2]
+    return f"Health.{name}" if method.startswith(HEALTH_PREFIX) else name
 
 
 def _buckets(rate: float, burst: int) -> TokenBuckets | None:
     return TokenBuckets(rate, burst) if rate > 0 else None
-
-
-async def _read_one(context: Context) -> Any:
-    """The single request message of a unary call."""
-    request = await context.read()
-    if request is _EOF:
-        raise _Refused(
-            "empty", "the call carried no request message", 0, grpc.StatusCode.INVALID_ARGUMENT
-        )
-    return request
 
 
 def _code(context: Context) -> str:

@@ -16,6 +16,14 @@ operators create).
 - ``keylease_nodes{state}``: nodes per state, refreshed every ``NODE_REFRESH_SECONDS``
 - ``keylease_db_errors_total``: database errors (StoreError) met by the service
 - ``keylease_watch_streams``: Watch streams open now
+- ``keylease_health_watch_streams``: grpc.health.v1 Watch streams open now
+- ``keylease_connections``: client connections open through the connection front
+- ``keylease_connections_refused_total{reason}``: connections closed by the front:
+  ``address_limit``, ``total_limit``, ``no_tls`` (no first byte within the handshake timeout),
+  ``backend`` (the gRPC listener could not be reached)
+- ``keylease_unproven_refusals_total{event, reason}``: refusals that prove no node identity,
+  counted here instead of written to the audit log (``kbs.nodeapi.refusals``)
+- ``keylease_audit_rows_pruned_total``: audit rows deleted after ``audit_retention_days``
 """
 
 from __future__ import annotations
@@ -83,6 +91,29 @@ class BrokerMetrics:
         self.nodes = Gauge("keylease_nodes", "Nodes per state", ["state"], registry=r)
         self.db_errors = Counter("keylease_db_errors", "Database errors (StoreError)", registry=r)
         self.watch_streams = Gauge("keylease_watch_streams", "Watch streams open", registry=r)
+        self.health_watch_streams = Gauge(
+            "keylease_health_watch_streams", "grpc.health.v1 Watch streams open", registry=r
+        )
+        self.connections = Gauge(
+            "keylease_connections", "Client connections open through the front", registry=r
+        )
+        self.connections_refused = Counter(
+            "keylease_connections_refused",
+            "Connections closed by the connection front, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.unproven_refusals = Counter(
+            "keylease_unproven_refusals",
+            "Refusals that prove no node identity (not in the audit log), by step and error class",
+            ["event", "reason"],
+            registry=r,
+        )
+        self.audit_pruned = Counter(
+            "keylease_audit_rows_pruned",
+            "Audit rows deleted after the retention period",
+            registry=r,
+        )
 
     def outcome(self, event: str, result: str, reason: str = "none") -> None:
         """Count an enrollment or attestation step (``event`` as in the audit log)."""

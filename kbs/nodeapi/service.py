@@ -2,15 +2,15 @@
 
 This is the one place where broker errors become the node API's status codes: a ``KbsError``
 answers with the code ``kbs.nodeapi.status.NODE_STATUS`` gives its exact class, and its
-operator-readable text;
-anything else is logged and answered INTERNAL without details. The classes in
-``VERIFIED_DENIALS`` — a verdict on the node that proved its identity: revoked, no policy, policy
-or event log refuse it, nothing granted, its TPM's counters went back — also carry the trailing
-metadata ``keylease-verdict: denied``: the only answer on which an agent removes its keys.
-Callers reach these handlers only through ``kbs.nodeapi.admission``, which has already checked
-that GetNonce, Attest and Watch come from the node they name. Every field is checked against
-``keylease.api.v1.limits`` before anything parses it. Refusals and denials are written to the
-audit log here.
+operator-readable text; anything else is logged and answered INTERNAL without details. The
+classes in ``VERIFIED_DENIALS`` — a verdict on the node that proved its identity: revoked, no
+policy, policy or event log refuse it, nothing granted, its TPM's counters went back — also carry
+the trailing metadata ``keylease-verdict: denied``: the only answer on which an agent removes its
+keys. Callers reach these handlers only through ``kbs.nodeapi.admission``, which has already
+checked that GetNonce, Attest and Watch come from the node they name. Every field is checked
+against ``keylease.api.v1.limits`` before anything parses it. Refusals of a node that proved
+itself are written to the audit log here; the others (anyone can cause them: enrollment) are a
+metric and a throttled log line (``kbs.nodeapi.refusals``).
 
 ``Watch`` streams hints from the change feed (``kbs.nodeapi.changefeed``) to one node: subscribe
 first, then look the node up, so that nothing between the two is missed; REVOKED at once for a
@@ -40,6 +40,7 @@ from kbs.context import BrokerContext
 from kbs.model import ChangeKind, NodeState, check_node_name
 from kbs.nodeapi.changefeed import ChangeFeed, Notice, Subscription
 from kbs.nodeapi.metrics import BrokerMetrics
+from kbs.nodeapi.refusals import ThrottledLog, proves_identity
 from kbs.nodeapi.status import NODE_STATUS, VERIFIED_DENIALS
 from kbs.nonces import issue_nonce
 from keylease.api.v1 import VERDICT_DENIED, VERDICT_KEY
@@ -104,6 +105,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
         self._heartbeat = heartbeat
         self._metrics = metrics or BrokerMetrics()
         self._inline = ctx.store.is_sqlite
+        self._throttled = ThrottledLog(log)
 
     async def _run(
         self,
@@ -119,8 +121,6 @@ class NodeService(pb_grpc.NodeServiceServicer):
         except e.KbsError as exc:
             self._metrics.failed(event, _result(exc), exc)
             self._audit_refusal(event, node, exc)
-            reason = printable(str(exc))
-            log.info("%s node=%s result=%s reason=%s", event, node or "-", _result(exc), reason)
             verdict = ((VERDICT_KEY, VERDICT_DENIED),) if type(exc) in VERIFIED_DENIALS else ()
             await context.abort(_status(exc), exc.diagnostics(), trailing_metadata=verdict)
             raise AssertionError("unreachable: context.abort raises") from None
@@ -130,14 +130,28 @@ class NodeService(pb_grpc.NodeServiceServicer):
             await _abort(context, grpc.StatusCode.INTERNAL, "internal error; see the broker log")
 
     def _audit_refusal(self, event: str, node: str, exc: e.KbsError) -> None:
-        if not node:  # no node to attribute it to (or refused before the name was known)
+        """An audit row and a log line for a refusal of a node that proved itself; for any other
+        refusal a metric and a throttled log line (one per step and error class every 10 s)."""
+        result = _result(exc)
+        if not node or not proves_identity(event, exc):
+            self._metrics.unproven_refusals.labels(event, type(exc).__name__).inc()
+            self._throttled.log(
+                logging.INFO,
+                (event, type(exc)),
+                "%s node=%s result=%s reason=%s",
+                event,
+                printable(node) or "-",
+                result,
+                printable(str(exc)),
+            )
             return
+        log.info("%s node=%s result=%s reason=%s", event, node, result, printable(str(exc)))
         try:
             self._ctx.store.audit(
                 actor=f"node:{node}" if node else "node:?",
                 event=event,
                 node=node or None,
-                result=_result(exc),
+                result=result,
                 detail=printable(f"{type(exc).__name__}: {exc}", 1000),
                 now=self._ctx.clock(),
             )
@@ -149,25 +163,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
         self, request: pb.StartEnrollmentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.StartEnrollmentResponse:
         def run() -> enroll_step.Challenge:
-            _bounded("node_name", request.node_name, MAX_NODE_NAME)
-            _bounded("ek_certificate", request.ek_certificate, MAX_EK_CERTIFICATE)
-            _bounded("ek_public", request.ek_public, MAX_TPM_PUBLIC)
-            _bounded("ak_public", request.ak_public, MAX_TPM_PUBLIC)
-            if len(request.metadata) > MAX_METADATA_ENTRIES:
-                raise e.InvalidRequest(f"metadata has more than {MAX_METADATA_ENTRIES} entries")
-            for k, v in request.metadata.items():
-                _bounded("metadata key", k, MAX_METADATA_TEXT)
-                _bounded("metadata value", v, MAX_METADATA_TEXT, required=False)
-            return enroll_step.start(
-                self._ctx,
-                enroll_step.EnrollmentRequest(
-                    node_name=request.node_name,
-                    ek_certificate=request.ek_certificate,
-                    ek_public=request.ek_public,
-                    ak_public=request.ak_public,
-                    metadata=dict(request.metadata),
-                ),
-            )
+            return enroll_step.start(self._ctx, _enrollment_request(request))
 
         challenge = await self._run(context, "enroll", _name(request.node_name), run)
         return pb.StartEnrollmentResponse(
@@ -238,7 +234,13 @@ class NodeService(pb_grpc.NodeServiceServicer):
             check_node_name(name)
             sub = self._feed.subscribe(name)
         except e.KbsError as exc:
-            log.info("watch node=%s result=refused reason=%s", _name(name) or "-", exc)
+            self._throttled.log(
+                logging.INFO,
+                ("watch", type(exc)),
+                "watch node=%s result=refused reason=%s",
+                _name(name) or "-",
+                exc,
+            )
             await _abort(context, _status(exc), exc.diagnostics())
         why = "the client went away"
         started = False
@@ -296,6 +298,25 @@ def _bank_values(bank: pb.PcrBank) -> dict[int, bytes]:
         _bounded(f"PCR {pcr.index} value", pcr.value, MAX_PCR_VALUE)
         pcrs[pcr.index] = pcr.value
     return pcrs
+
+
+def _enrollment_request(request: pb.StartEnrollmentRequest) -> enroll_step.EnrollmentRequest:
+    _bounded("node_name", request.node_name, MAX_NODE_NAME)
+    _bounded("ek_certificate", request.ek_certificate, MAX_EK_CERTIFICATE)
+    _bounded("ek_public", request.ek_public, MAX_TPM_PUBLIC)
+    _bounded("ak_public", request.ak_public, MAX_TPM_PUBLIC)
+    if len(request.metadata) > MAX_METADATA_ENTRIES:
+        raise e.InvalidRequest(f"metadata has more than {MAX_METADATA_ENTRIES} entries")
+    for k, v in request.metadata.items():
+        _bounded("metadata key", k, MAX_METADATA_TEXT)
+        _bounded("metadata value", v, MAX_METADATA_TEXT, required=False)
+    return enroll_step.EnrollmentRequest(
+        node_name=request.node_name,
+        ek_certificate=request.ek_certificate,
+        ek_public=request.ek_public,
+        ak_public=request.ak_public,
+        metadata=dict(request.metadata),
+    )
 
 
 def _evidence(request: pb.AttestRequest) -> attest_step.Evidence:

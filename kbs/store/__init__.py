@@ -269,6 +269,10 @@ class Store:
     def list_audit(self, node: str | None = None, limit: int = 100) -> list[AuditEntry]:
         return audit.list_audit(self.database, node, limit)
 
+    def prune_audit(self, before: datetime) -> int:
+        """Delete audit rows older than ``before``; returns how many."""
+        return audit.prune_audit(self.database, before)
+
     def add_change(self, node: str | None, kind: ChangeKind, reason: str, now: datetime) -> int:
         return changes.add_change(self.database, node, kind, reason, now)
 

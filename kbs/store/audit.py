@@ -2,7 +2,9 @@
 
 Rows written as part of another operation (an attestation's outcome, an admin revocation) go
 through ``write_audit`` inside that operation's transaction, so the action and its record commit
-together. ``list_audit`` returns entries oldest first.
+together. ``list_audit`` returns entries oldest first. ``prune_audit`` deletes rows older than a
+cut-off (``audit_retention_days``), a batch per transaction so that attestations writing their
+rows meanwhile never wait long (the ``audit_at`` index keeps each batch cheap).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from kbs.model import AuditEntry
 from kbs.store.database import Database
 from kbs.store.tables import audit_log, ts
 
-__all__ = ["AuditEvent", "add_audit", "list_audit", "write_audit"]
+__all__ = ["PRUNE_BATCH", "AuditEvent", "add_audit", "list_audit", "prune_audit", "write_audit"]
 
+PRUNE_BATCH = 5000
 P = sa.bindparam
 # On the attestation path: compiled once per dialect (``Database.run``).
 AUDIT = audit_log.insert().values(
@@ -74,3 +77,20 @@ def list_audit(db: Database, node: str | None = None, limit: int = 100) -> list[
         )
         for r in reversed(rows)
     ]
+
+
+def prune_audit(db: Database, before: datetime, batch: int = PRUNE_BATCH) -> int:
+    """Delete the rows written before ``before``, ``batch`` per transaction; returns how many."""
+    cutoff = ts(before)
+    deleted = 0
+    while True:
+        oldest = (
+            sa.select(audit_log.c.id).where(audit_log.c.at < cutoff).order_by(audit_log.c.at)
+        ).limit(batch)
+        with db.tx(single=True, catalog=False) as conn:
+            done = conn.execute(
+                audit_log.delete().where(audit_log.c.id.in_(oldest.scalar_subquery()))
+            ).rowcount
+        deleted += done
+        if done < batch:
+            return deleted

@@ -41,8 +41,11 @@ EK_CERTIFICATE_EKU = x509.ObjectIdentifier("2.23.133.8.1")
 MAX_CHAIN = 6
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-_MALFORMED = (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension,
-              x509.UnsupportedGeneralNameType)  # fmt: skip
+# What cryptography raises for a crafted certificate's parts (found by scripts/fuzz.py: a name
+# attribute of the BitString type under another OID raises TypeError; an X.509 version other
+# than 1 and 3 raises InvalidVersion, which is no ValueError).
+_MALFORMED = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion,
+              x509.DuplicateExtension, x509.UnsupportedGeneralNameType)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -136,9 +139,10 @@ def _parse(der: bytes) -> x509.Certificate:
     part does not parse."""
     try:
         cert = x509.load_der_x509_certificate(der)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise EkCertificateMalformed("ek_certificate is not a DER X.509 certificate") from None
     for part, read in (
+        ("its version", lambda: cert.version),
         ("its extensions", lambda: cert.extensions),
         ("its issuer name", lambda: cert.issuer.rfc4514_string()),
         ("its subject name", lambda: cert.subject.rfc4514_string()),

@@ -267,6 +267,7 @@ def test_a_revision_0002_database_gains_admin_revocations_and_policy_documents(
         (policy,) = store.list_policies()
         assert policy.rules == (Rule("pcr.4", (AllowedValue("04" * 32, MIGRATED),)),)
         assert store.boot_record("n1") is None
+        assert [n.name for n in store.list_nodes()] == ["n1"]
         key = store.get_key("k")
         assert key is not None
         assert key.encrypted_private == b"\xc1"
@@ -335,6 +336,25 @@ def test_a_revision_0005_database_gains_node_keys(tmp_path: Path) -> None:
             state=NodeState.APPROVED, metadata={}, now=T0, node_key=b"sealed key",
         )  # fmt: skip
         assert store.node_key("n1") == b"sealed key"
+
+
+def test_a_revision_0006_database_gains_the_audit_time_index(tmp_path: Path) -> None:
+    path = tmp_path / "kbs.db"
+    with Store.open(path) as store:
+        store.audit(actor="a", event="e", node=None, result="ok", detail="old", now=T0)
+    with sqlite3.connect(path) as raw:  # back to what revision 0006 left
+        raw.execute("DROP INDEX audit_at")
+        raw.execute("UPDATE alembic_version SET version_num = '0006_node_keys'")
+    raw.close()
+    with Store.open(path) as store:
+        assert store.schema_version() == HEAD_REVISION
+        assert store.prune_audit(T0 + timedelta(seconds=1)) == 1
+    with sqlite3.connect(path) as raw:
+        plan = raw.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM audit WHERE at < '2026' ORDER BY at LIMIT 5"
+        ).fetchall()
+    raw.close()
+    assert "audit_at" in str(plan)
 
 
 def test_newer_schema_and_garbage_are_refused(tmp_path: Path) -> None:

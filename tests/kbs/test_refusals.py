@@ -1,8 +1,10 @@
 """Each attack from DESIGN.md's threat table, against the real broker over TLS and real swtpms:
-refused with a specific error, recorded in the audit log, and nothing released. A refusal that is
-not a verdict on the node (a replayed or expired nonce, a quote that does not verify) is
-``AttestationRefused`` (the agent keeps its keys); a verdict (an event log that does not
-replay) is ``AttestationDenied``."""
+refused with a specific error and nothing released. A refusal that is not a verdict on the node
+(a replayed or expired nonce, a quote that does not verify) is ``AttestationRefused`` (the agent
+keeps its keys); a verdict (an event log that does not replay) is ``AttestationDenied``. A
+refusal of a call the node authenticated is an audit row; one that anybody could cause (an
+enrollment with mismatched EK data) is counted in ``keylease_unproven_refusals_total`` and not
+written to the audit log (issue 10: strangers must not grow the audit table)."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from agent.tpm import AkBlobs, Quote, Tpm
 from harness.broker import Broker
 from harness.eventlog import build_event_log, build_log, measured
 from harness.keys import write_key
-from harness.netops import node_call
+from harness.netops import metrics_port, node_call, scrape
 from harness.nodes import Node
 from harness.operator import grant_node
 from kbs.store import Store
@@ -65,6 +67,25 @@ def trust(broker: Broker) -> ReleaseTrust:
 def audit_details(broker: Broker, node: str) -> list[str]:
     with Store.open(broker.directory / "kbs.db") as store:
         return [f"{e.event} {e.result} {e.detail}" for e in store.list_audit(node=node, limit=200)]
+
+
+def unaudited(broker: Broker, node: str, event: str, reason: str) -> bool:
+    """The refusal ``reason`` (an error class) was counted as unproven and is no audit row."""
+    counted = scrape(metrics_port(broker)).get(
+        ("keylease_unproven_refusals_total", frozenset({("event", event), ("reason", reason)})), 0
+    )
+    return counted >= 1 and not any(reason in d for d in audit_details(broker, node))
+
+
+def audited(broker: Broker, node: str, event: str, reason: str) -> bool:
+    """The refusal ``reason`` of a call the node authenticated is an audit row (it proves who
+    was refused), not an unproven-refusal count."""
+    counted = scrape(metrics_port(broker)).get(
+        ("keylease_unproven_refusals_total", frozenset({("event", event), ("reason", reason)})), 0
+    )
+    return counted == 0 and any(
+        d.startswith(event) and reason in d for d in audit_details(broker, node)
+    )
 
 
 def releases(broker: Broker, node: str) -> int:
@@ -111,7 +132,7 @@ def test_replayed_nonce_is_refused(broker: Broker, granted: tuple[Node, Enrolled
         with pytest.raises(AttestationRefused, match=r"already used|not issued"):
             client.attest(me.identity, nonce, quote, b"")
     assert releases(broker, node.name) == 1
-    assert any("NonceUnknown" in d for d in audit_details(broker, node.name))
+    assert audited(broker, node.name, "attest", "NonceUnknown")
 
 
 def test_expired_nonce_is_refused(broker: Broker, granted: tuple[Node, Enrolled]) -> None:
@@ -133,7 +154,7 @@ def test_expired_nonce_is_refused(broker: Broker, granted: tuple[Node, Enrolled]
         with pytest.raises(AttestationRefused, match="expired"):
             client.attest(me.identity, nonce, quote, b"")
     assert releases(broker, node.name) == 0
-    assert any("NonceExpired" in d for d in audit_details(broker, node.name))
+    assert audited(broker, node.name, "attest", "NonceExpired")
 
 
 def test_quote_over_another_nonce_is_refused(
@@ -147,7 +168,7 @@ def test_quote_over_another_nonce_is_refused(
         with pytest.raises(AttestationRefused):
             client.attest(me.identity, new, fresh_quote(tpm, ak, old), b"")
     assert releases(broker, node.name) == 0
-    assert any("QualifyingDataMismatch" in d for d in audit_details(broker, node.name))
+    assert audited(broker, node.name, "attest", "QualifyingDataMismatch")
 
 
 def test_quote_with_one_byte_changed_is_refused(
@@ -164,7 +185,7 @@ def test_quote_with_one_byte_changed_is_refused(
         with pytest.raises(AttestationRefused):
             client.attest(me.identity, nonce, bad, b"")
     assert releases(broker, node.name) == 0
-    assert any("IncorrectSignature" in d for d in audit_details(broker, node.name))
+    assert audited(broker, node.name, "attest", "IncorrectSignature")
 
 
 def test_pcr_value_lied_about_is_refused(broker: Broker, granted: tuple[Node, Enrolled]) -> None:
@@ -219,7 +240,7 @@ def test_ek_certificate_and_public_mismatch_is_refused(
             client.start_enrollment(
                 "ek-a", tpm_a.read_ek().certificate, tpm_b.read_ek().public, ak.public, {}
             )
-    assert any("EkPublicMismatch" in d for d in audit_details(broker, "ek-a"))
+    assert unaudited(broker, "ek-a", "enroll", "EkPublicMismatch")
 
 
 def test_ak_with_wrong_attributes_is_refused(broker: Broker, make_node: NodeFactory) -> None:
@@ -231,7 +252,7 @@ def test_ak_with_wrong_attributes_is_refused(broker: Broker, make_node: NodeFact
         ek = tpm.read_ek()
         with pytest.raises(EnrollmentRefused, match="restricted"):
             client.start_enrollment("weak-ak", ek.certificate, ek.public, public.marshal(), {})
-    assert any("AkAttributesInvalid" in d for d in audit_details(broker, "weak-ak"))
+    assert unaudited(broker, "weak-ak", "enroll", "AkAttributesInvalid")
 
 
 def test_activation_by_another_tpm_is_refused(broker: Broker, make_node: NodeFactory) -> None:

@@ -24,7 +24,7 @@ from kbs.errors import (
 )
 from kbs.model import ChangeKind, KeyState, Node, NodeState, PendingEnrollment
 from kbs.policy.rules import AllowedValue, Document, Rule, check_document
-from kbs.store import AuditEvent, Store
+from kbs.store import AuditEvent, Store, audit
 from kbs.store.cache import CHECK_INTERVAL, MAX_AGE, LabelCache
 from kbs.store.enrollments import MAX_ENROLLMENTS_PER_NODE
 
@@ -442,6 +442,17 @@ def test_audit_is_oldest_first_and_limited(store: Store) -> None:
     assert [e.detail for e in store.list_audit(node="n1")] == ["#0", "#2", "#4"]
     assert [e.detail for e in store.list_audit(limit=2)] == ["#4", "k"]
     assert store.list_audit(node="n2")[0].at == T0 + timedelta(seconds=1)
+
+
+def test_audit_rows_before_the_cutoff_are_pruned_in_batches(store: Store) -> None:
+    for day in range(12):
+        store.audit(actor="node:n1", event="attest", node="n1", result="ok", detail=f"d{day}",
+                    now=T0 + timedelta(days=day))  # fmt: skip
+    assert audit.prune_audit(store.database, T0 + timedelta(days=7), batch=3) == 7
+    assert [e.detail for e in store.list_audit()] == [f"d{d}" for d in range(7, 12)]
+    assert store.prune_audit(T0 + timedelta(days=7)) == 0  # nothing left before the cutoff
+    assert store.prune_audit(T0 + timedelta(days=30)) == 5
+    assert store.list_audit() == []
 
 
 # --- the change feed --------------------------------------------------------------------------

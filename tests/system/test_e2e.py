@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from agent.tpm import Tpm
 from harness.broker import Broker
 from harness.keys import write_key
+from harness.netops import metrics_port, scrape
 from harness.nodes import Node
 from harness.oci import make_oci_image, read_file_from_image, skopeo_decrypt, skopeo_encrypt
 from harness.operator import grant_node, ok
@@ -148,6 +149,11 @@ def test_approved_node_without_policy_is_denied(broker: Broker, make_node: NodeF
     assert "no attestation policy" in denied.stderr
 
 
+def unproven(broker: Broker, reason: str) -> float:
+    key = ("keylease_unproven_refusals_total", frozenset({("event", "enroll"), ("reason", reason)}))
+    return scrape(metrics_port(broker)).get(key, 0.0)
+
+
 def test_untrusted_ek_root_is_refused(
     broker: Broker, make_node: NodeFactory, foreign_ca: object
 ) -> None:
@@ -157,7 +163,9 @@ def test_untrusted_ek_root_is_refused(
     assert "EK" in result.stderr
     with Store.open(broker.directory / "kbs.db") as store:
         assert store.get_node("stranger") is None
-        assert any("UntrustedEk" in e.detail for e in store.list_audit(node="stranger"))
+        # anyone can present a (public) EK certificate: a metric and a log line, no audit row
+        assert not any("UntrustedEk" in e.detail for e in store.list_audit(node="stranger"))
+    assert unproven(broker, "UntrustedEk") == 1
 
 
 def test_known_name_with_new_ek_is_refused(broker: Broker, make_node: NodeFactory) -> None:
@@ -170,7 +178,9 @@ def test_known_name_with_new_ek_is_refused(broker: Broker, make_node: NodeFactor
     with Store.open(broker.directory / "kbs.db") as store:
         node = store.get_node("worker-9")
         assert node is not None
-        assert any("NodeEkConflict" in e.detail for e in store.list_audit(node="worker-9"))
+        # anyone can present a (public) EK certificate: a metric and a log line, no audit row
+        assert not any("NodeEkConflict" in e.detail for e in store.list_audit(node="worker-9"))
+    assert unproven(broker, "NodeEkConflict") == 1
 
 
 def test_no_key_material_in_logs_db_or_state(
