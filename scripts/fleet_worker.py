@@ -35,7 +35,7 @@ from kbs.tpm.objects import parse_public
 from keylease.api.v1 import keylease_pb2 as pb
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
 from keylease.api.v1 import qualifying_data
-from keylease.api.v1.nodeauth import ATTEST, GET_NONCE, auth_metadata, node_key
+from keylease.api.v1.nodeauth import ATTEST, GET_NONCE, WATCH, auth_metadata, node_key
 from keylease.secret import Secret
 from scripts.fleet_ca import EkCa
 from scripts.fleet_tpm import FleetTpm, Identity
@@ -223,7 +223,11 @@ class _Worker:
         ends a stream only when it stops); reopened a second later."""
         name = node_name(index)
         while True:
-            call = self.stub(index).Watch(pb.WatchRequest(node_name=name))
+            request = pb.WatchRequest(node_name=name)
+            raw = request.SerializeToString()
+            call = self.stub(index).Watch(
+                request, metadata=auth_metadata(self.keys[name], WATCH, name, raw)
+            )
             try:
                 async for _event in call:
                     report.watch_events += 1

@@ -150,7 +150,7 @@ def test_broker_killed_mid_attestation(
     database = broker.directory / "kbs.db"
     daemon = daemons.start(node)
     daemons.ready(daemon)
-    assert keys_of(node) == [{"prod-key.pem"}] * 2
+    assert keys_of(node) == [{"prod-key.v1.pem"}] * 2
     before = settled(database, node.name)
     killed = threading.Event()
 
@@ -174,10 +174,10 @@ def test_broker_killed_mid_attestation(
     assert killed.is_set(), daemon.log()
     assert daemon.wait_log("attestation unreachable", 20), daemon.log()
     time.sleep(3)  # retries against no broker: the keys stay, whole
-    assert keys_of(node) == [{"prod-key.pem"}] * 2
+    assert keys_of(node) == [{"prod-key.v1.pem"}] * 2
     assert releases(database, node.name) == before  # killed before any release was recorded
     broker.restart()  # same address; the agent retries by itself
-    wait_until(lambda: keys_of(node) == [{"prod-key.pem", "second.pem"}] * 2, 30,
+    wait_until(lambda: keys_of(node) == [{"prod-key.v1.pem", "second.v1.pem"}] * 2, 30,
                "the agent attests again once the broker is back", daemon.log())  # fmt: skip
     assert releases(database, node.name) == before + 1
     assert daemon.alive()
@@ -222,12 +222,12 @@ def refused_then_recovered(
         daemon.signal(signal.SIGHUP)  # attest now
         wait_until(lambda: daemon.log().count("attestation unreachable") >= 2, 30,
                    "attempts refused meanwhile", daemon.log())  # fmt: skip
-        assert keys_of(node) == [{"prod-key.pem"}] * 2
+        assert keys_of(node) == [{"prod-key.v1.pem"}] * 2
     finally:
         repair()
     wait_until(lambda: attested(daemon) > first, 60, "an attestation once repaired",
                daemon.log())  # fmt: skip
-    assert keys_of(node) == [{"prod-key.pem"}] * 2
+    assert keys_of(node) == [{"prod-key.v1.pem"}] * 2
 
 
 def test_database_stopped(
@@ -293,19 +293,20 @@ def test_key_directory_tmpfs_full(
     # one page: the key fits, but a rotated version cannot be written next to it
     daemon = daemons.start(node, private_tmpfs({owned: "size=4k,mode=0700"}))
     daemons.ready(daemon)
-    old = files_in(seen_by(daemon.pid, node.key_dirs[0]))["prod-key.pem"]
+    old = files_in(seen_by(daemon.pid, node.key_dirs[0]))["prod-key.v1.pem"]
     new = write_key(tmp_path / "k-v2.pem", rsa.generate_private_key(65537, 2048))
     ok(broker.kbs("key", "rotate", "prod-key", "--private-key", str(new)))
     wait_until(lambda: "No space left on device" in daemon.log(), 30, "the install fails",
                daemon.log())  # fmt: skip
     time.sleep(2)
     dirs = [seen_by(daemon.pid, d) for d in node.key_dirs]
-    assert files_in(dirs[0]) == {"prod-key.pem": old}  # the old version, whole; no temp file
-    assert files_in(dirs[1]) == {"prod-key.pem": old}
+    # the old version, whole; no partial v2 and no temp file
+    assert files_in(dirs[0]) == {"prod-key.v1.pem": old}
+    assert files_in(dirs[1]) == {"prod-key.v1.pem": old}
     remount(daemon.pid, owned, "size=64k")
-    wanted = new.read_bytes()
-    wait_until(lambda: all(files_in(d)["prod-key.pem"] == wanted for d in dirs), 30,
-               "the new version once there is room", daemon.log())  # fmt: skip
+    wanted = {"prod-key.v1.pem": old, "prod-key.v2.pem": new.read_bytes()}
+    wait_until(lambda: all(files_in(d) == wanted for d in dirs), 30,
+               "the new version beside the old once there is room", daemon.log())  # fmt: skip
 
 
 def test_state_directory_read_only(
@@ -326,11 +327,11 @@ def test_state_directory_read_only(
     wait_until(lambda: "the sealed cache was not updated" in daemon.log(), 30,
                "an attestation that cannot write its cache", daemon.log())  # fmt: skip
     time.sleep(3)  # not retried as a failure, and the keys stay
-    assert keys_of(node) == [{"prod-key.pem", "second.pem"}] * 2
+    assert keys_of(node) == [{"prod-key.v1.pem", "second.v1.pem"}] * 2
     assert "attestation error" not in daemon.log()
     remount(daemon.pid, state, "rw")
     ok(broker.kbs("grant", "remove", "second", "--selector", "cluster=prod"))
-    wait_until(lambda: keys_of(node) == [{"prod-key.pem"}] * 2, 30, "the next release",
+    wait_until(lambda: keys_of(node) == [{"prod-key.v1.pem"}] * 2, 30, "the next release",
                daemon.log())  # fmt: skip
     assert (seen_by(daemon.pid, state) / "release.bin").read_bytes() != cached
 
@@ -369,7 +370,7 @@ def test_tpm_out_of_object_memory(
     time.sleep(1)  # idle: the agent holds no TPM connection between attempts
     assert fill_tpm_objects(node.tpm.tcti) >= 3
     import_and_grant(broker, tmp_path, "second")
-    wait_until(lambda: keys_of(node) == [{"prod-key.pem", "second.pem"}] * 2, 30,
+    wait_until(lambda: keys_of(node) == [{"prod-key.v1.pem", "second.v1.pem"}] * 2, 30,
                "an attestation with a full TPM", daemon.log())  # fmt: skip
     assert "transient object(s)/session(s) left in the TPM" in daemon.log()
 
@@ -390,7 +391,10 @@ def test_agent_killed_mid_install_and_mid_cache_write(
     assert killed.proc is not None
     assert killed.proc.wait(60) != 0, killed.log()
     published = keys_of(node)  # whole files only, no temp file: one directory has it, one not
-    assert sorted(map(sorted, published)) == [["prod-key.pem"], ["prod-key.pem", "second.pem"]]
+    assert sorted(map(sorted, published)) == [
+        ["prod-key.v1.pem"],
+        ["prod-key.v1.pem", "second.v1.pem"],
+    ]
     # Killed as the new sealed cache is renamed into place.
     cache = node.root / "state" / "release.bin"
     cached = cache.read_bytes()
@@ -401,7 +405,7 @@ def test_agent_killed_mid_install_and_mid_cache_write(
     assert cache.read_bytes() == cached  # the old cache, whole
     # Each time the next start recovers by itself: every key, everywhere, and a new cache.
     recovered = daemons.start(node)
-    wanted = {"prod-key.pem", "second.pem", "third.pem"}
+    wanted = {"prod-key.v1.pem", "second.v1.pem", "third.v1.pem"}
     wait_until(lambda: keys_of(node) == [wanted] * 2, 60, "every key installed", recovered.log())
     wait_until(lambda: cache.read_bytes() != cached, 10, "a new sealed cache", recovered.log())
     assert not (node.root / "state" / ".release.bin.tmp").exists()
@@ -433,7 +437,7 @@ def test_clock_stepped_forward_keeps_keys_for_the_lease_and_renews_once(
     for _ in range(150):  # 15 s: a renewal falls inside (at about 2/3 of the lease)
         seen.append(keys_of(node))
         time.sleep(0.1)
-    assert all(s == [{"prod-key.pem"}] * 2 for s in seen), daemon.log()  # never missing
+    assert all(s == [{"prod-key.v1.pem"}] * 2 for s in seen), daemon.log()  # never missing
     assert attested(daemon) > before, daemon.log()  # renewed meanwhile, still
     delays = [float(d) for d in re.findall(r"renewing in ([0-9.]+) s", daemon.log())]
     assert min(delays) >= 15 * 2 / 3 * 0.8, daemon.log()  # at the lease's pace: no storm
