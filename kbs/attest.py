@@ -120,7 +120,7 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
         required=_required(policies),
         ek=ek,
     )
-    boot_log = verify_event_log(ev.event_log, quote.banks) if ev.event_log else None
+    boot_log = verify_event_log(ctx.event_logs, ev.event_log, quote.banks) if ev.event_log else None
     _check_counters(node, quote)
     record = functools.partial(
         ctx.store.record_attestation,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from kbs.config import KbsConfig
+from kbs.eventlog import EventLogCache
 from kbs.masterkey import MasterKey, master_keyring
 from kbs.signing import ReleaseSigner, load_signer
 from kbs.store import Store
@@ -27,6 +28,7 @@ class BrokerContext:
     master_key: MasterKey
     signer: ReleaseSigner
     clock: Callable[[], datetime] = utc_now
+    event_logs: EventLogCache = field(default_factory=EventLogCache)  # readings of seen logs
 
     @classmethod
     def load(cls, config: KbsConfig, clock: Callable[[], datetime] = utc_now) -> BrokerContext:

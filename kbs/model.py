@@ -16,8 +16,8 @@ from datetime import datetime
 from enum import Enum
 
 from kbs.errors import InvalidRequest, OperatorError
-from kbs.eventlog.bootstate import BootState
 from kbs.policy.rules import Document, Rule
+from keylease.eventlog.bootstate import BootState
 
 __all__ = [
     "AuditEntry",

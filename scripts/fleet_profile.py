@@ -44,7 +44,6 @@ from kbs import enrollment
 from kbs.config import load_config
 from kbs.context import BrokerContext
 from kbs.errors import KbsError
-from kbs.eventlog import CACHE
 from kbs.nonces import issue_nonce
 from kbs.quote import verify_quote
 from kbs.release import GrantedKey, build_release
@@ -152,7 +151,7 @@ def main() -> int:
         if cold:
             spent = 0.0
             for ev in cold:
-                CACHE.clear()
+                ctx.event_logs.clear()
                 c0 = time.process_time()
                 at.attest(ctx, ev)
                 spent += time.process_time() - c0

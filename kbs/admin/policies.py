@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from kbs.errors import NotFound, OperatorError
-from kbs.eventlog.bootstate import is_component_name
 from kbs.model import Node, Policy, check_name, format_selector
 from kbs.policy import learn, policyfile
 from kbs.policy.learn import DiffRow, change_lines
 from kbs.policy.rules import Document, check_bank
 from kbs.store import Store
+from keylease.eventlog.bootstate import is_component_name
 
 __all__ = ["PolicyAdmin", "PolicyChange"]
 

@@ -23,7 +23,6 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from kbs.errors import NodeEkConflict, NotFound, StoreConflict, StoreError
-from kbs.eventlog.bootstate import BootState
 from kbs.model import BootRecord, ChangeKind, Node, NodeState
 from kbs.store.audit import AuditEvent, write_audit
 from kbs.store.changes import purge_changes, record_change
@@ -39,6 +38,7 @@ from kbs.store.tables import (
     nonces,
     ts,
 )
+from keylease.eventlog.bootstate import BootState
 
 __all__ = [
     "ENROLL_ATTEMPTS",

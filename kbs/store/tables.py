@@ -3,7 +3,7 @@
 Timestamps are UTC ISO-8601 text (fixed width, so they compare as text), PCR values JSON
 ``{"bank": {"index": "hex"}}``, labels and selectors canonical JSON, the key versions a node holds
 JSON ``[["name", version], ...]``, policy documents and boot states JSON (``kbs.policy.rules``,
-``kbs.eventlog.bootstate``). Rows become the frozen values of
+``keylease.eventlog.bootstate``). Rows become the frozen values of
 ``kbs.model`` here, never leaving the store as rows. The tables are created and upgraded by the
 revisions in ``kbs/store/migrations``; these definitions must match them.
 """
