@@ -49,6 +49,7 @@ from kbs.quote import verify_quote
 from kbs.release import GrantedKey, build_release
 from kbs.tpm.objects import parse_public
 from keylease.api.v1 import qualifying_data
+from keylease.api.v1.tpmpolicy import sealed_auth_policy
 from keylease.secret import Secret
 from scripts.fleet_ca import EkCa
 from scripts.fleet_tpm import FleetTpm
@@ -192,11 +193,15 @@ def _tpm_object_work(ctx: BrokerContext, evs: list[at.Evidence]) -> float:
         build_release(
             node_name=ev.node_name,
             ek=ek,
+            auth_policy=sealed_auth_policy(ctx.signer.public_key, ev.node_name, "p"),
+            policy_group="p",
             pcr_bank="sha256",
-            pcrs={i: quote.banks["sha256"][i] for i in POLICY},
+            pcr_indices=POLICY,
+            approvals=(),
             keys=[GrantedKey("k", 1, pem)],
             issued_at=now,
             not_after=now + timedelta(hours=1),
+            lease_clock_limit=quote.clock + 3_600_000,
             signer=ctx.signer,
         )
     return (time.process_time() - c0) / len(evs)

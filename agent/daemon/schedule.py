@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 import time
-from datetime import UTC, datetime
 
 from agent.errors import AgentError, BrokerBusy
 
@@ -50,12 +49,12 @@ class Schedule:
     def due(self) -> bool:
         return time.monotonic() >= self.next_attempt
 
-    def renew(self, not_after: datetime) -> float:
-        """Keys installed until ``not_after``: renew at about RENEW_AT of the lease. Returns the
-        delay in seconds."""
+    def renew(self, remaining_seconds: float) -> float:
+        """Keys installed for ``remaining_seconds`` more: renew at about RENEW_AT of that.
+        Returns the delay in seconds."""
         self._backoff.reset()
         self._not_before = 0.0
-        remaining = max(1.0, (not_after - datetime.now(UTC)).total_seconds())
+        remaining = max(1.0, remaining_seconds)
         delay = remaining * RENEW_AT * self._rng.uniform(0.85, 1.0)
         self.next_attempt = time.monotonic() + delay
         return delay

@@ -9,12 +9,14 @@ before it installs or caches anything, and again when it restores from its cache
 
 The signature covers every field of the release in one canonical encoding (``release_payload``):
 the label ``keylease.v1 release`` 0x00, then each field as a 4-byte big-endian length and its
-bytes, in a fixed order; PCR indices as 4-byte big-endian integers. The not-after of the lease
-is inside the AES-GCM bundle, which the signature covers as ciphertext.
+bytes, in a fixed order; PCR indices as 4-byte big-endian integers; the policy group (since
+issue 11) last, when there is one. The not-after of the lease is inside the AES-GCM bundle, which
+the signature covers as ciphertext. Approvals carry signatures of their own
+(``keylease.api.v1.approvals``).
 
 Validity: the certificate's validity period is checked at the release's ``issued_at`` (the
 broker's clock, inside the signed bundle), never at the node's clock, so a wrong node clock
-cannot strand keys (the lease's not-after is still checked against the node's clock, as before).
+cannot strand keys (the lease itself is measured in the node's TPM clock, issue 11).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def release_payload(
     bundle_nonce: bytes,
     bundle_ciphertext: bytes,
     signing_certificate: bytes,
+    policy_group: str = "",
 ) -> bytes:
     """The bytes the broker signs and the agent verifies for one release."""
     indices = b"".join(i.to_bytes(4, "big") for i in sealed.pcr_indices)
@@ -86,6 +89,7 @@ def release_payload(
         bundle_nonce,
         bundle_ciphertext,
         signing_certificate,
+        *((policy_group.encode(),) if policy_group else ()),
     )
     return _LABEL + b"".join(_field(f) for f in fields)
 
