@@ -9,13 +9,24 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.broker import AGENT
 
-__all__ = ["AgentDaemon", "Notification", "NotifySocket"]
+__all__ = ["AgentDaemon", "Notification", "NotifySocket", "faketime"]
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
+
+
+def faketime(offset: str) -> tuple[str, ...]:
+    """A command prefix running the agent with its wall clock moved by ``offset`` ("+3650d",
+    "-3650d"; Debian's libfaketime, package faketime), and nothing else's: ``env`` execs the
+    agent itself (``faketime`` would fork, and a signal would stop it, not the agent)."""
+    if not LIBFAKETIME.exists():
+        raise RuntimeError(f"{LIBFAKETIME} is missing: apt-get install faketime")
+    return ("env", f"LD_PRELOAD={LIBFAKETIME}", f"FAKETIME={offset}", "FAKETIME_DONT_RESET=1")
 
 
 @dataclass(frozen=True)
@@ -91,7 +102,15 @@ class NotifySocket:
 class AgentDaemon:
     """``keylease-agent --config CONFIG run`` in the background; output goes to ``log_path``."""
 
-    def __init__(self, config: Path, log_path: Path, notify: NotifySocket | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log_path: Path,
+        notify: NotifySocket | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        """``prefix``: a command the agent runs under (e.g. ``faketime -f +3650d``)."""
+        self.prefix = tuple(prefix)
         self.config = config
         self.log_path = log_path
         self.notify = notify
@@ -106,7 +125,10 @@ class AgentDaemon:
         with open(self.log_path, "ab") as log:
             self.started_at = time.monotonic()
             self.proc = subprocess.Popen(
-                [AGENT, "--config", str(self.config), "run"], stdout=log, stderr=log, env=env
+                [*self.prefix, AGENT, "--config", str(self.config), "run"],
+                stdout=log,
+                stderr=log,
+                env=env,
             )
         return self
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import NoApprovedState, ReleaseInvalid
@@ -29,6 +30,7 @@ from keylease.api.v1.signing import SigningCertificate
 from keylease.eventlog import EventLogError, analyse
 from keylease.eventlog.bootstate import BootState, is_component_name
 from keylease.eventlog.wording import not_allowed
+from keylease.text import printable
 
 __all__ = ["Binding", "choose"]
 
@@ -44,26 +46,30 @@ class Binding:
     key: ec.EllipticCurvePublicKey
 
 
-def _key(certificate: bytes, cache: dict[bytes, ec.EllipticCurvePublicKey | None]) -> object:
+def _key(certificate: bytes, cache: dict[bytes, object]) -> object:
     if certificate not in cache:
         try:
             key = x509.load_der_x509_certificate(certificate).public_key()
-        except ValueError:
+        except (ValueError, UnsupportedAlgorithm):
             key = None
         cache[certificate] = key if isinstance(key, ec.EllipticCurvePublicKey) else None
     return cache[certificate]
 
 
-def _mine(approvals: Sequence[Approval], binding: Binding) -> list[Approval]:
-    keys: dict[bytes, ec.EllipticCurvePublicKey | None] = {}
-    out = []
-    for a in approvals:
-        if a.node_name != binding.node_name or a.policy_group != binding.group:
-            continue
-        key = _key(a.signing_certificate, keys)
-        if isinstance(key, ec.EllipticCurvePublicKey) and same_key(key, binding.key):
-            out.append(a)
-    return out
+def _unbound(a: Approval, binding: Binding, keys: dict[bytes, object]) -> str | None:
+    """Why ``a`` cannot open the release ``binding`` describes; None if it can."""
+    if a.policy_group != binding.group:
+        return (
+            f"it is for policy {printable(a.policy_group, 120)}, not {binding.group}, the "
+            "policy this cache is bound to"
+        )
+    key = _key(a.signing_certificate, keys)
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not same_key(key, binding.key):
+        return (
+            "it is not signed by the key this cache is bound to (another key: not the "
+            "broker's, or one the broker no longer keeps)"
+        )
+    return None
 
 
 def _read(read: PcrReader, approvals: Sequence[Approval]) -> dict[str, dict[int, bytes]]:
@@ -83,33 +89,49 @@ def choose(
 ) -> Approval:
     """The approval to open the release with now (``clock``: the TPM's); NoApprovedState
     saying why there is none. ``event_log`` is read only to explain a state nothing approves."""
-    mine = _mine(approvals, binding)
-    if not mine:
-        groups = sorted({a.policy_group for a in approvals if a.node_name == binding.node_name})
-        held = f"; the {len(approvals)} held are for policy {', '.join(groups)}" if groups else ""
-        raise NoApprovedState(
-            f"no approval held for policy {binding.group}, the one this cache is bound to{held}"
-        )
-    current = _read(read_pcrs, mine)
-    matching = [a for a in mine if values_match(a, current)]
-    if not matching:
+    own = [a for a in approvals if a.node_name == binding.node_name]
+    if not own:
+        raise NoApprovedState(f"no approval held for node {binding.node_name}")
+    current = _read(read_pcrs, own)
+    keys: dict[bytes, object] = {}
+    here, refused = [], []
+    for a in own:
+        if not values_match(a, current):
+            continue
+        why = _unbound(a, binding, keys)
+        if why is None:
+            here.append(a)
+        else:
+            log.warning("not using an approval of this boot state (%s): %s", a.origin, why)
+            refused.append(why)
+    if not here:
+        if refused:
+            raise NoApprovedState(
+                f"no approval of this boot state opens this cache: {'; '.join(refused)}"
+            )
+        mine = [a for a in own if _unbound(a, binding, keys) is None]
+        if not mine:
+            groups = sorted({a.policy_group for a in own})
+            raise NoApprovedState(
+                f"no approval held for policy {binding.group}, the one this cache is bound to "
+                f"(the {len(own)} held are for policy {printable(', '.join(groups), 200)})"
+            )
         raise NoApprovedState(
             "no approved state matches this boot: " + _explain(mine, current, event_log)
         )
-    live = sorted((a for a in matching if a.clock_limit > clock), key=lambda a: -a.clock_limit)
+    live = sorted((a for a in here if a.clock_limit > clock), key=lambda a: -a.clock_limit)
     if not live:
-        last = max(matching, key=lambda a: a.clock_limit)
+        last = max(here, key=lambda a: a.clock_limit)
         raise NoApprovedState(
             f"the approval of this boot state ({last.describe()}) expired: its TPM clock limit "
             f"is {last.clock_limit}, the TPM's clock is {clock}"
         )
     checked: dict[bytes, SigningCertificate] = {}
-    refused = []
     for a in live:
         try:
             verify_approval(a, trust.issuers, ReleaseInvalid, checked)
         except ReleaseInvalid as exc:
-            log.warning("not using an approval of this boot state: %s", exc)
+            log.warning("not using an approval of this boot state (%s): %s", a.origin, exc)
             refused.append(str(exc))
             continue
         return a

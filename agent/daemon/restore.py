@@ -40,6 +40,7 @@ from agent.keystore import (
     clear_key_directories,
     install_keys,
     key_directories,
+    key_file_name,
     remove_all_keys,
 )
 from agent.logsetup import log_fields
@@ -147,7 +148,9 @@ def _kept(cfg: AgentConfig, state: StateDir, cache: SealedCache, reason: str) ->
         present = {name for kd in key_directories(cfg) for name in kd.installed()}
     except AgentError:
         present = set()
-    kept = tuple((name, version) for name, version in status.keys if name in present)
+    kept = tuple(
+        (name, version) for name, version in status.keys if key_file_name(name, version) in present
+    )
     if not kept:  # e.g. after a reboot: the key tmpfs is empty
         return _nothing_restored(cfg, cache, reason)
     log.warning(

@@ -131,10 +131,12 @@ def unseal_authorized(
                       operand_b=limit, operation=TPM2_EO.UNSIGNED_LT,
                       offset=TPMS_TIME_INFO_CLOCK)  # fmt: skip
                 _step(esys.policy_authorize, "PolicyAuthorize",
-                      "the approval is not for this release's node, policy group or signing key",
+                      "the signature ticket does not match the approval",
                       session, approved_policy=approval.approved_policy(), policy_ref=ref,
                       key_sign=TPM2B_NAME(signing_key_name(key)), check_ticket=ticket)  # fmt: skip
-                data = _step(esys.unseal, "Unseal", "the approved policy is not this object's",
+                data = _step(esys.unseal, "Unseal",
+                             "it is for another node, policy group or signing key than this "
+                             "release is bound to",
                              handle, session1=session)  # fmt: skip
         finally:
             flush(esys, handle)

@@ -156,7 +156,7 @@ def test_pcr_change_then_restart_restores_nothing_and_only_a_verdict_removes_the
     assert ready.fields["STATUS"].startswith("1 key, lease until"), ready.fields
     assert "keys kept until the lease ends" in ready.fields["STATUS"]
     assert "nothing restored from the sealed cache" in daemon.log()
-    assert "PCR 7 (sha256) changed since the release was sealed" in daemon.log()
+    assert "no approved state matches this boot: PCR 7 (sha256) holds a value" in daemon.log()
     assert len(key_files(granted)) == 2, "no verdict yet: the keys stay until the lease ends"
     assert (granted.root / "state" / "release.bin").exists(), "the cache stays too"
     broker.restart()  # same port: the agent's next retry reaches it and is denied (PCR 7)

@@ -98,16 +98,24 @@ class Approval:
         return self.approved_policy() + policy_ref(self.node_name, self.policy_group)
 
     def describe(self, limit: int = 6) -> str:
-        """ "policy prod-boot: boot-app.3 \\EFI\\...\\vmlinuz-6.1.0-28 (2b690a…c0), ...;
-        canary worker-2" — the components the policy names, as the agent logs them."""
+        """The state as the agent logs it, e.g. "policy prod-boot: boot-app.3
+        \\EFI\\debian\\vmlinuz-6.1.0-28-amd64 (2b690a…c0), ...; canary worker-2": the components
+        an update changes first (boot applications, kernel command line, initrd), then the rest."""
+        ordered = sorted(self.components, key=_update_order)
         shown = [
-            f"{c.name} {c.summary} ({_short(c.value)})".replace("  ", " ")
-            for c in self.components[:limit]
+            f"{c.name} {c.summary[:80]} ({_short(c.value)})".replace("  ", " ")
+            for c in ordered[:limit]
         ]
-        if len(self.components) > limit:
-            shown.append(f"{len(self.components) - limit} more")
+        if len(ordered) > limit:
+            shown.append(f"{len(ordered) - limit} more")
         parts = ", ".join(shown) or f"{self.bank} PCRs {','.join(map(str, self.indices))}"
         return f"policy {self.policy_group}: {parts}; {self.origin}"
+
+
+def _update_order(c: ApprovedComponent) -> tuple[int, str]:
+    kind = c.name.partition(".")[0]
+    rank = {"boot-app": 0, "kernel-cmdline": 1, "initrd": 2}.get(kind, 3)
+    return rank, (c.name.zfill(12) if kind == "boot-app" else c.name)
 
 
 def _short(value: str) -> str:
