@@ -29,7 +29,7 @@ from keylease.api.v1.approvals import Approval, same_key, values_match, verify_a
 from keylease.api.v1.signing import SigningCertificate
 from keylease.eventlog import EventLogError, analyse
 from keylease.eventlog.bootstate import BootState, is_component_name
-from keylease.eventlog.wording import not_allowed
+from keylease.eventlog.wording import ABSENT, not_allowed
 from keylease.text import printable
 
 __all__ = ["Binding", "choose"]
@@ -176,12 +176,13 @@ def _explain(
             "event log the component cannot be named)"
         )
 
-    def value_now(name: str) -> tuple[str | None, str | None]:
+    def value_now(name: str) -> tuple[str, str | None]:
+        """The component's value in this boot (``absent`` when it shows none) and summary."""
         if name.startswith("pcr."):
             v = current[bank].get(int(name[4:]))
-            return (v.hex() if v else None), None
+            return (v.hex() if v else ABSENT), None
         found = state.get(name)
-        return (found.value, found.summary) if found else (None, None)
+        return (found.value, found.summary) if found else (ABSENT, None)
 
     diffs = []
     for a in same_bank:
