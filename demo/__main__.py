@@ -285,7 +285,7 @@ def run_demo(work: Path, key_dirs: list[Path]) -> int:
             extend_tpm(tpm.tcti, oracle_events(boot_log))
             what = "the first kernel" if approved else "a third kernel, which nothing approves"
             print(f"  rebooted into {what}; the key directory is a tmpfs: empty after a reboot")
-            for f in installed.parent.iterdir():
+            for f in (f for d in key_dirs for f in (d / "keylease").iterdir()):
                 f.unlink()
             restore_offline(work, agent_cfg, installed, approved)
     print(f"\n{GREEN}{BOLD}demo complete{RESET} (files in {work})")
@@ -296,7 +296,8 @@ def restore_offline(work: Path, config: Path, installed: Path, expect_key: bool)
     """`keylease-agent run` with the broker down, until it has restored the key or said why it
     cannot; its restore line is shown."""
     print(f"{DIM}$ keylease-agent --config {config} run{RESET}", flush=True)
-    daemon = AgentDaemon(config, work / "agent-run.log").start()
+    log = work / f"agent-run-{'restored' if expect_key else 'refused'}.log"
+    daemon = AgentDaemon(config, log).start()
     deadline = time.monotonic() + 20
     try:
         while not (
@@ -307,9 +308,7 @@ def restore_offline(work: Path, config: Path, installed: Path, expect_key: bool)
             time.sleep(0.1)
     finally:
         daemon.stop()
-    line = next(
-        (ln for ln in daemon.log().splitlines()[::-1] if "restored" in ln), "(no restore line)"
-    )
+    line = next((ln for ln in daemon.log().splitlines() if "restored" in ln), "(no restore line)")
     print("  " + line)
     if not said or installed.exists() != expect_key:
         raise SystemExit(f"{RED}demo: the offline restore did not do what it should{RESET}")

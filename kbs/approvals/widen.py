@@ -229,5 +229,5 @@ def widening_pushes(
             sign(signer, node.name, group, node.approval_limit, s, a, mine, now) for s, a in found
         ]
         pushes[node.name] = StatePush(tuple(s for s, _ in found), encode_approvals(approvals))
-    log.info("policy %s widened: approvals for %d node(s)", after.name, len(pushes))
+    log.info("policy %s widened: approvals pushed to %d node(s)", after.name, len(pushes))
     return pushes

@@ -100,8 +100,9 @@ class Approval:
     def describe(self, limit: int = 6) -> str:
         """The state as the agent logs it, e.g. "policy prod-boot: boot-app.3
         \\EFI\\debian\\vmlinuz-6.1.0-28-amd64 (2b690a…c0), ...; canary worker-2": the components
-        an update changes first (boot applications, kernel command line, initrd), then the rest."""
-        ordered = sorted(self.components, key=_update_order)
+        an update changes first (boot applications, kernel command line, initrd), then the rest
+        (those the state does not show are left out)."""
+        ordered = sorted((c for c in self.components if c.value != "absent"), key=_update_order)
         shown = [
             f"{c.name} {c.summary[:80]} ({_short(c.value)})".replace("  ", " ")
             for c in ordered[:limit]
