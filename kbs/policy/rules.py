@@ -26,6 +26,7 @@ from keylease.eventlog.wording import ABSENT, component_label, short_value
 __all__ = [
     "ABSENT",
     "BANK_DIGEST_SIZES",
+    "CONTAINS_COMPONENTS",
     "AllowedValue",
     "Document",
     "Rule",
