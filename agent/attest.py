@@ -6,19 +6,21 @@ node's credentials (UNAUTHENTICATED: it does not know this node's key). Only a v
 agent installed, and the cached release. A refusal without a verdict (a nonce unknown or
 expired, a quote the broker could not verify) is retried once at once with a new nonce, then
 reported (``AttestationRefused``); the keys stay. On success the release, checked against the
-broker's signature, is installed and becomes the new cache. A cache that cannot be written
-(state directory full or read-only) does not undo the attestation: the keys are installed under a
-valid lease; a warning says that a restart would restore the previous release (or none) and
-attest again, and the next renewal writes the cache again.
+broker's signature, is opened under its approval for the state just quoted, installed, and
+becomes the new cache; its approvals are kept (``agent.keystore.approvals``) for restores. A
+cache that cannot be written (state directory full or read-only) does not undo the attestation:
+the keys are installed under a valid lease; a warning says that a restart would restore the
+previous release (or none) and attest again, and the next renewal writes the cache again.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
+from agent.approvals import accepted, open_approved
 from agent.blobs import NodeIdentity
+from agent.bootlog import read_event_log
 from agent.broker import AttestReply, BrokerClient, Outcome
 from agent.config import AgentConfig
 from agent.enroll import Enrolled, NodeCredentials, enroll, enrolled
@@ -29,13 +31,13 @@ from agent.errors import (
     PendingApproval,
     StateError,
 )
-from agent.keystore import SealedCache, install_keys, remove_all_keys
-from agent.release import Bundle, open_release
+from agent.keystore import ApprovalStore, SealedCache, install_keys, remove_all_keys
+from agent.release import Bundle
 from agent.signature import ReleaseTrust
 from agent.state import StateDir
 from agent.tpm import Quote, Tpm
 from keylease.api.v1 import qualifying_data
-from keylease.api.v1.limits import MAX_EVENT_LOG
+from keylease.api.v1.approvals import Approval
 
 __all__ = ["AttestReport", "attest_once"]
 
@@ -49,6 +51,8 @@ class AttestReport:
     installed: tuple[str, ...]
     removed: tuple[str, ...]
     identity: NodeIdentity
+    clock: int  # the TPM clock at the quote (ms)
+    approvals: int  # approvals held now
 
 
 def attest_once(
@@ -79,10 +83,21 @@ def attest_once(
             f"node {cfg.node_name} is enrolled and attested, pending operator approval: "
             f"keylease-kbs node approve {cfg.node_name} --label k=v"
         )
-    bundle = open_release(tpm, reply.release, cfg.node_name, trust)
+    release = reply.release
+    store = ApprovalStore(state)
+    fresh = accepted(release.approvals, trust, cfg.node_name)
+    held: tuple[Approval, ...] = (*store.load(), *fresh)
+    opened = open_approved(
+        tpm, release, cfg.node_name, trust, held, lambda: read_event_log(cfg.event_log),
+        pcrs=quote.banks, clock=quote.clock,
+    )  # fmt: skip
+    bundle = opened.bundle
     installed, removed = install_keys(cfg, bundle.keys)
     try:
-        SealedCache(state).save(reply.release, quote.banks.get(reply.release.sealed.pcr_bank, {}))
+        held = store.merge(fresh, quote.clock)
+        SealedCache(state).save(
+            release, quote.banks.get(release.sealed.pcr_bank, {}), bundle.lease_clock_limit
+        )
     except StateError as exc:
         log.warning(
             "attest node=%s: the sealed cache was not updated (%s); the keys are installed, a "
@@ -91,19 +106,22 @@ def attest_once(
             exc,
         )
     log.info(
-        "attest node=%s result=ok keys=%s until=%s",
+        "attest node=%s result=ok keys=%s until=%s approvals=%d",
         cfg.node_name,
         bundle.describe(),
         bundle.not_after.isoformat(),
+        len(held),
     )
-    return AttestReport(cfg.node_name, bundle, installed, removed, node.identity)
+    return AttestReport(
+        cfg.node_name, bundle, installed, removed, node.identity, quote.clock, len(held)
+    )
 
 
 def _attest(
     cfg: AgentConfig, tpm: Tpm, client: BrokerClient, state: StateDir, node: Enrolled
 ) -> tuple[AttestReply, Quote]:
     """GetNonce, quote, Attest; once more with a new nonce after a refusal without a verdict."""
-    event_log = _read_event_log(cfg.event_log)
+    event_log = read_event_log(cfg.event_log)
     for attempt in (1, 2):
         nonce = client.get_nonce(node.identity)
         quote = tpm.quote(node.ak, qualifying_data(nonce))
@@ -118,21 +136,6 @@ def _attest(
             log.info("attest node=%s result=denied reason=%s", cfg.node_name, exc)
             raise AttestationDenied(_denial_text(str(exc), dropped)) from None
     raise AssertionError("unreachable: the second attempt returns or raises")
-
-
-def _read_event_log(path: Path | None) -> bytes:
-    if path is None:
-        return b""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_EVENT_LOG + 1)
-    except FileNotFoundError:
-        return b""
-    except OSError as exc:
-        raise StateError(f"cannot read the boot event log {path}: {exc.strerror}") from None
-    if len(data) > MAX_EVENT_LOG:
-        raise StateError(f"boot event log {path} is larger than {MAX_EVENT_LOG} bytes")
-    return data
 
 
 def _denial_text(reason: str, removed: tuple[str, ...]) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from keylease.api.v1 import SealedImport
+from keylease.api.v1.approvals import Approval
 from keylease.secret import Secret
 
 __all__ = ["AkBlobs", "Credential", "EkInfo", "NodeIdentity", "Quote", "ReleaseBlob"]
@@ -52,13 +53,15 @@ class Quote:
     attest: bytes  # marshalled TPM2B_ATTEST as TPM2_Quote returned it
     signature: bytes  # marshalled TPMT_SIGNATURE
     banks: Mapping[str, Mapping[int, bytes]]  # the quoted PCR values per bank, read after it
+    clock: int = 0  # the TPM clock the quote reports (TPMS_CLOCK_INFO.clock, ms)
 
 
 @dataclass(frozen=True)
 class ReleaseBlob:
-    """A release as the broker sent it: a data key sealed to this TPM's EK and PCRs, and the
+    """A release as the broker sent it: a data key sealed to this TPM's EK, opening only under
+    the broker's approvals (or, from a broker before issue 11, in the attested PCR state), and the
     AES-GCM bundle that key opens (``agent.release.open_release``). Useless without this TPM in
-    the attested state, so it is also the at-rest cache (``agent.keystore.cache``). The broker
+    an approved state, so it is also the at-rest cache (``agent.keystore.cache``). The broker
     signs it (``agent.signature`` checks that before anything is installed or cached)."""
 
     node_name: str
@@ -67,3 +70,5 @@ class ReleaseBlob:
     bundle_ciphertext: bytes
     signing_certificate: bytes  # the broker's release-signing certificate, DER
     signature: bytes  # over keylease.api.v1.signing.release_payload()
+    policy_group: str = ""  # what the sealed object is bound to ("": PolicyPCR, before issue 11)
+    approvals: tuple[Approval, ...] = ()  # as the broker sent them; checked before use

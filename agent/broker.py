@@ -14,9 +14,9 @@ DEADLINE_EXCEEDED ``BrokerUnreachable``; anything else ``BrokerError``. Texts fr
 are escaped (``keylease.text.printable``) before anything logs or prints them.
 
 The one call without a deadline is ``watch``: a stream of hints (REVOKED: remove the keys now;
-CHANGED: attest again; HEARTBEAT: alive) that lasts until the broker ends it or the caller
-cancels it. The channel sends HTTP/2 keepalive pings every 10 s, so a dead broker or a broken
-path ends the stream with ``BrokerUnreachable`` within about 20 s.
+CHANGED: attest again, and keep the approvals it may carry; HEARTBEAT: alive) that lasts until
+the broker ends it or the caller cancels it. The channel sends HTTP/2 keepalive pings every 10 s,
+so a dead broker or a broken path ends the stream with ``BrokerUnreachable`` within about 20 s.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ from agent.errors import (
 from keylease.api.v1 import VERDICT_DENIED, VERDICT_KEY, SealedImport
 from keylease.api.v1 import keylease_pb2 as pb
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
-from keylease.api.v1.limits import MAX_RELEASE_MESSAGE, MAX_WATCH_REASON
+from keylease.api.v1.approvals import Approval, approval_from_pb
+from keylease.api.v1.limits import MAX_APPROVALS, MAX_RELEASE_MESSAGE, MAX_WATCH_REASON
 from keylease.api.v1.nodeauth import ATTEST, GET_NONCE, WATCH, auth_metadata
 from keylease.text import printable
 
@@ -111,10 +112,12 @@ class WatchKind(Enum):
 
 @dataclass(frozen=True)
 class WatchEvent:
-    """A hint from the broker; trust still comes only from attestation."""
+    """A hint from the broker; trust still comes only from attestation. ``approvals`` (with
+    CHANGED, for a widened policy) are checked before the agent keeps them."""
 
     kind: WatchKind
     reason: str
+    approvals: tuple[Approval, ...] = ()
 
 
 _KINDS = {
@@ -127,10 +130,11 @@ _KINDS = {
 def _watch_event(msg: pb.WatchEvent) -> WatchEvent:
     """An unknown (newer) kind counts as CHANGED: attesting again is always safe."""
     reason = printable(msg.reason, MAX_WATCH_REASON)
+    approvals = tuple(approval_from_pb(a) for a in msg.approvals[:MAX_APPROVALS])
     kind = _KINDS.get(msg.kind)
     if kind is None:
-        return WatchEvent(WatchKind.CHANGED, f"unknown event kind {msg.kind}: {reason}")
-    return WatchEvent(kind, reason)
+        return WatchEvent(WatchKind.CHANGED, f"unknown event kind {msg.kind}: {reason}", approvals)
+    return WatchEvent(kind, reason, approvals)
 
 
 class _StreamingCall(Protocol):
@@ -185,6 +189,8 @@ def _release(msg: pb.Release) -> ReleaseBlob:
         bundle_ciphertext=msg.bundle_ciphertext,
         signing_certificate=msg.signing_certificate,
         signature=msg.signature,
+        policy_group=msg.policy_group,
+        approvals=tuple(approval_from_pb(a) for a in msg.approvals[:MAX_APPROVALS]),
     )
 
 

@@ -63,8 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     status = sub.add_parser(
         "status",
-        help="show enrollment, lease, installed keys and the last attestation",
-        description="Show what the agent last did (from its state directory) and the key files.",
+        help="show enrollment, lease, installed keys, approved boot states, last attestation",
+        description=(
+            "Show what the agent last did (from its state directory), the key files, and the "
+            "approved boot states it holds with when each expires (TPM clock limit, and an "
+            "estimate in wall time)."
+        ),
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser(
@@ -118,7 +122,7 @@ def _attest(config: Path, as_json: bool) -> int:
     except AgentError as exc:
         record_once(cfg, state, "error", str(exc), None)
         raise
-    record_once(cfg, state, "ok", None, report.bundle)
+    record_once(cfg, state, "ok", None, report.bundle, report.clock)
     if as_json:
         print(
             json.dumps(

@@ -6,7 +6,7 @@ Keys (all optional except ``kbs`` and ``kbs_ca``)::
     kbs_ca = "/etc/keylease/agent-ca.pem"  # CA that signed the broker's TLS certificate
     tcti = "device:/dev/tpmrm0"            # TPM access; tests use "swtpm:path=/run/x/tpm.sock"
     state_dir = "/var/lib/keylease"        # AK blobs, enrollment record and challenge, sealed
-                                           # release cache
+                                           # release cache and the approvals that open it
     node_name = "worker-1"                 # default: the host name
     key_dirs = ["/etc/crio/keys", "/etc/containerd/ocicrypt/keys"]
     event_log = "/sys/kernel/security/tpm0/binary_bios_measurements"  # sent when present

@@ -13,6 +13,7 @@ __all__ = [
     "EnrollmentRefused",
     "InvalidKey",
     "KeystoreError",
+    "NoApprovedState",
     "NodeUnknown",
     "NotAuthenticated",
     "PendingApproval",
@@ -108,6 +109,12 @@ class ReleaseInvalid(AgentError):
     """A release (or the sealed cache) does not open in this TPM or is malformed."""
 
     exit_code = 8
+
+
+class NoApprovedState(ReleaseInvalid):
+    """No approval the agent holds opens the sealed release in this boot state (none matches its
+    PCR values, or those that do expired in TPM time, or are not the broker's): the message names
+    the component that differs from every approved state where it can."""
 
 
 class InvalidKey(AgentError):

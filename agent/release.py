@@ -1,11 +1,13 @@
-"""Opening a release: the broker's signature, TPM import + PolicyPCR unseal of the data key,
+"""Opening a release: the broker's signature, TPM import + unseal of the data key under the
+broker's approval (PolicyAuthorize; PolicyPCR for a release from a broker before issue 11),
 AES-GCM, lease times, key checks.
 
-The same steps open a release fresh from the broker and one restored from the sealed cache. The
-plaintext bundle exists only in memory. Lease times are refused at parse unless they make sense:
-issued_at and not_after within the years 2000-9999, not_after after issued_at and at most
-``MAX_LEASE_SECONDS`` (the longest lease a broker gives) later, and the signing certificate valid
-at issued_at.
+The same steps open a release fresh from the broker and one restored from the sealed cache; which
+approval opens it is chosen by ``agent.approvals``. The plaintext bundle exists only in memory.
+Lease times are refused at parse unless they make sense: issued_at and not_after within the years
+2000-9999, not_after after issued_at and at most ``MAX_LEASE_SECONDS`` (the longest lease a broker
+gives) later, and the signing certificate valid at issued_at. ``lease_clock_limit`` is where the
+lease ends in the TPM's clock (0 from an older broker).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from agent.signature import ReleaseTrust, verify_release
 from agent.tpm import Tpm
 from keylease.api.v1 import bundle_aad
 from keylease.api.v1 import keylease_pb2 as pb
+from keylease.api.v1.approvals import Approval
 from keylease.api.v1.limits import MAX_LEASE_SECONDS
 from keylease.secret import Secret
 from keylease.text import printable
@@ -41,17 +44,24 @@ class Bundle:
     issued_at: datetime
     not_after: datetime
     keys: tuple[InstallableKey, ...]
+    lease_clock_limit: int = 0  # TPM clock (ms) at which the lease ends; 0: not given
 
     def describe(self) -> str:
         return ",".join(f"{k.name}@v{k.version}" for k in self.keys) or "none"
 
 
-def open_release(tpm: Tpm, blob: ReleaseBlob, node_name: str, trust: ReleaseTrust) -> Bundle:
-    """Check the broker's signature, unseal and decrypt; every key is checked the way ocicrypt
-    will parse it.
+def open_release(
+    tpm: Tpm,
+    blob: ReleaseBlob,
+    node_name: str,
+    trust: ReleaseTrust,
+    approval: Approval | None = None,
+) -> Bundle:
+    """Check the broker's signature, unseal (under ``approval`` for a release bound to
+    approvals) and decrypt; every key is checked the way ocicrypt will parse it.
 
-    Raises ReleaseInvalid (not signed by the broker, wrong TPM, changed PCRs, tampered or foreign
-    bundle, nonsense lease times) or InvalidKey.
+    Raises ReleaseInvalid (not signed by the broker, wrong TPM, not approved in this state,
+    tampered or foreign bundle, nonsense lease times) or InvalidKey.
     """
     if blob.node_name != node_name:
         raise ReleaseInvalid(
@@ -61,7 +71,12 @@ def open_release(tpm: Tpm, blob: ReleaseBlob, node_name: str, trust: ReleaseTrus
     signer = verify_release(trust, blob)
     if not blob.sealed.pcr_indices:
         raise ReleaseInvalid("the release is not bound to any PCR; refusing it")
-    data_key = tpm.unseal_import(blob.sealed)
+    if blob.policy_group:
+        if approval is None:
+            raise ReleaseInvalid("the release opens only under an approval; none was given")
+        data_key = tpm.unseal_authorized(blob.sealed, approval, signer.key)
+    else:
+        data_key = tpm.unseal_import(blob.sealed)
     if len(data_key) != 32:
         raise ReleaseInvalid("the sealed data key has the wrong size; refusing the release")
     try:
@@ -103,7 +118,13 @@ def parse_bundle(plaintext: bytes, node_name: str) -> Bundle:
     for key in keys:
         validate_private_key_pem(key.name, key.pem)
         validate_version(key.name, key.version)
-    return Bundle(node_name=msg.node_name, issued_at=issued_at, not_after=not_after, keys=keys)
+    return Bundle(
+        node_name=msg.node_name,
+        issued_at=issued_at,
+        not_after=not_after,
+        keys=keys,
+        lease_clock_limit=msg.lease_clock_limit,
+    )
 
 
 def _lease(issued_at: int, not_after: int) -> tuple[datetime, datetime]:

@@ -71,6 +71,7 @@ def verify_release(trust: ReleaseTrust, blob: ReleaseBlob) -> SigningCertificate
         blob.bundle_nonce,
         blob.bundle_ciphertext,
         blob.signing_certificate,
+        blob.policy_group,
     )
     verify_release_signature(checked.key, payload, blob.signature, ReleaseInvalid)
     return checked

@@ -24,7 +24,11 @@ class AgentStatus:
     state: str = "starting"  # starting | keys installed | pending approval | denied | ...
     keys: tuple[tuple[str, int], ...] = ()  # (name, version) installed now
     lease_not_after: datetime | None = None
+    lease_clock_limit: int | None = None  # where the lease ends in the TPM's clock (ms)
     source: str | None = None  # "cache" or "broker": where the installed keys came from
+    approved_state: str | None = None  # the approval the installed keys were opened with
+    tpm_clock: int | None = None  # the TPM's clock last read (ms), and when (the wall clock):
+    tpm_clock_at: datetime | None = None  # `status` estimates approvals' expiry from them
     last_attestation_at: datetime | None = None
     last_result: str | None = None  # ok | pending | denied | unreachable | error
     last_reason: str | None = None
@@ -67,6 +71,10 @@ def _time(value: Any) -> datetime | None:
     return datetime.fromisoformat(value) if isinstance(value, str) else None
 
 
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def load_status(state: StateDir) -> AgentStatus | None:
     """The last status written, or None if there is none or it is unreadable."""
     raw = state.read(STATUS_FILE)
@@ -79,7 +87,11 @@ def load_status(state: StateDir) -> AgentStatus | None:
             state=str(data["state"]),
             keys=tuple((str(n), int(v)) for n, v in data["keys"]),
             lease_not_after=_time(data.get("lease_not_after")),
+            lease_clock_limit=_int(data.get("lease_clock_limit")),
             source=data.get("source"),
+            approved_state=data.get("approved_state"),
+            tpm_clock=_int(data.get("tpm_clock")),
+            tpm_clock_at=_time(data.get("tpm_clock_at")),
             last_attestation_at=_time(data.get("last_attestation_at")),
             last_result=data.get("last_result"),
             last_reason=data.get("last_reason"),

@@ -1,27 +1,37 @@
-"""`keylease-agent status`: enrollment, lease, installed keys per directory, last attestation.
+"""`keylease-agent status`: enrollment, lease, installed keys per directory, last attestation,
+and the approved boot states the node holds, each with its expiry.
 
-Read-only: the state directory's records plus a listing of each key directory. Also records the
-outcome of ``attest --once`` so that ``status`` tells about one-shot runs too.
+Read-only: the state directory's records plus a listing of each key directory; the TPM is not
+opened (a TPM without a resource manager must have one user, the daemon). An approval's expiry
+is its limit in the TPM's clock; the wall-clock time shown is an estimate from the TPM clock the
+agent last read (at its last attestation or restore) and when. Also records the outcome of
+``attest --once`` so that ``status`` tells about one-shot runs too.
 """
 
 from __future__ import annotations
 
 import contextlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agent.config import AgentConfig
 from agent.errors import AgentError, KeystoreError
-from agent.keystore import key_directories, parse_key_file
+from agent.keystore import ApprovalStore, key_directories, parse_key_file
 from agent.release import Bundle
 from agent.state import StateDir
 from agent.status import AgentStatus, load_status, save_status
+from keylease.api.v1.approvals import Approval
 
 __all__ = ["record_once", "render_status", "status_report"]
 
 
 def record_once(
-    cfg: AgentConfig, state: StateDir, result: str, reason: str | None, bundle: Bundle | None
+    cfg: AgentConfig,
+    state: StateDir,
+    result: str,
+    reason: str | None,
+    bundle: Bundle | None,
+    clock: int | None = None,
 ) -> None:
     """Record what ``attest --once`` did (best effort: a status file is not worth a failure)."""
     now = datetime.now(UTC)
@@ -38,8 +48,12 @@ def record_once(
             "state": "keys installed",
             "keys": tuple((k.name, k.version) for k in bundle.keys),
             "lease_not_after": bundle.not_after,
+            "lease_clock_limit": bundle.lease_clock_limit or None,
             "source": "broker",
+            "approved_state": None,
         }
+    if clock is not None:
+        changes |= {"tpm_clock": clock, "tpm_clock_at": now}
     elif result == "denied":
         changes |= {"state": "denied", "keys": (), "lease_not_after": None}
         changes |= {"last_denial_at": now, "last_denial_reason": reason}
@@ -51,6 +65,27 @@ def record_once(
 
 def _time(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def _approval(a: Approval, status: AgentStatus | None) -> dict[str, Any]:
+    expires = None
+    if status is not None and status.tpm_clock is not None and status.tpm_clock_at is not None:
+        expires = status.tpm_clock_at + timedelta(milliseconds=a.clock_limit - status.tpm_clock)
+    return {
+        "policy": a.policy_group,
+        "origin": a.origin,
+        "components": [
+            {"name": c.name, "value": c.value, "summary": c.summary} for c in a.components
+        ],
+        "bank": a.bank,
+        "pcrs": {str(i): v.hex() for i, v in a.pcrs},
+        "tpm_clock_limit": a.clock_limit,
+        "expired": status is not None
+        and status.tpm_clock is not None
+        and a.clock_limit <= status.tpm_clock,
+        "expires_at_estimate": _time(expires),
+        "state": a.describe(),
+    }
 
 
 def status_report(cfg: AgentConfig) -> dict[str, Any]:
@@ -82,6 +117,11 @@ def status_report(cfg: AgentConfig) -> dict[str, Any]:
         "last_reason": status.last_reason if status else None,
         "last_denial_at": _time(status.last_denial_at) if status else None,
         "last_denial_reason": status.last_denial_reason if status else None,
+        "lease_tpm_clock_limit": status.lease_clock_limit if status else None,
+        "opened_with": status.approved_state if status else None,
+        "tpm_clock": status.tpm_clock if status else None,
+        "tpm_clock_read_at": _time(status.tpm_clock_at) if status else None,
+        "approvals": [_approval(a, status) for a in ApprovalStore(state).load()],
         "daemon_pid": status.pid if status else None,
         "updated_at": _time(status.updated_at) if status else None,
     }
@@ -105,6 +145,17 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append(
             f"last denial:      {report['last_denial_at']}: {report['last_denial_reason']}"
         )
+    if report["opened_with"]:
+        lines.append(f"opened with:      {report['opened_with']}")
+    clock = report["tpm_clock"]
+    lines.append(
+        f"approvals:        {len(report['approvals'])} held"
+        + (f" (TPM clock {clock} at {report['tpm_clock_read_at']})" if clock is not None else "")
+    )
+    for a in report["approvals"]:
+        when = "expired" if a["expired"] else f"until ~{a['expires_at_estimate'] or '?'}"
+        lines.append(f"  {a['state']}")
+        lines.append(f"    TPM clock limit {a['tpm_clock_limit']} ({when})")
     lines.append("keys:")
     for directory, entries in report["key_dirs"].items():
         if isinstance(entries, dict):

@@ -1,8 +1,9 @@
 """The broker's watch stream, followed on its own thread: revocations and changes, pushed.
 
 Events are hints that wake the agent's loop: REVOKED removes the keys at once, CHANGED makes it
-attest again; so does each (re)opened stream, since changes made while no stream was open are
-not replayed. Trust still comes only from attestation; the stream itself is authenticated with
+attest again (and the approvals a widened policy pushes with it go to ``approvals``, which keeps
+them once checked); so does each (re)opened stream, since changes made while no stream was open
+are not replayed. Trust still comes only from attestation; the stream itself is authenticated with
 the node's key, so only this node can open (or displace) it, and a REVOKED on it comes from the
 broker. Until the node has a key (not enrolled yet) no stream is opened; a stream refused
 UNAUTHENTICATED wakes the loop too, which enrolls again. The stream is re-opened with backoff
@@ -21,6 +22,7 @@ from agent.blobs import NodeIdentity
 from agent.broker import BrokerClient, WatchKind, WatchStream
 from agent.config import AgentConfig
 from agent.errors import AgentError, NodeUnknown, NotAuthenticated
+from keylease.api.v1.approvals import Approval
 
 __all__ = ["Watcher"]
 
@@ -39,9 +41,11 @@ class Watcher(Generic[W]):
         *,
         revoked: W,
         changed: W,
+        approvals: Callable[[tuple[Approval, ...]], None] = lambda _pushed: None,
     ) -> None:
         self._config, self._identity, self._post = config, identity, post
         self._revoked, self._changed = revoked, changed
+        self._approvals = approvals
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._stream: WatchStream | None = None
@@ -80,6 +84,8 @@ class Watcher(Generic[W]):
                     opened = True
                     for event in stream:
                         delay = 1.0
+                        if event.approvals:
+                            self._approvals(event.approvals)
                         if event.kind is WatchKind.REVOKED:
                             self._post(self._revoked)
                         elif event.kind is WatchKind.CHANGED or opened:

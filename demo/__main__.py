@@ -18,6 +18,11 @@
    MAC made with a key only the node's TPM can recover); the node attests again and keeps its key.
 7. Another kernel boots (the firmware measures a different image into PCR 4): the broker denies,
    naming the boot application and what the policy allows, and the agent removes the key.
+8. The operator allows that kernel (the node is its own canary): the agent gets its key back, and
+   holds the broker's approvals of both kernels (`keylease-agent status`).
+9. The broker stops; the TPM "reboots" into the first kernel: `keylease-agent run` restores the key
+   from its sealed cache, offline, under the approval of that kernel; then a third kernel boots,
+   which nothing approves: nothing is restored, and the log names the boot application.
 
 Working files go to ./demo-run (replaced on every run).
 """
@@ -30,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -38,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from harness.broker import AGENT, KBS, Broker, write_agent_config
 from harness.containerd import Containerd
 from harness.cri import CriError
+from harness.daemon import AgentDaemon
 from harness.eventlog import extend_tpm, oracle_events, replace_digest
 from harness.keys import write_key
 from harness.netops import node_call, secure_channel
@@ -261,8 +268,52 @@ def run_demo(work: Path, key_dirs: list[Path]) -> int:
                 raise SystemExit(f"{RED}demo: the key was not removed{RESET}")
             sh([*kbs, "node", "show", NODE])
             sh([*kbs, "audit", "--node", NODE])
+
+            step("10. The operator allows that kernel: the key is back, with approvals for both")
+            sh([*kbs, "policy", "allow", "demo-boot", "--from-node", NODE])
+            sh(agent)
+            sh([AGENT, "--config", str(agent_cfg), "status"])
+
+        step(
+            "11. Broker stopped; the TPM reboots into the first kernel: the agent restores its "
+            "key from the sealed cache, offline"
+        )
+        for kernel, approved in ((KERNEL, True), (bytes.fromhex("5a" * 32), False)):
+            tpm.restart()
+            log = OVMF_LOG.read_bytes()
+            boot_log.write_bytes(log if kernel == KERNEL else replace_digest(log, KERNEL, kernel))
+            extend_tpm(tpm.tcti, oracle_events(boot_log))
+            what = "the first kernel" if approved else "a third kernel, which nothing approves"
+            print(f"  rebooted into {what}; the key directory is a tmpfs: empty after a reboot")
+            for f in (f for d in key_dirs for f in (d / "keylease").iterdir()):
+                f.unlink()
+            restore_offline(work, agent_cfg, installed, approved)
     print(f"\n{GREEN}{BOLD}demo complete{RESET} (files in {work})")
     return 0
+
+
+def restore_offline(work: Path, config: Path, installed: Path, expect_key: bool) -> None:
+    """`keylease-agent run` with the broker down, until it has restored the key or said why it
+    cannot; its restore line is shown."""
+    print(f"{DIM}$ keylease-agent --config {config} run{RESET}", flush=True)
+    log = work / f"agent-run-{'restored' if expect_key else 'refused'}.log"
+    daemon = AgentDaemon(config, log).start()
+    deadline = time.monotonic() + 20
+    try:
+        while not (
+            said := "restored demo-key" in daemon.log() or "nothing restored" in daemon.log()
+        ):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        daemon.stop()
+    line = next((ln for ln in daemon.log().splitlines() if "restored" in ln), "(no restore line)")
+    print("  " + line)
+    if not said or installed.exists() != expect_key:
+        raise SystemExit(f"{RED}demo: the offline restore did not do what it should{RESET}")
+    colour = GREEN if expect_key else RED
+    print(f"  {colour}{installed.name}: {'restored' if installed.exists() else 'absent'}{RESET}")
 
 
 def stranger_nonces(broker: Broker, count: int) -> str:

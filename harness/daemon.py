@@ -15,7 +15,18 @@ from pathlib import Path
 
 from harness.broker import AGENT
 
-__all__ = ["AgentDaemon", "Notification", "NotifySocket"]
+__all__ = ["AgentDaemon", "Notification", "NotifySocket", "faketime"]
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
+
+
+def faketime(offset: str) -> tuple[str, ...]:
+    """A command prefix running the agent with its wall clock moved by ``offset`` ("+3650d",
+    "-3650d"; Debian's libfaketime, package faketime), and nothing else's: ``env`` execs the
+    agent itself (``faketime`` would fork, and a signal would stop it, not the agent)."""
+    if not LIBFAKETIME.exists():
+        raise RuntimeError(f"{LIBFAKETIME} is missing: apt-get install faketime")
+    return ("env", f"LD_PRELOAD={LIBFAKETIME}", f"FAKETIME={offset}", "FAKETIME_DONT_RESET=1")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""Releases made outside the broker, for the tests of what the agent accepts: what a stranger who
-knows a node's public EK and its PCR values can build (a release that opens in that TPM), signed
-by the broker's real signing key or by a key of the stranger's own.
+"""Releases and approvals made outside the broker, for the tests of what the agent accepts: what
+a stranger who knows a node's public EK and its PCR values can build (a release that opens in
+that TPM; an approval of any PCR values), signed by the broker's real signing key or by a key of
+the stranger's own.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from cryptography import x509
@@ -26,10 +28,12 @@ from kbs.tpm.objects import parse_public
 from kbs.tpm.sealing import seal_to_ek
 from keylease.api.v1 import bundle_aad
 from keylease.api.v1 import keylease_pb2 as pb
+from keylease.api.v1.approvals import Approval, ApprovedComponent, approval_payload
 from keylease.api.v1.signing import release_payload
+from keylease.api.v1.tpmpolicy import policy_pcr_digest
 from keylease.secret import Secret
 
-__all__ = ["broker_signer", "forged_release", "stranger_signer"]
+__all__ = ["broker_signer", "forged_approval", "forged_release", "stranger_signer"]
 
 POLICY_PCRS = tuple(range(8))
 
@@ -71,14 +75,14 @@ def forged_release(
     issued_at: int | None = None,
     not_after: int | None = None,
 ) -> ReleaseBlob:
-    """A release for ``cfg``'s node that opens in its TPM in its current PCR state (0-7), holding
-    ``keys`` (name, version, PKCS#8 PEM), with the given lease times (default: an hour from now),
-    signed by ``signer``."""
+    """A release for ``cfg``'s node that opens in its TPM in its current PCR state (0-7) under
+    PolicyPCR (as a broker before issue 11 made them), holding ``keys`` (name, version, PKCS#8
+    PEM), with the given lease times (default: an hour from now), signed by ``signer``."""
     with Tpm.open(cfg.tcti) as tpm:
         ek = parse_public(tpm.read_ek().public, "ek")
         pcrs = tpm.read_pcrs("sha256", POLICY_PCRS)
     data_key = Secret(os.urandom(32))
-    sealed = seal_to_ek(ek, data_key, "sha256", pcrs)
+    sealed = seal_to_ek(ek, data_key, policy_pcr_digest("sha256", pcrs), "sha256", POLICY_PCRS)
     now = int(dt.datetime.now(dt.UTC).timestamp())
     bundle = pb.KeyBundle(
         node_name=cfg.node_name,
@@ -99,3 +103,31 @@ def forged_release(
         signing_certificate=signer.certificate,
         signature=signer.sign(payload),
     )
+
+
+def forged_approval(
+    signer: ReleaseSigner,
+    node_name: str,
+    group: str,
+    pcrs: dict[int, bytes],
+    clock_limit: int,
+    *,
+    bank: str = "sha256",
+    origin: str = "forged",
+    components: Sequence[tuple[str, str, str]] = (),
+) -> Approval:
+    """An approval of ``pcrs`` for ``node_name`` and ``group``, signed (both signatures) by
+    ``signer``: the broker's key (``broker_signer``) makes it genuine, any other a forgery."""
+    unsigned = Approval(
+        node_name=node_name,
+        policy_group=group,
+        bank=bank,
+        pcrs=tuple(sorted(pcrs.items())),
+        clock_limit=clock_limit,
+        components=tuple(ApprovedComponent(*c) for c in components),
+        origin=origin,
+        issued_at=int(dt.datetime.now(dt.UTC).timestamp()),
+        signing_certificate=signer.certificate,
+    )
+    authorized = replace(unsigned, authorization=signer.sign(unsigned.authorization_message()))
+    return replace(authorized, signature=signer.sign(approval_payload(authorized)))

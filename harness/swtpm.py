@@ -27,6 +27,7 @@ __all__ = [
     "provision",
     "provision_ecc256",
     "require_tools",
+    "set_clock",
 ]
 
 TOOLS = ("swtpm", "swtpm_setup", "swtpm_localca", "certtool")
@@ -252,6 +253,15 @@ def _accepts(path: Path) -> bool:
         except OSError:
             return False
     return True
+
+
+def set_clock(tcti: str, clock: int) -> None:
+    """TPM2_ClockSet with owner authorization: the TPM's clock (ms) moves forward to ``clock``
+    (a TPM refuses to move it back). swtpm does not keep it across a restart."""
+    from tpm2_pytss import ESAPI, TCTILdr
+
+    with TCTILdr.parse(tcti) as loader, ESAPI(loader) as esys:
+        esys.clock_set(new_time=clock)
 
 
 def copy_state(source: Path, state_dir: Path) -> None:

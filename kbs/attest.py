@@ -4,8 +4,9 @@ Fixed order: node known -> nonce consumed (single use, even if what follows fail
 ``kbs.nonces``) -> quote verified with the enrolled AK (``kbs.quote``) -> event log parsed and
 replayed against the quoted banks (``kbs.eventlog``) -> reset/restart counters not behind the last
 verified quote's -> PCRs and boot state recorded -> node state -> policy (``kbs.policy.evaluate``)
--> grants -> release (``kbs.release``). Anything that fails raises a specific error; a denial
-after a verified quote is recorded on the node (``node show``) with the text the node is told.
+-> grants -> approvals (``kbs.approvals.release``) -> release (``kbs.release``). Anything that
+fails raises a specific error; a denial after a verified quote is recorded on the node (``node
+show``) with the text the node is told.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 
+from kbs.approvals.release import ReleaseApprovals, release_approvals
 from kbs.context import BrokerContext
 from kbs.errors import (
     AttestationFailed,
@@ -120,7 +122,7 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
         required=_required(policies),
         ek=ek,
     )
-    boot_log = verify_event_log(ev.event_log, quote.banks) if ev.event_log else None
+    boot_log = verify_event_log(ctx.event_logs, ev.event_log, quote.banks) if ev.event_log else None
     _check_counters(node, quote)
     record = functools.partial(
         ctx.store.record_attestation,
@@ -137,7 +139,7 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
         log.info("attest node=%s result=pending", node.name)
         return AttestResult(AttestOutcome.PENDING_APPROVAL, None)
     try:
-        sealing, release = _release(ctx, node, ek, quote, boot_log, policies, now)
+        sealing, approvals, release = _release(ctx, node, ek, quote, boot_log, policies, now)
     except KbsError as exc:
         # Refused after a verified quote: its PCRs and boot state are kept (`policy learn`,
         # `policy allow --from-node`), and the denial is shown by `node show`. A denial makes
@@ -161,8 +163,13 @@ def attest(ctx: BrokerContext, ev: Evidence) -> AttestResult:
         ],
         held=release.keys,
         lease_until=release.not_after,
+        binding=approvals.binding,
+        states=approvals.states,
     )  # fmt: skip
-    log.info("attest node=%s result=released keys=%s", node.name, names)
+    log.info(
+        "attest node=%s result=released keys=%s approvals=%d",
+        node.name, names, len(release.approvals),
+    )  # fmt: skip
     return AttestResult(AttestOutcome.RELEASED, release)
 
 
@@ -188,8 +195,9 @@ def _release(
     boot_log: VerifiedLog | None,
     policies: Sequence[Policy],
     now: datetime,
-) -> tuple[Sealing, SealedRelease]:
-    """The policy decision and the sealed release for an approved node's verified evidence."""
+) -> tuple[Sealing, ReleaseApprovals, SealedRelease]:
+    """The policy decision, the approvals and the sealed release for an approved node's
+    verified evidence."""
     states = boot_log.states if boot_log is not None else None
     sealing = evaluate(policies, quote.banks, states)
     stored = ctx.store.keys_for_labels(node.labels)
@@ -207,14 +215,20 @@ def _release(
         )
         for k in stored
     ]
+    state = states.get(sealing.bank) if states is not None else None
+    approvals = release_approvals(ctx, node, policies, sealing, state, quote.clock, now)
     release = build_release(
         node_name=node.name,
         ek=ek,
+        auth_policy=approvals.auth_policy,
+        policy_group=approvals.group,
         pcr_bank=sealing.bank,
-        pcrs=sealing.pcrs,
+        pcr_indices=tuple(sorted(sealing.pcrs)),
+        approvals=approvals.approvals,
         keys=granted,
         issued_at=now,
         not_after=now + timedelta(seconds=ctx.config.lease_seconds),
+        lease_clock_limit=quote.clock + ctx.config.lease_seconds * 1000,
         signer=ctx.signer,
     )
-    return sealing, release
+    return sealing, approvals, release

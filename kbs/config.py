@@ -14,11 +14,15 @@ Keys (all optional; README "kbs.toml" is the reference)::
     master_key = "master.key"          # 32 random bytes, mode 0600 or 0400
     signing_key = "tls/signing-key.pem"  # release-signing key (ECDSA P-256, PEM, mode 0600)
     signing_cert = "tls/signing.pem"   # its certificate, issued by the broker's CA (admin_ca)
+    previous_signing_keys = []         # older signing keys (certificate + key in one PEM file,
+                                       # mode 0600), kept to sign approvals for caches bound to them
     previous_master_keys = []          # older master keys, still read during a rotation
     ek_roots = "ek-roots.pem"          # TPM-manufacturer roots and intermediates (PEM bundle)
     enrollment = "manual"              # manual | allowlist | ek-ca
     nonce_ttl_seconds = 60
     lease_seconds = 3600
+    approval_ttl_seconds = 3600        # how long an approval opens a cache, in the node's TPM time
+                                       # (default and maximum: lease_seconds)
     enrollment_ttl_seconds = 300
     admin_listen = "127.0.0.1:8444"    # the admin API (mutual TLS); "" turns it off
     admin_ca = "tls/ca.pem"            # CA that issues admin client certificates
@@ -90,7 +94,7 @@ _KEYS = (
     "max_concurrent_attestations", "max_queued_attestations",
     "max_watch_streams_per_peer", "max_health_watches_per_peer", "max_connections",
     "max_connections_per_address", "handshake_timeout_seconds", "idle_timeout_seconds",
-    "audit_retention_days",
+    "audit_retention_days", "approval_ttl_seconds", "previous_signing_keys",
 )  # fmt: skip
 
 
@@ -149,6 +153,8 @@ class KbsConfig:
     signing_cert: Path = Path("tls/signing.pem")
     limits: LimitSettings = DEFAULT_LIMITS
     audit_retention_days: int = 90  # 0: keep audit rows forever
+    approval_ttl_seconds: int = 3600  # at most lease_seconds
+    previous_signing_keys: tuple[Path, ...] = ()
 
 
 def parse_listen(value: str, where: str = "listen") -> tuple[str, int]:
@@ -190,6 +196,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> KbsConfig:
         choices = ", ".join(f'"{m.value}"' for m in EnrollmentMode)
         raise t.fail("enrollment", f"must be one of {choices}, got {enrollment!r}") from None
     previous = t.strings("previous_master_keys", (), hint='["master.key"]')
+    signing = t.strings("previous_signing_keys", (), hint='["tls/signing-previous-1.pem"]')
+    lease = t.integer("lease_seconds", 3600, 1, MAX_LEASE_SECONDS)
     return KbsConfig(
         path=path,
         listen_host=host,
@@ -201,7 +209,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> KbsConfig:
         ek_roots=t.path_value("ek_roots", "ek-roots.pem"),
         enrollment=mode,
         nonce_ttl_seconds=t.integer("nonce_ttl_seconds", 60, 1, 3600),
-        lease_seconds=t.integer("lease_seconds", 3600, 1, MAX_LEASE_SECONDS),
+        lease_seconds=lease,
         enrollment_ttl_seconds=t.integer("enrollment_ttl_seconds", 300, 1, 3600),
         admin_listen=_optional_listen(t, "admin_listen", "127.0.0.1:8444"),
         admin_ca=t.path_value("admin_ca", "tls/ca.pem"),
@@ -213,6 +221,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> KbsConfig:
         signing_cert=t.path_value("signing_cert", "tls/signing.pem"),
         limits=_limits(t),
         audit_retention_days=t.integer("audit_retention_days", 90, 0, 36_500),
+        approval_ttl_seconds=t.integer("approval_ttl_seconds", lease, 1, lease),
+        previous_signing_keys=tuple(t.resolve(p) for p in signing),
     )
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from kbs.config import KbsConfig
+from kbs.eventlog import EventLogCache
 from kbs.masterkey import MasterKey, master_keyring
-from kbs.signing import ReleaseSigner, load_signer
+from kbs.signing import ReleaseSigner, SigningKeys, load_signing_keys
 from kbs.store import Store
 from kbs.tpm.ekcert import EkTrustBundle, load_ek_roots
 
@@ -25,18 +26,24 @@ class BrokerContext:
     store: Store
     ek_roots: EkTrustBundle
     master_key: MasterKey
-    signer: ReleaseSigner
+    signing: SigningKeys  # the release-signing key, and the previous ones kept
     clock: Callable[[], datetime] = utc_now
+    event_logs: EventLogCache = field(default_factory=EventLogCache)  # readings of seen logs
+
+    @property
+    def signer(self) -> ReleaseSigner:
+        """The current release-signing key: releases are signed with it and bound to it."""
+        return self.signing.current
 
     @classmethod
     def load(cls, config: KbsConfig, clock: Callable[[], datetime] = utc_now) -> BrokerContext:
-        """Open the database and read the trust bundle, master key and release-signing key;
+        """Open the database and read the trust bundle, master key and release-signing keys;
         raises KbsError."""
         ek_roots = load_ek_roots(config.ek_roots)
         master_key = master_keyring(config)
-        signer = load_signer(config)
+        signing = load_signing_keys(config)
         store = Store.open(config.database)
         return cls(
-            config=config, store=store, ek_roots=ek_roots, master_key=master_key, signer=signer,
+            config=config, store=store, ek_roots=ek_roots, master_key=master_key, signing=signing,
             clock=clock,
         )  # fmt: skip

@@ -16,10 +16,11 @@ from datetime import datetime
 from enum import Enum
 
 from kbs.errors import InvalidRequest, OperatorError
-from kbs.eventlog.bootstate import BootState
 from kbs.policy.rules import Document, Rule
+from keylease.eventlog.bootstate import BootState, Component
 
 __all__ = [
+    "ApprovedState",
     "AuditEntry",
     "BootRecord",
     "Change",
@@ -70,6 +71,11 @@ class Node:
     boot_log_digest: str | None = None  # SHA-256 of the last verified event log, if any
     last_denial: str | None = None  # the last denial's text, as the node was told
     last_denial_at: datetime | None = None
+    # Of the node's last release (issue 11): its approvals' TPM-clock limit, the policy group
+    # and the signing key (SHA-256 of its certificate, hex) its sealed object is bound to.
+    approval_limit: int | None = None
+    release_group: str | None = None
+    release_signer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,22 @@ class BootRecord:
     log_digest: str
     states: Mapping[str, BootState]
     recorded_at: datetime
+
+
+@dataclass(frozen=True)
+class ApprovedState:
+    """A boot state the broker signs approvals for, for one node (``kbs.approvals``): the values
+    of the PCRs its policies cover, in their bank, and the components it shows there."""
+
+    bank: str
+    pcrs: tuple[tuple[int, bytes], ...]  # (index, value), ascending
+    components: tuple[Component, ...]
+    origin: str  # "verified", "canary worker-2", "predicted from worker-1's log: ..."
+    added_at: datetime
+
+    @property
+    def values(self) -> dict[int, bytes]:
+        return dict(self.pcrs)
 
 
 @dataclass(frozen=True)
@@ -212,6 +234,7 @@ class Change:
     node: str | None
     kind: ChangeKind
     reason: str
+    payload: bytes | None = None  # approvals for the node's watch stream (an ApprovalList)
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")

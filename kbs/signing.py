@@ -7,12 +7,20 @@ certificate, issued by the broker's CA ``admin_ca`` — ``tls/ca.pem``, which ag
 ``keylease-kbs signing-key create`` for a broker directory made before releases were signed.
 ``load_signer`` is the one loader (``serve`` and ``check-config``): it checks the certificate
 exactly as agents will, so a broker never starts with a key whose releases agents would refuse.
-ECDSA P-256 because a TPM can verify it too (TPM2_VerifySignature), e.g. for PolicyAuthorize.
+ECDSA P-256 because a TPM can verify it too (TPM2_VerifySignature): a release's sealed object is
+bound with PolicyAuthorize to this key (``keylease.api.v1.tpmpolicy``), and the approvals that open
+it are signed with it (``kbs.approvals``).
+
+``previous_signing_keys`` are older release-signing keys, each a PEM file holding its certificate
+and key (0600), written by ``signing-key create --replace``: caches released before a rotation
+stay bound to the older key, so approvals for them are signed with it while it is kept.
+``load_signing_keys`` loads the current key and those.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +36,14 @@ from kbs.errors import ConfigError, OperatorError
 from kbs.tls import read_config_file, write_new_file
 from keylease.api.v1.signing import SIGNATURE_ALGORITHM, SIGNING_OU, signing_certificate
 
-__all__ = ["SIGNING_VALIDITY", "ReleaseSigner", "create_signing_files", "load_signer"]
+__all__ = [
+    "SIGNING_VALIDITY",
+    "ReleaseSigner",
+    "SigningKeys",
+    "create_signing_files",
+    "load_signer",
+    "load_signing_keys",
+]
 
 SIGNING_VALIDITY = dt.timedelta(days=3650)
 _CREATE = "keylease-kbs signing-key create"
@@ -45,8 +60,30 @@ class ReleaseSigner:
     def sign(self, payload: bytes) -> bytes:
         return self.key.sign(payload, SIGNATURE_ALGORITHM)
 
+    @property
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self.key.public_key()
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the certificate (hex): which key a node's cache is bound to."""
+        return hashlib.sha256(self.certificate).hexdigest()
+
     def __repr__(self) -> str:
         return "ReleaseSigner(<redacted>)"
+
+
+@dataclass(frozen=True)
+class SigningKeys:
+    """The current release-signing key and the previous ones still kept."""
+
+    current: ReleaseSigner
+    previous: tuple[ReleaseSigner, ...] = ()
+
+    def by_fingerprint(self, fingerprint: str) -> ReleaseSigner | None:
+        return next(
+            (s for s in (self.current, *self.previous) if s.fingerprint == fingerprint), None
+        )
 
 
 def _read(path: Path, key: str) -> tuple[bytes, int]:
@@ -72,21 +109,37 @@ def load_signer(cfg: KbsConfig, now: dt.datetime | None = None) -> ReleaseSigner
     """Read and check ``signing_key`` and ``signing_cert``; raises ConfigError naming the fix."""
     key_pem, mode = _read(cfg.signing_key, "signing_key")
     cert_pem, _ = _read(cfg.signing_cert, "signing_cert")
+    return _signer(cfg, key_pem, mode, cert_pem, cfg.signing_key, cfg.signing_cert, now)
+
+
+def load_signing_keys(cfg: KbsConfig, now: dt.datetime | None = None) -> SigningKeys:
+    """The current release-signing key and every key ``previous_signing_keys`` names."""
+    previous = []
+    for path in cfg.previous_signing_keys:
+        pem, mode = read_config_file(
+            path, "previous_signing_keys", "remove it from previous_signing_keys in kbs.toml"
+        )
+        previous.append(_signer(cfg, pem, mode, pem, path, path, now))
+    return SigningKeys(load_signer(cfg, now), tuple(previous))
+
+
+def _signer(
+    cfg: KbsConfig, key_pem: bytes, mode: int, cert_pem: bytes, key_path: Path,
+    cert_path: Path, now: dt.datetime | None,
+) -> ReleaseSigner:  # fmt: skip
     if mode & 0o077:
         raise ConfigError(
-            f"signing_key {cfg.signing_key} is readable by other users (mode {mode:04o}); run "
-            f"`chmod 600 {cfg.signing_key}`"
+            f"signing_key {key_path} is readable by other users (mode {mode:04o}); run "
+            f"`chmod 600 {key_path}`"
         )
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise ConfigError(
-            f"signing_key {cfg.signing_key} is not an unencrypted PEM private key"
-        ) from None
+        raise ConfigError(f"signing_key {key_path} is not an unencrypted PEM private key") from None
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
-        raise ConfigError(f"signing_cert {cfg.signing_cert} is not a PEM certificate") from None
+        raise ConfigError(f"signing_cert {cert_path} is not a PEM certificate") from None
     der = cert.public_bytes(serialization.Encoding.DER)
     ca = _ca(cfg)
     try:
@@ -98,13 +151,11 @@ def load_signer(cfg: KbsConfig, now: dt.datetime | None = None) -> ReleaseSigner
             )
     except ConfigError as exc:
         raise ConfigError(
-            f"signing_cert {cfg.signing_cert}: {exc}; agents would refuse every release. Make a "
+            f"signing_cert {cert_path}: {exc}; agents would refuse every release. Make a "
             f"new one with `{_CREATE} --replace`"
         ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != checked.key:
-        raise ConfigError(
-            f"signing_key {cfg.signing_key} is not the key of signing_cert {cfg.signing_cert}"
-        )
+        raise ConfigError(f"signing_key {key_path} is not the key of signing_cert {cert_path}")
     return ReleaseSigner(key=key, certificate=der, not_after=cert.not_valid_after_utc)
 
 

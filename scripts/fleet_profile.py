@@ -44,12 +44,12 @@ from kbs import enrollment
 from kbs.config import load_config
 from kbs.context import BrokerContext
 from kbs.errors import KbsError
-from kbs.eventlog import CACHE
 from kbs.nonces import issue_nonce
 from kbs.quote import verify_quote
 from kbs.release import GrantedKey, build_release
 from kbs.tpm.objects import parse_public
 from keylease.api.v1 import qualifying_data
+from keylease.api.v1.tpmpolicy import sealed_auth_policy
 from keylease.secret import Secret
 from scripts.fleet_ca import EkCa
 from scripts.fleet_tpm import FleetTpm
@@ -152,7 +152,7 @@ def main() -> int:
         if cold:
             spent = 0.0
             for ev in cold:
-                CACHE.clear()
+                ctx.event_logs.clear()
                 c0 = time.process_time()
                 at.attest(ctx, ev)
                 spent += time.process_time() - c0
@@ -193,11 +193,15 @@ def _tpm_object_work(ctx: BrokerContext, evs: list[at.Evidence]) -> float:
         build_release(
             node_name=ev.node_name,
             ek=ek,
+            auth_policy=sealed_auth_policy(ctx.signer.public_key, ev.node_name, "p"),
+            policy_group="p",
             pcr_bank="sha256",
-            pcrs={i: quote.banks["sha256"][i] for i in POLICY},
+            pcr_indices=POLICY,
+            approvals=(),
             keys=[GrantedKey("k", 1, pem)],
             issued_at=now,
             not_after=now + timedelta(hours=1),
+            lease_clock_limit=quote.clock + 3_600_000,
             signer=ctx.signer,
         )
     return (time.process_time() - c0) / len(evs)

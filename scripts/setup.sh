@@ -13,7 +13,7 @@ RUNTIME_PACKAGES=(containerd runc docker-registry buildah podman conmon busybox-
 APT_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gnutls-bin skopeo
               build-essential python3-venv python3-dev ca-certificates
               libsystemd-dev systemd postgresql
-              qemu-system-x86 qemu-utils ovmf mmdebstrap netcat-openbsd e2fsprogs
+              qemu-system-x86 qemu-utils ovmf mmdebstrap netcat-openbsd e2fsprogs faketime
               strace
               "${RUNTIME_PACKAGES[@]}")
 # Services these packages enable that the tests never use (each test starts its own, private

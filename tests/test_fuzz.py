@@ -15,6 +15,7 @@ from agent.errors import ConfigError as AgentConfigError
 from agent.errors import ReleaseInvalid
 from agent.release import parse_bundle
 from keylease.api.v1 import keylease_pb2 as pb
+from keylease.api.v1.signing import signing_certificate
 from scripts.fuzz_targets import TARGETS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,3 +62,18 @@ def test_a_kbs_ca_the_kernel_cannot_look_up_is_a_config_error(tmp_path: Path) ->
     config.write_text(f'kbs = "kbs.example.net:8443"\nkbs_ca = "{"x" * 300}/ca.pem"\n')
     with pytest.raises(AgentConfigError, match="cannot be used: File name too long"):
         load_config(config)
+
+
+@pytest.mark.parametrize(
+    "crafted",
+    ["ek_certificate--invalid-x509-version", "ek_certificate--bitstring-name-attribute",
+     "ek_certificate--malformed-issuer-name"],
+)  # fmt: skip
+def test_a_crafted_release_signing_certificate_is_refused_not_a_crash(crafted: str) -> None:
+    """Found by the approvals target: the release-signing certificate's parser let
+    InvalidVersion out, so a planted sealed cache or approvals file, or a release naming such a
+    certificate, stopped the agent's worker instead of being refused. The certificates that
+    once crashed the broker's EK check, as signing certificates: each one is ReleaseInvalid."""
+    der = (ROOT / "tests" / "data" / "fuzz" / "regressions" / f"{crafted}.bin").read_bytes()
+    with pytest.raises(ReleaseInvalid, match="release-signing certificate"):
+        signing_certificate(der, [], ReleaseInvalid)

@@ -7,14 +7,16 @@ keys (STATUS= says why). Then, on one worker thread:
 
 - renew at about two thirds of the lease; on failure retry with backoff, no sooner than a busy
   broker asks (``agent.daemon.schedule``); keys stay until the lease ends, then go, and the agent
-  attests again at once (the lease is measured on the monotonic clock: ``agent.daemon.lease``);
+  attests again at once (the lease is measured on the monotonic clock and the TPM's, never the
+  wall clock: ``agent.daemon.lease``);
 - only a verified denial removes the keys at once (and the cache); any other failure — broker
   unreachable or busy, credentials refused (it enrolls again), a refusal without a verdict, a
   release that does not open or is not signed by the broker — keeps them until the lease ends;
   retries continue at the backoff pace;
 - the broker's watch stream (``agent.watcher``) wakes the loop: REVOKED removes the keys at once,
-  CHANGED (grant, key rotation, policy) attests again; a link or address coming up (netlink)
-  wakes a failing loop too.
+  CHANGED (grant, key rotation, policy) attests again, and the approvals a widened policy pushes
+  are checked and kept (they open the cache offline after a reboot into an approved update); a
+  link or address coming up (netlink) wakes a failing loop too.
 
 The main thread only handles signals: SIGTERM/SIGINT stop within 10 s (keys stay unless
 ``remove_keys_on_stop``), a second one exits at once, SIGHUP reloads the config (an invalid one is
@@ -33,16 +35,17 @@ import signal
 import threading
 import time
 from datetime import UTC, datetime
-from enum import Enum
 from pathlib import Path
 from types import FrameType
 
+from agent.approvals import keep_pushed
 from agent.attest import attest_once
 from agent.broker import BrokerClient
 from agent.config import AgentConfig, load_config
 from agent.daemon.lease import Lease
 from agent.daemon.restore import restore_from_cache
 from agent.daemon.schedule import Schedule
+from agent.daemon.wakes import Pushed, Wake
 from agent.enroll import NodeCredentials, node_identity
 from agent.errors import (
     AgentError,
@@ -61,19 +64,11 @@ from agent.status import AgentStatus, describe, save_status
 from agent.tpm import Tpm
 from agent.watcher import Watcher
 
-__all__ = ["Daemon", "Wake"]
+__all__ = ["Daemon"]
 
 log = logging.getLogger(__name__)
 
 STOP_DEADLINE = 8.0  # seconds the worker gets after SIGTERM (systemd's stop budget is 10 s)
-
-
-class Wake(Enum):
-    NETWORK = "network changed"
-    CHANGED = "broker: grants or keys changed"
-    REVOKED = "broker: node revoked"
-    RELOAD = "SIGHUP"
-    STOP = "stop"
 
 
 class Daemon:
@@ -86,7 +81,7 @@ class Daemon:
         self._rng = random.Random(seed)  # noqa: S311 (jitter, not security)
         self._state = StateDir.open(cfg.state_dir)
         self._status = AgentStatus(node_name=cfg.node_name, pid=os.getpid())
-        self._wakes: queue.Queue[Wake] = queue.Queue()
+        self._wakes: queue.Queue[Wake | Pushed] = queue.Queue()
         self._stop = threading.Event()
         self._signals = 0
         self._lease: Lease | None = None
@@ -102,6 +97,7 @@ class Daemon:
             self._wakes.put,
             revoked=Wake.REVOKED,
             changed=Wake.CHANGED,
+            approvals=lambda pushed: self._wakes.put(Pushed(pushed)),
         )
 
     # --- main thread ----------------------------------------------------------------------
@@ -196,9 +192,11 @@ class Daemon:
             return
         self._on_wake(wake)
 
-    def _on_wake(self, wake: Wake) -> None:
+    def _on_wake(self, wake: Wake | Pushed) -> None:
         node = self._cfg.node_name
-        if wake is Wake.REVOKED:
+        if isinstance(wake, Pushed):
+            keep_pushed(self._cfg, self._state, wake.approvals)
+        elif wake is Wake.REVOKED:
             removed = self._remove_all_keys()
             self._lease = None
             reason = "the broker revoked this node"
@@ -258,12 +256,14 @@ class Daemon:
     def _restore(self) -> None:
         restored = restore_from_cache(self._cfg, self._state)
         bundle = restored.bundle
-        if bundle is None and restored.kept_until is not None:
-            self._lease = Lease.restored(restored.kept_until, datetime.now(UTC))
+        if restored.clock is not None:
+            self._set_status(tpm_clock=restored.clock.clock, tpm_clock_at=datetime.now(UTC))
+        if bundle is None and restored.lease is not None:
+            self._lease = restored.lease
             self._set_status(
                 state=f"nothing restored: {restored.reason}; keys kept until the lease ends",
                 keys=restored.kept,
-                lease_not_after=restored.kept_until,
+                lease_not_after=restored.lease.not_after,
             )
             self._notifier.ready(describe(self._status))
             return
@@ -272,12 +272,14 @@ class Daemon:
                 state=f"nothing restored: {restored.reason}", keys=(), lease_not_after=None
             )
             return
-        self._lease = Lease.restored(bundle.not_after, datetime.now(UTC))
+        self._lease = restored.lease
         self._set_status(
             state="keys installed",
             keys=tuple((k.name, k.version) for k in bundle.keys),
             lease_not_after=bundle.not_after,
+            lease_clock_limit=bundle.lease_clock_limit or None,
             source="cache",
+            approved_state=restored.approval.describe() if restored.approval else None,
         )
         self._notifier.ready(describe(self._status))
 
@@ -334,7 +336,11 @@ class Daemon:
             state="keys installed",
             keys=tuple((k.name, k.version) for k in bundle.keys),
             lease_not_after=bundle.not_after,
+            lease_clock_limit=bundle.lease_clock_limit or None,
             source="broker",
+            approved_state=None,
+            tpm_clock=report.clock,
+            tpm_clock_at=now,
             last_attestation_at=now,
             last_result="ok",
             last_reason=None,
@@ -359,7 +365,9 @@ class Daemon:
         if self._lease is None or not self._lease.ended():
             return
         removed = self._remove_all_keys()
-        reason = f"lease ended at {self._lease.not_after.isoformat()} without renewal"
+        reason = (
+            f"lease ended (broker's not-after {self._lease.not_after.isoformat()}) without renewal"
+        )
         log.warning(
             "%s: removed %d key file(s)",
             reason,

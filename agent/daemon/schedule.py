@@ -49,12 +49,13 @@ class Schedule:
     def due(self) -> bool:
         return time.monotonic() >= self.next_attempt
 
-    def renew(self, remaining: float) -> float:
-        """Keys installed for ``remaining`` seconds: renew at about RENEW_AT of that. Returns the
-        delay in seconds."""
+    def renew(self, remaining_seconds: float) -> float:
+        """Keys installed for ``remaining_seconds`` more: renew at about RENEW_AT of that.
+        Returns the delay in seconds."""
         self._backoff.reset()
         self._not_before = 0.0
-        delay = max(1.0, remaining) * RENEW_AT * self._rng.uniform(0.85, 1.0)
+        remaining = max(1.0, remaining_seconds)
+        delay = remaining * RENEW_AT * self._rng.uniform(0.85, 1.0)
         self.next_attempt = time.monotonic() + delay
         return delay
 

@@ -6,10 +6,12 @@
   ``O_TMPFILE``;
 - ``install``: every configured key directory at once (tmpfs checked), and removal;
 - ``cache``: the sealed release cache in the state directory, and which PCR changed;
+- ``approvals``: the broker's approvals that open it, in the state directory;
 - ``ocikey``: a key is installed only if ocicrypt will parse it;
 - ``memfs``: is a key directory memory-backed?
 """
 
+from agent.keystore.approvals import ApprovalStore
 from agent.keystore.cache import PcrReader, SealedCache
 from agent.keystore.install import (
     clear_key_directories,
@@ -23,6 +25,7 @@ from agent.keystore.ocikey import validate_private_key_pem
 
 __all__ = [
     "OWNED_DIR",
+    "ApprovalStore",
     "InstallableKey",
     "KeyDirectory",
     "PcrReader",

@@ -1,11 +1,13 @@
 """The sealed cache: the last release, kept in the state directory for restarts and reboots.
 
 - ``release.bin``: the release as the keylease.v1 ``Release`` message it arrived in, the
-  broker's signature included. It opens only in this TPM in the PCR state it was sealed to, and
-  is checked against the broker's signature again before a restore installs anything from it
-  (``agent.release``), so a planted or altered file is refused.
-- ``release-pcrs.json``: the PCR values it was sealed to (public: they are in every quote), so
-  that a cache that no longer opens can say which PCR changed.
+  broker's signature included (its approvals are kept apart, ``agent.approvals.store``). It opens
+  only in this TPM, in a state the broker approved, and is checked against the broker's signature
+  again before a restore installs anything from it (``agent.release``), so a planted or altered
+  file is refused.
+- ``release-pcrs.json``: the PCR values of the attestation it was released for (public: they are
+  in every quote), so that a cache that no longer opens can say which PCR changed, and where its
+  lease ends in the TPM's clock (``lease_clock_limit``, from the opened bundle).
 
 This module owns both files: their names, their encoding, and that they come and go together.
 """
@@ -19,6 +21,7 @@ from google.protobuf.message import DecodeError
 
 from agent.blobs import ReleaseBlob
 from agent.errors import AgentError, ReleaseInvalid
+from agent.keystore.approvals import ApprovalStore
 from agent.state import StateDir
 from keylease.api.v1 import SealedImport
 from keylease.api.v1 import keylease_pb2 as pb
@@ -62,16 +65,20 @@ class SealedCache:
             bundle_ciphertext=msg.bundle_ciphertext,
             signing_certificate=msg.signing_certificate,
             signature=msg.signature,
+            policy_group=msg.policy_group,
         )
 
-    def save(self, release: ReleaseBlob, quoted: Mapping[int, bytes]) -> None:
-        """Keep ``release``, and the values of the PCRs it is sealed to out of ``quoted`` (the
-        PCR values of the quote it was released for)."""
+    def save(
+        self, release: ReleaseBlob, quoted: Mapping[int, bytes], lease_clock_limit: int = 0
+    ) -> None:
+        """Keep ``release``, the values of the PCRs it covers out of ``quoted`` (the PCR values
+        of the quote it was released for) and where its lease ends in TPM time."""
         sealed = release.sealed
         pcrs = {i: quoted[i] for i in sealed.pcr_indices if i in quoted}
         record = {
             "bank": sealed.pcr_bank,
             "pcrs": {str(i): v.hex() for i, v in sorted(pcrs.items())},
+            "lease_clock_limit": lease_clock_limit,
         }
         self._state.write(RELEASE_PCRS, json.dumps(record, sort_keys=True).encode())
         self._state.write(
@@ -87,12 +94,15 @@ class SealedCache:
                 bundle_ciphertext=release.bundle_ciphertext,
                 signing_certificate=release.signing_certificate,
                 signature=release.signature,
+                policy_group=release.policy_group,
             ).SerializeToString(),
         )
 
     def drop(self) -> None:
+        """Remove the cache, and the approvals that open it (a verdict: the node was denied)."""
         self._state.remove(RELEASE)
         self._state.remove(RELEASE_PCRS)
+        ApprovalStore(self._state).drop()
 
     def changed_pcrs(self, read_pcrs: PcrReader) -> str:
         """ "; PCR 7 (sha256) changed since the release was sealed" — or "" when that cannot be
@@ -109,6 +119,15 @@ class SealedCache:
         if not changed:
             return ""
         return f"; PCR {','.join(map(str, changed))} ({bank}) changed since the release was sealed"
+
+    def lease_clock_limit(self) -> int | None:
+        """Where the cached release's lease ends in the TPM's clock (ms), if recorded."""
+        data = self._state.read(RELEASE_PCRS)
+        try:
+            value = json.loads(data)["lease_clock_limit"] if data is not None else None
+        except (ValueError, KeyError, TypeError):
+            return None
+        return value if isinstance(value, int) and value > 0 else None
 
     def _sealed_pcrs(self) -> tuple[str, dict[int, bytes]] | None:
         data = self._state.read(RELEASE_PCRS)

@@ -12,7 +12,10 @@ frozen dataclasses (``agent.blobs``); ESAPI objects never leave this package.
 - ``sessions``: policy sessions, and flushing every session and transient handle in ``finally``;
 - ``identity``: the EK (persistent or re-created) and the AK under it, credential activation;
 - ``quote``: quotes and PCRs;
-- ``unseal``: a release's data key, imported under the EK and unsealed under PolicyPCR.
+- ``authorized``: a release's data key, imported under the EK and unsealed under the broker's
+  approval (PolicyPCR, PolicyCounterTimer, PolicyAuthorize);
+- ``unseal``: the same under PolicyPCR alone (releases from brokers before issue 11);
+- ``clock``: the TPM clock approvals and the lease are measured in.
 
 Resource rules (a TPM without a resource manager has 3 object and 3 session slots): at most the
 EK and one child object are loaded at a time, at most one session is open, and every session and
@@ -20,7 +23,8 @@ transient handle is flushed in ``finally``; what a killed process left behind is
 """
 
 from agent.blobs import AkBlobs, EkInfo, Quote
+from agent.tpm.clock import TpmClock
 from agent.tpm.facade import Tpm
 from keylease.api.v1 import SealedImport
 
-__all__ = ["AkBlobs", "EkInfo", "Quote", "SealedImport", "Tpm"]
+__all__ = ["AkBlobs", "EkInfo", "Quote", "SealedImport", "Tpm", "TpmClock"]

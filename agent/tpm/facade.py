@@ -11,13 +11,18 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from agent.blobs import AkBlobs, EkInfo, Quote
 from agent.errors import TpmError
+from agent.tpm.authorized import unseal_authorized
+from agent.tpm.clock import TpmClock, read_clock
 from agent.tpm.identity import EndorsementKey, activate_credential, create_ak
 from agent.tpm.quote import extend_pcr, quote, read_pcrs
 from agent.tpm.tcti import open_esapi
 from agent.tpm.unseal import unseal_import
 from keylease.api.v1 import SealedImport
+from keylease.api.v1.approvals import Approval
 from keylease.secret import Secret
 
 __all__ = ["Tpm"]
@@ -97,6 +102,11 @@ class Tpm:
         esys, _ = self._opened()
         return read_pcrs(esys, bank, indices)
 
+    def clock(self) -> TpmClock:
+        """The TPM's clock (ms powered on) and reset/restart counters (TPM2_ReadClock)."""
+        esys, _ = self._opened()
+        return read_clock(esys)
+
     def extend_pcr(self, index: int, data: bytes) -> None:
         """Extend PCR ``index`` of every active bank with that bank's hash of ``data``."""
         esys, _ = self._opened()
@@ -111,3 +121,14 @@ class Tpm:
         the PCRs no longer hold the sealed values; TpmError/TpmUnavailable when the TPM fails.
         """
         return unseal_import(*self._opened(), sealed)
+
+    def unseal_authorized(
+        self, sealed: SealedImport, approval: Approval, key: ec.EllipticCurvePublicKey
+    ) -> Secret:
+        """Import a sealed object bound to PolicyAuthorize by ``key`` and unseal it under the
+        broker's ``approval`` (its PCR values, its TPM-clock limit, its node and policy group).
+
+        Raises ReleaseInvalid naming the step the TPM refused; TpmError/TpmUnavailable when the
+        TPM fails.
+        """
+        return unseal_authorized(*self._opened(), sealed, approval, key)

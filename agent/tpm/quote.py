@@ -103,7 +103,12 @@ def quote(esys: Any, ek: EndorsementKey, ak: AkBlobs, qualifying_data: bytes) ->
             ordered = b"".join(values[bank][i] for bank in banks for i in QUOTE_PCRS)
             signed, _ = TPMS_ATTEST.unmarshal(bytes(attest))
             if bytes(signed.attested.quote.pcrDigest) == hashlib.sha256(ordered).digest():
-                return Quote(attest=attest.marshal(), signature=signature.marshal(), banks=values)
+                return Quote(
+                    attest=attest.marshal(),
+                    signature=signature.marshal(),
+                    banks=values,
+                    clock=int(signed.clockInfo.clock),
+                )
             log.info("a PCR changed while quoting; quoting again")
     raise TpmError("PCRs kept changing while quoting; try again once boot has settled")
 

@@ -34,6 +34,7 @@ from kbs.model import (
     parse_selector,
 )
 from kbs.policy.learn import DiffRow
+from kbs.signing import SigningKeys
 
 __all__ = ["LocalOperator", "Operator", "check_labels", "check_selector"]
 
@@ -87,10 +88,12 @@ class Operator(Protocol):
 @dataclass(frozen=True)
 class LocalOperator:
     """``Operator`` on a database. ``master`` gives the master key(s), read only when a key is
-    imported or rotated. Input is validated here too, since the admin API passes it through."""
+    imported or rotated; ``signing`` the release-signing keys, read only when a policy widens.
+    Input is validated here too, since the admin API passes it through."""
 
     admin: Admin
     master: Callable[[], MasterKey]
+    signing: Callable[[], SigningKeys]
 
     def list_nodes(self) -> list[Node]:
         return self.admin.store.list_nodes()
@@ -142,7 +145,7 @@ class LocalOperator:
 
     @property
     def _policies(self) -> PolicyAdmin:
-        return PolicyAdmin(self.admin.store, self.admin.actor, self.admin.clock)
+        return PolicyAdmin(self.admin.store, self.admin.actor, self.admin.clock, self.signing)
 
     def set_policy(
         self, name: str, pcrs: Sequence[int], from_node: str | None, bank: str

@@ -2,6 +2,8 @@
 ``apply``, ``assign``/``unassign``. Each validates its input, changes the database in one
 transaction (which refuses a policy that no node could pass together with another it is held
 to, ``kbs.policy.merge``) and writes one audit record naming the operator and what changed.
+A change that allows more approves the newly allowed boot states for every node it concerns, in
+the same transaction (``kbs.approvals.widen``; the node it was taken from is the canary).
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from kbs.approvals.widen import Canary, widened, widening_pushes
 from kbs.errors import NotFound, OperatorError
-from kbs.eventlog.bootstate import is_component_name
 from kbs.model import Node, Policy, check_name, format_selector
 from kbs.policy import learn, policyfile
 from kbs.policy.learn import DiffRow, change_lines
 from kbs.policy.rules import Document, check_bank
+from kbs.signing import SigningKeys
 from kbs.store import Store
+from keylease.eventlog.bootstate import is_component_name
 
 __all__ = ["PolicyAdmin", "PolicyChange"]
 
@@ -34,6 +38,31 @@ class PolicyAdmin:
     store: Store
     actor: str
     clock: Callable[[], datetime]
+    signing: Callable[[], SigningKeys]
+
+    def _put(
+        self,
+        name: str,
+        document: Document,
+        selectors: Sequence[Mapping[str, str]] | None = None,
+        canary: Node | None = None,
+    ) -> tuple[Policy | None, Policy]:
+        """Write the policy, with the approvals it gives if it allows more than before."""
+        try:
+            before: Policy | None = self.store.get_policy(name)
+        except NotFound:
+            before = None
+        pushes = {}
+        if before is not None:
+            wanted = tuple(selectors) if selectors is not None else before.selectors
+            after = Policy(name, document, wanted)
+            boot = self.store.boot_record(canary.name) if canary is not None else None
+            witness = Canary(canary, boot) if canary is not None else None
+            if widened(before.document, document):
+                pushes = widening_pushes(
+                    self.store, self.signing(), before, after, witness, self.clock()
+                )
+        return self.store.put_policy(name, document, self.clock(), selectors, pushes)
 
     def _audit(self, event: str, detail: str, node: str | None = None) -> None:
         self.store.audit(
@@ -69,7 +98,7 @@ class PolicyAdmin:
         empty = Policy(name, Document(bank, ()), ())
         components = [f"pcr.{i}" for i in sorted(pcrs)]
         document = learn.allow(empty, node, None, components, self.clock())
-        _, policy = self.store.put_policy(name, document, self.clock())
+        _, policy = self._put(name, document, canary=node)
         when = node.last_attested_at.isoformat() if node.last_attested_at else "-"
         self._audit(
             "policy-set",
@@ -88,7 +117,7 @@ class PolicyAdmin:
         check_bank(bank)
         node = self._node(node_name)
         document = learn.learn(node, self.store.boot_record(node.name), bank, pcrs, self.clock())
-        before, policy = self.store.put_policy(name, document, self.clock())
+        before, policy = self._put(name, document, canary=node)
         changes = tuple(change_lines(before, policy, selectors_given=False))
         self._audit(
             "policy-learn",
@@ -114,7 +143,7 @@ class PolicyAdmin:
         document = learn.allow(policy, node, boot, components, self.clock())
         if document == policy.document:
             return PolicyChange(policy, ())
-        before, after = self.store.put_policy(name, document, self.clock())
+        before, after = self._put(name, document, canary=node)
         changes = tuple(change_lines(before, after, selectors_given=False))
         self._audit(
             "policy-allow", f"policy {name} from node {node.name}: " + "; ".join(changes), node.name
@@ -138,9 +167,7 @@ class PolicyAdmin:
         )
         if current is not None and not change_lines(current, wanted, selectors_given):
             return PolicyChange(current, ())
-        before, after = self.store.put_policy(
-            parsed.name, parsed.document, self.clock(), parsed.selectors
-        )
+        before, after = self._put(parsed.name, parsed.document, parsed.selectors)
         changes = tuple(change_lines(before, after, selectors_given))
         self._audit("policy-apply", f"policy {parsed.name} from {source}: " + "; ".join(changes))
         return PolicyChange(after, changes)

@@ -132,7 +132,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
             raise  # unreachable: abort raises
         cfg = self._ctx.config
         admin = Admin(store=self._ctx.store, actor=f"operator:{name}", clock=self._ctx.clock)
-        operator = LocalOperator(admin, master=lambda: master_keyring(cfg))
+        signing = self._ctx.signing
+        operator = LocalOperator(admin, master=lambda: master_keyring(cfg), signing=lambda: signing)
         try:
             result = await asyncio.to_thread(action, operator)
         except e.KbsError as exc:

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from kbs.errors import InvalidRequest
-from kbs.eventlog.bootstate import BootState, Component
 from kbs.model import (
     AuditEntry,
     BootRecord,
@@ -27,6 +26,7 @@ from kbs.model import (
 from kbs.policy.learn import DiffRow
 from kbs.policy.rules import AllowedValue, Document, Rule
 from keylease.api.v1 import admin_pb2 as pb
+from keylease.eventlog.bootstate import BootState, Component
 
 __all__ = [
     "audit_from_pb",

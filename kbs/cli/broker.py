@@ -1,7 +1,8 @@
 """``keylease-kbs check-config`` and ``serve``: the broker on this host.
 
 ``check_files`` opens every file the config names with the very loaders ``serve`` uses
-(``kbs.tls.load_credentials``, ``kbs.masterkey.master_keyring``, ``kbs.signing.load_signer``,
+(``kbs.tls.load_credentials``, ``kbs.masterkey.master_keyring``,
+``kbs.signing.load_signing_keys``,
 ``kbs.tpm.ekcert.load_ek_roots``),
 and ``serve`` runs it before it starts: a file that one accepts, the other accepts, and a file
 one refuses, the other refuses with the same message.
@@ -20,7 +21,7 @@ from kbs.cli.parser import Handler
 from kbs.config import KbsConfig, load_config
 from kbs.errors import ConfigError
 from kbs.masterkey import MASTER_KEY_BYTES, master_keyring
-from kbs.signing import load_signer
+from kbs.signing import load_signing_keys
 from kbs.store.database import redact_url
 from kbs.tls import load_credentials
 from kbs.tpm.ekcert import EkTrustBundle, load_ek_roots
@@ -35,7 +36,8 @@ def check_files(cfg: KbsConfig) -> list[str]:
     """Open every file the config names; one summary line per file, or raise ConfigError."""
     creds = load_credentials(cfg.tls_cert, cfg.tls_key)
     master_keyring(cfg)
-    signer = load_signer(cfg)
+    signing = load_signing_keys(cfg)
+    signer = signing.current
     roots = load_ek_roots(cfg.ek_roots)
     olds = f"; {len(cfg.previous_master_keys)} previous" if cfg.previous_master_keys else ""
     return [
@@ -45,7 +47,8 @@ def check_files(cfg: KbsConfig) -> list[str]:
         f"{', '.join(creds.names) or 'no subject alternative name'}; key matches",
         f"master_key {cfg.master_key}: {MASTER_KEY_BYTES} bytes, private{olds}",
         f"signing_cert {cfg.signing_cert}: release signing, valid until "
-        f"{signer.not_after:%Y-%m-%d}, issued by admin_ca {cfg.admin_ca}; key matches",
+        f"{signer.not_after:%Y-%m-%d}, issued by admin_ca {cfg.admin_ca}; key matches"
+        + (f"; {len(signing.previous)} previous kept" if signing.previous else ""),
         _ek_roots_line(cfg.ek_roots, roots),
         _check_database(cfg.database),
     ]

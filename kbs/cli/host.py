@@ -2,6 +2,10 @@
 that run on the broker host only (they need the CA key or write the master key and ``kbs.toml``),
 never over the admin API.
 
+``signing-key create --replace`` keeps the old key (certificate and key in one file,
+``tls/signing-previous-<time>.pem``, 0600) in ``previous_signing_keys``: caches released before
+are bound to it (PolicyAuthorize), and approvals for them are signed with it while it is kept.
+
 ``master-key rotate`` (``--new-key FILE`` or ``--generate``): the new key becomes ``master_key``
 in ``kbs.toml`` and the old one moves to ``previous_master_keys`` (the file is rewritten
 atomically, comments kept), then every stored key version is re-encrypted under the new key,
@@ -33,8 +37,9 @@ from kbs.cli.parser import Handler
 from kbs.config import KbsConfig, load_config
 from kbs.errors import ConfigError
 from kbs.masterkey import blob_key_id, key_id, master_keyring, new_master_key, read_master_key
-from kbs.signing import create_signing_files, load_signer
+from kbs.signing import create_signing_files, load_signer, load_signing_keys
 from kbs.store import Store
+from kbs.tls import write_new_file
 
 __all__ = ["COMMANDS"]
 
@@ -92,25 +97,7 @@ def cmd_admin_cert_list(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- release-signing key ---------------------------------------------------------------------
-
-
-def cmd_signing_key_create(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    ca, ca_key = load_ca(cfg)
-    create_signing_files(ca, ca_key, cfg.signing_key, cfg.signing_cert, now(), replace=args.replace)
-    signer = load_signer(cfg)  # exactly the check `serve` and the agents make
-    _audit(cfg, "signing-key-create", f"release-signing certificate valid until "
-           f"{signer.not_after.isoformat(timespec='seconds')}")  # fmt: skip
-    print(f"wrote {cfg.signing_key} (0600) and {cfg.signing_cert}, issued by {cfg.admin_ca}")
-    print("the broker signs releases with it from its next start; agents need nothing new")
-    return 0
-
-
-# --- master key ------------------------------------------------------------------------------
-
-_MASTER = re.compile(r"\s*master_key\s*=")
-_PREVIOUS = re.compile(r"\s*previous_master_keys\s*=")
+# --- kbs.toml rewrites -------------------------------------------------------------------------
 
 
 def _quote(path: Path, base: Path) -> str:
@@ -118,29 +105,27 @@ def _quote(path: Path, base: Path) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _rewrite_config(cfg: KbsConfig, new: Path) -> KbsConfig:
-    """Point ``master_key`` at ``new`` and prepend the old key to ``previous_master_keys``."""
-    base = cfg.path.parent
-    olds = list(dict.fromkeys([cfg.master_key, *cfg.previous_master_keys]))
-    master_line = f"master_key = {_quote(new, base)}"
-    previous_line = f"previous_master_keys = [{', '.join(_quote(p, base) for p in olds)}]"
-    lines = cfg.path.read_text().splitlines()
+def _paths(paths: list[Path], base: Path) -> str:
+    return f"[{', '.join(_quote(p, base) for p in paths)}]"
+
+
+def _set_config_keys(cfg: KbsConfig, values: dict[str, str]) -> KbsConfig:
+    """Rewrite ``kbs.toml`` with each top-level ``key = value`` of ``values`` (replaced where it
+    is, appended otherwise), atomically, comments kept; the result is loaded to check it."""
+    patterns = {key: re.compile(rf"\s*{key}\s*=") for key in values}
     out, seen = [], set()
-    for line in lines:
-        if _PREVIOUS.match(line):
-            if "]" not in line:
-                raise ConfigError(
-                    f"{cfg.path}: write previous_master_keys on one line so that `master-key "
-                    "rotate` can update it"
-                )
-            out.append(previous_line)
-            seen.add("previous")
-        elif _MASTER.match(line):
-            out.append(master_line)
-            seen.add("master")
-        else:
+    for line in cfg.path.read_text().splitlines():
+        key = next((k for k, pattern in patterns.items() if pattern.match(line)), None)
+        if key is None:
             out.append(line)
-    out += [master_line] * ("master" not in seen) + [previous_line] * ("previous" not in seen)
+            continue
+        if values[key].startswith("[") and "]" not in line:
+            raise ConfigError(
+                f"{cfg.path}: write {key} on one line so that this command can update it"
+            )
+        out.append(f"{key} = {values[key]}")
+        seen.add(key)
+    out += [f"{key} = {value}" for key, value in values.items() if key not in seen]
     tmp = cfg.path.with_name(cfg.path.name + ".tmp")
     try:
         tmp.write_text("\n".join([*out, ""]))
@@ -154,6 +139,60 @@ def _rewrite_config(cfg: KbsConfig, new: Path) -> KbsConfig:
         tmp.unlink(missing_ok=True)
         raise
     return load_config(cfg.path)
+
+
+# --- release-signing key ---------------------------------------------------------------------
+
+
+def _keep_previous(cfg: KbsConfig) -> KbsConfig:
+    """Before ``--replace``: the current key and certificate into one PEM file (0600) next to
+    them, named in ``previous_signing_keys`` (caches bound to it keep receiving approvals)."""
+    old = load_signer(cfg)
+    kept = cfg.signing_key.with_name(f"signing-previous-{now():%Y%m%dT%H%M%S}.pem")
+    pem = cfg.signing_cert.read_bytes() + cfg.signing_key.read_bytes()
+    owner = cfg.signing_key.stat()
+    try:
+        write_new_file(kept, pem, 0o600)
+        os.chown(kept, owner.st_uid, owner.st_gid)
+    except OSError as exc:
+        kept.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {kept}: {exc.strerror}") from None
+    base = cfg.path.parent
+    paths = list(dict.fromkeys([kept, *cfg.previous_signing_keys]))
+    updated = _set_config_keys(cfg, {"previous_signing_keys": _paths(paths, base)})
+    print(f"kept the old key (certificate valid until {old.not_after:%Y-%m-%d}) as {kept}")
+    return updated
+
+
+def cmd_signing_key_create(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    ca, ca_key = load_ca(cfg)
+    if args.replace and cfg.signing_key.exists():
+        cfg = _keep_previous(cfg)
+    create_signing_files(ca, ca_key, cfg.signing_key, cfg.signing_cert, now(), replace=args.replace)
+    signer = load_signing_keys(cfg).current  # exactly the check `serve` and the agents make
+    _audit(cfg, "signing-key-create", f"release-signing certificate valid until "
+           f"{signer.not_after.isoformat(timespec='seconds')}")  # fmt: skip
+    print(f"wrote {cfg.signing_key} (0600) and {cfg.signing_cert}, issued by {cfg.admin_ca}")
+    print("the broker signs releases with it, and binds new releases to it, from its next start")
+    if args.replace:
+        print(
+            "caches bound to the old key keep receiving approvals signed with it while it is in "
+            "previous_signing_keys; remove it from there once every node has renewed (one lease)"
+        )
+    return 0
+
+
+# --- master key ------------------------------------------------------------------------------
+
+
+def _rewrite_config(cfg: KbsConfig, new: Path) -> KbsConfig:
+    """Point ``master_key`` at ``new`` and prepend the old key to ``previous_master_keys``."""
+    base = cfg.path.parent
+    olds = list(dict.fromkeys([cfg.master_key, *cfg.previous_master_keys]))
+    return _set_config_keys(
+        cfg, {"master_key": _quote(new, base), "previous_master_keys": _paths(olds, base)}
+    )
 
 
 def cmd_master_key_rotate(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ They go through ``kbs.admin.operator.Operator``: by default ``LocalOperator`` on
 the config names (the broker may be running; the database handles concurrent use, and the
 master key is read only for ``key import`` and ``key rotate``); with ``--server`` /
 ``--admin-cert`` or ``--profile``, ``kbs.admin.client.RemoteOperator`` on a broker's admin API.
+The release-signing keys are read only when a policy change widens what nodes may boot (its
+approvals are signed for every node it concerns).
 Both return the same values, so the output is the same.
 """
 
@@ -41,6 +43,7 @@ from kbs.config import load_config
 from kbs.errors import OperatorError
 from kbs.masterkey import master_keyring
 from kbs.model import format_selector, parse_labels, parse_selector
+from kbs.signing import load_signing_keys
 from kbs.store import Store
 
 __all__ = ["COMMANDS", "actor", "now", "operator_session", "print_json_or"]
@@ -78,7 +81,9 @@ def operator_session(args: argparse.Namespace) -> Iterator[Operator]:
     cfg = load_config(args.config)
     with Store.open(cfg.database) as store:
         admin = Admin(store=store, actor=actor(), clock=now)
-        yield LocalOperator(admin, master=lambda: master_keyring(cfg))
+        yield LocalOperator(
+            admin, master=lambda: master_keyring(cfg), signing=lambda: load_signing_keys(cfg)
+        )
 
 
 def print_json_or(args: argparse.Namespace, value: object, text: str) -> int:

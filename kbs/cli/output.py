@@ -13,7 +13,6 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from kbs.eventlog.bootstate import BootState
 from kbs.model import (
     AuditEntry,
     BootRecord,
@@ -26,6 +25,7 @@ from kbs.model import (
 )
 from kbs.policy.learn import DiffRow
 from kbs.policy.rules import component_label, short_value
+from keylease.eventlog.bootstate import BootState
 from keylease.text import printable
 
 __all__ = [

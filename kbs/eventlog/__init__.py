@@ -1,11 +1,11 @@
-"""The boot event log as evidence: parsed (``parse``), decoded (``events``), replayed against the
-quote (``replay``) and read as named components (``bootstate``).
+"""The boot event log as evidence in an attestation: ``verify_event_log`` parses the log (the
+shared reading, ``keylease.eventlog``), checks that it replays to the quoted PCRs in every bank
+both carry, and returns the boot state in each of those banks.
 
-``verify_event_log`` is the attestation step: it parses the log, checks that it replays to the
-quoted PCRs in every bank both carry, and returns the boot state in each of those banks. The work
-depends only on the log's bytes, so it is cached by their SHA-256 (``CACHE_ENTRIES``): a node
-renewing its lease sends the same log every time, and nodes of one model often do too; the check
-against the quoted values is redone on every call.
+The reading depends only on the log's bytes, so ``EventLogCache`` keeps it by their SHA-256
+(``CACHE_ENTRIES``): a node renewing its lease sends the same log every time, and nodes of one
+model often do too; the check against the quoted values is redone on every call. The cache is
+owned by the broker's context (``kbs.context.BrokerContext.event_logs``), one per process.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kbs.errors import EventLogMismatch
-from kbs.eventlog.bootstate import BootState, derive
-from kbs.eventlog.parse import EventLog, parse_event_log
-from kbs.eventlog.replay import HASHES, replay
+from kbs.errors import EventLogInvalid, EventLogMismatch
+from keylease.eventlog import Analysis, EventLogError, analyse
+from keylease.eventlog import EventLogInvalid as Malformed
+from keylease.eventlog.bootstate import BootState
 
-__all__ = ["CACHE_ENTRIES", "VerifiedLog", "verify_event_log"]
+__all__ = ["CACHE_ENTRIES", "EventLogCache", "VerifiedLog", "verify_event_log"]
 
 CACHE_ENTRIES = 512
 
@@ -32,28 +32,22 @@ class VerifiedLog:
     states: Mapping[str, BootState]  # the boot state in each of them
 
 
-@dataclass(frozen=True)
-class _Analysed:
-    banks: tuple[str, ...]  # every bank of the log this broker can replay
-    replayed: Mapping[str, Mapping[int, bytes]]
-    states: Mapping[str, BootState]
-
-
-class _Cache:
-    """SHA-256 of the log -> its analysis, least recently used out; holds no log bytes (a log
+class EventLogCache:
+    """SHA-256 of the log -> its reading, least recently used out; holds no log bytes (a log
     can be 1 MiB). Thread-safe (on PostgreSQL attestations run in worker threads)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int = CACHE_ENTRIES) -> None:
         self._size = size
-        self._entries: dict[bytes, _Analysed] = {}
+        self._entries: dict[bytes, Analysis] = {}
         self._lock = threading.Lock()
 
-    def get(self, data: bytes) -> tuple[bytes, _Analysed]:
+    def get(self, data: bytes) -> tuple[bytes, Analysis]:
+        """The log's SHA-256 and reading; raises kbs.errors.EventLogInvalid."""
         key = hashlib.sha256(data).digest()
         with self._lock:
             found = self._entries.pop(key, None)
         if found is None:
-            found = _analysis(parse_event_log(data))  # outside the lock: it may take ms
+            found = _analyse(data)  # outside the lock: it may take ms
         with self._lock:
             self._entries.pop(key, None)
             while len(self._entries) >= self._size:
@@ -66,23 +60,26 @@ class _Cache:
             self._entries.clear()
 
 
-def _analysis(log: EventLog) -> _Analysed:
-    banks = tuple(b for b in log.banks if b in HASHES)
-    replayed = {b: replay(log, b) for b in banks}
-    return _Analysed(banks, replayed, {b: derive(log, b, replayed[b]) for b in banks})
-
-
-CACHE = _Cache(CACHE_ENTRIES)
+def _analyse(data: bytes) -> Analysis:
+    try:
+        return analyse(data)
+    except Malformed as exc:
+        raise EventLogInvalid(str(exc)) from None
+    except EventLogError as exc:
+        raise EventLogMismatch(str(exc)) from None
 
 
 def _list(indices: list[int]) -> str:
     return ",".join(str(i) for i in indices)
 
 
-def verify_event_log(data: bytes, quoted: Mapping[str, Mapping[int, bytes]]) -> VerifiedLog:
-    """Parse ``data`` and check it replays to ``quoted`` (bank -> PCR -> value, from a verified
-    quote) in every bank both carry. Raises EventLogInvalid (malformed) or EventLogMismatch."""
-    key, found = CACHE.get(data)
+def verify_event_log(
+    cache: EventLogCache, data: bytes, quoted: Mapping[str, Mapping[int, bytes]]
+) -> VerifiedLog:
+    """Parse ``data`` (through ``cache``) and check it replays to ``quoted`` (bank -> PCR ->
+    value, from a verified quote) in every bank both carry. Raises EventLogInvalid (malformed)
+    or EventLogMismatch."""
+    key, found = cache.get(data)
     common = tuple(b for b in found.banks if b in quoted)
     if not common:
         raise EventLogMismatch(

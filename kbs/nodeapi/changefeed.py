@@ -7,7 +7,9 @@ the subscriptions it concerns: the named node's, or every one for a change witho
 
 Each subscription has a small bounded queue. A subscriber too slow to keep up never blocks the
 others: when its queue is full, the queue's content is folded into one notice (REVOKED if any
-pending notice was a revocation, CHANGED otherwise) — the agent acts on a notice, not on a count.
+pending notice was a revocation, CHANGED otherwise, carrying every approval the folded notices
+carried, at most ``MAX_FOLDED_PAYLOAD`` bytes of them) — the agent acts on a notice, not on a
+count.
 
 Listeners (``listen``) see every change as it is dispatched: the node authenticator drops the
 cached key of a node that changed (an enrollment on another replica records a change).
@@ -47,6 +49,7 @@ POLL_INTERVAL = 0.5
 QUEUE_SIZE = 16
 MAX_WATCHERS = 16384  # a 10,000-node fleet keeps one watch stream per node
 MAX_PER_NODE = 4
+MAX_FOLDED_PAYLOAD = 1 << 20  # approvals kept when notices fold (its next release has them too)
 _STOP_WAIT = 2.0
 
 
@@ -56,6 +59,7 @@ class Notice:
 
     kind: ChangeKind
     reason: str
+    payload: bytes | None = None  # approvals for the node (an ApprovalList), if any
 
 
 class Subscription:
@@ -81,7 +85,9 @@ class Subscription:
         except asyncio.QueueFull:
             pending = [notice, *self._drain()]
         revoked = [n for n in pending if n.kind is ChangeKind.REVOKED]
-        folded = revoked[0] if revoked else Notice(ChangeKind.CHANGED, "several changes")
+        payload = b"".join(n.payload for n in pending if n.payload)  # ApprovalLists concatenate
+        kept = payload if len(payload) <= MAX_FOLDED_PAYLOAD else None
+        folded = revoked[0] if revoked else Notice(ChangeKind.CHANGED, "several changes", kept)
         self._queue.put_nowait(folded)
         log.debug("watch node=%s: slow reader, %d notices folded", self.node, len(pending))
 
@@ -202,7 +208,7 @@ class ChangeFeed:
         for change in changes:
             for listener in self._listeners:
                 listener(change)
-            notice = Notice(change.kind, change.reason)
+            notice = Notice(change.kind, change.reason, change.payload)
             if change.node is None:
                 targets = [s for mine in self._subs.values() for s in mine]
             else:

@@ -14,8 +14,9 @@ metric and a throttled log line (``kbs.nodeapi.refusals``).
 
 ``Watch`` streams hints from the change feed (``kbs.nodeapi.changefeed``) to one node: subscribe
 first, then look the node up, so that nothing between the two is missed; REVOKED at once for a
-revoked node, otherwise a first HEARTBEAT, then the node's notices and a HEARTBEAT every
-``HEARTBEAT_INTERVAL`` seconds. The stream ends (OK) when the feed closes it.
+revoked node, otherwise a first HEARTBEAT, then the node's notices (a CHANGED for a widened
+policy carries the node's new approvals) and a HEARTBEAT every ``HEARTBEAT_INTERVAL`` seconds.
+The stream ends (OK) when the feed closes it.
 
 Where the domain code runs: on SQLite (a local file; statements take microseconds and writes are
 serialised by one lock anyway) it runs on the event loop. Handing every call to a worker thread
@@ -46,6 +47,7 @@ from kbs.nonces import issue_nonce
 from keylease.api.v1 import VERDICT_DENIED, VERDICT_KEY
 from keylease.api.v1 import keylease_pb2 as pb
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
+from keylease.api.v1.approvals import approval_to_pb
 from keylease.api.v1.limits import (
     MAX_EK_CERTIFICATE,
     MAX_ENROLLMENT_ID,
@@ -222,6 +224,8 @@ class NodeService(pb_grpc.NodeServiceServicer):
                 node_name=rel.node_name,
                 signing_certificate=rel.signing_certificate,
                 signature=rel.signature,
+                policy_group=rel.policy_group,
+                approvals=[approval_to_pb(a) for a in rel.approvals],
             ),
         )
 
@@ -279,7 +283,10 @@ class NodeService(pb_grpc.NodeServiceServicer):
 def _watch_event(notice: Notice | None) -> pb.WatchEvent:
     if notice is None:
         return pb.WatchEvent(kind=pb.WATCH_KIND_HEARTBEAT)
-    return pb.WatchEvent(kind=_KINDS[notice.kind], reason=notice.reason)
+    event = pb.WatchEvent(kind=_KINDS[notice.kind], reason=notice.reason)
+    if notice.payload:  # an ApprovalList's approvals are field 1; here they are field 3
+        event.approvals.extend(pb.ApprovalList.FromString(notice.payload).approvals)
+    return event
 
 
 def _bank_values(bank: pb.PcrBank) -> dict[int, bytes]:

@@ -26,13 +26,12 @@ from kbs.errors import (
     PcrSelectionMismatch,
     PolicyDenied,
 )
-from kbs.eventlog.bootstate import BootState, Component
 from kbs.model import Policy
 from kbs.policy.rules import ABSENT, Rule, component_label, short_value
+from keylease.eventlog.bootstate import BootState, Component
+from keylease.eventlog.wording import not_allowed, where
 
 __all__ = ["Sealing", "evaluate", "node_component", "rule_passes", "sealed_pcrs"]
-
-MAX_ALLOWED_SHOWN = 4
 
 
 @dataclass(frozen=True)
@@ -62,40 +61,21 @@ def rule_passes(rule: Rule, found: Component | None) -> bool:
     return not rule.contains or (found is not None and set(rule.contains) <= set(found.entries))
 
 
-def _allowed_text(rule: Rule) -> str:
-    shown = []
-    for a in rule.allowed[:MAX_ALLOWED_SHOWN]:
-        head = a.note.split(";")[0].strip()[:48]
-        shown.append(f"{head} {short_value(a.value)}".strip())
-    if len(rule.allowed) > MAX_ALLOWED_SHOWN:
-        shown.append(f"{len(rule.allowed) - MAX_ALLOWED_SHOWN} more")
-    if rule.contains:
-        shown.append(f"any value containing {len(rule.contains)} required entries")
-    return ", ".join(shown)
+def _allowed(rule: Rule) -> tuple[list[tuple[str, str]], list[str]]:
+    more = [f"any value containing {len(rule.contains)} required entries"] if rule.contains else []
+    return [(a.note, a.value) for a in rule.allowed], more
 
 
 def _failure(rule: Rule, found: Component | None, policy: str) -> str:
-    pcrs = ",".join(map(str, rule.pcrs))
-    if rule.component.startswith("pcr."):
-        where = f"PCR {pcrs} [{rule.component}]"
-    else:
-        where = f"PCR {pcrs}, {component_label(rule.component)} [{rule.component}]"
-        if found is not None:
-            where += f" ({found.summary})"
     value = found.value if found is not None else ABSENT
+    summary = found.summary if found is not None else None
     if rule.allowed and value not in rule.values:
-        if found is None or value == ABSENT:
-            seen = "absent"
-        elif rule.component == "secure-boot":
-            seen = f"state {value}"
-        else:
-            seen = f"{'value' if rule.component.startswith('pcr.') else 'digest'} "
-            seen += short_value(value)
-        return f"{where}: {seen} is not allowed by policy {policy} (allowed: {_allowed_text(rule)})"
+        return not_allowed(rule.component, summary, value, policy, *_allowed(rule))
     missing = sorted(set(rule.contains) - set(found.entries if found else ()))
     return (
-        f"{where}: lacks {len(missing)} entr{'y' if len(missing) == 1 else 'ies'} that policy "
-        f"{policy} requires ({', '.join(short_value(m) for m in missing[:3])})"
+        f"{where(rule.component, summary)}: lacks {len(missing)} "
+        f"entr{'y' if len(missing) == 1 else 'ies'} that policy {policy} requires "
+        f"({', '.join(short_value(m) for m in missing[:3])})"
     )
 
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from kbs.errors import OperatorError
-from kbs.eventlog.bootstate import COMPONENT_GROUPS, BootState, Component
 from kbs.model import BootRecord, Node, NodeState, Policy, format_selector
 from kbs.policy.evaluate import node_component, rule_passes
 from kbs.policy.rules import ABSENT, AllowedValue, Document, Rule, check_document, short_value
+from keylease.eventlog.bootstate import COMPONENT_GROUPS, BootState, Component
 
 __all__ = ["DiffRow", "allow", "change_lines", "diff", "learn"]
 

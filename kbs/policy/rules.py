@@ -1,6 +1,6 @@
 """A policy document: for each named component, the set of values it may have.
 
-A ``Rule`` names a component (``kbs.eventlog.bootstate``: ``firmware``, ``boot-app.3``, ``db``,
+A ``Rule`` names a component (``keylease.eventlog.bootstate``: ``firmware``, ``boot-app.3``, ``db``,
 ``pcr.10``, ...) and allows a set of values, each with a note saying where it came from; for PK,
 KEK, db and dbx it may instead (or also) require that the variable *contains* at least a set of
 entries ("a dbx with at least this revocation set"). Values: a digest in the policy's bank (hex),
@@ -20,11 +20,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kbs.errors import OperatorError, StoreError
-from kbs.eventlog.bootstate import COMPONENT_GROUPS, component_pcrs, is_component_name
+from keylease.eventlog.bootstate import COMPONENT_GROUPS, component_pcrs, is_component_name
+from keylease.eventlog.wording import ABSENT, component_label, short_value
 
 __all__ = [
     "ABSENT",
     "BANK_DIGEST_SIZES",
+    "CONTAINS_COMPONENTS",
     "AllowedValue",
     "Document",
     "Rule",
@@ -36,26 +38,11 @@ __all__ = [
     "short_value",
 ]
 
-ABSENT = "absent"
 BANK_DIGEST_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48}
 CONTAINS_COMPONENTS = ("pk", "kek", "db", "dbx")
 MAX_NOTE = 200
 MAX_VALUES = 256
 _HEX = re.compile(r"[0-9a-f]+")
-_LABELS = {
-    "firmware": "firmware",
-    "boot-variables": "boot variables",
-    "secure-boot": "Secure Boot",
-    "pk": "PK",
-    "kek": "KEK",
-    "db": "db",
-    "dbx": "dbx",
-    "authorities": "Secure Boot authorities",
-    "sb-config": "other Secure Boot configuration",
-    "kernel-cmdline": "kernel command line",
-    "initrd": "initrd",
-    "bootloader-config": "bootloader configuration",
-}
 
 
 @dataclass(frozen=True)
@@ -93,21 +80,6 @@ class Document:
 
     def rule(self, component: str) -> Rule | None:
         return next((r for r in self.rules if r.component == component), None)
-
-
-def component_label(component: str) -> str:
-    """``boot-app.3`` -> "boot application 3", ``pcr.10`` -> "PCR 10 value", ``db`` -> "db"."""
-    kind, _, n = component.partition(".")
-    if kind == "boot-app":
-        return f"boot application {n}"
-    if kind == "pcr":
-        return f"PCR {n} value"
-    return _LABELS.get(component, component)
-
-
-def short_value(value: str) -> str:
-    """A digest as ``9f2c1a…e1``; other values as they are."""
-    return f"{value[:6]}…{value[-2:]}" if len(value) > 12 and _HEX.fullmatch(value) else value
 
 
 def check_bank(bank: str) -> str:

@@ -4,7 +4,8 @@
 transactions, error translation: ``kbs.store.database``), migrates it at open
 (``kbs.store.migrate``) and hands each call to the module of its concern: ``nodes``,
 ``enrollments`` (challenges, EK allowlist), ``nonces``, ``keys`` (and grants), ``policies``,
-``audit``, ``changes`` (the feed behind Watch), ``revocations`` (admin certificates). The
+``approvals`` (approved boot states), ``audit``, ``changes`` (the feed behind Watch),
+``revocations`` (admin certificates). The
 attestation path's two catalogue lookups are cached per label set (``kbs.store.cache``).
 Thread-safe; every database error becomes ``StoreError``.
 
@@ -27,6 +28,7 @@ from types import TracebackType
 from typing import Self
 
 from kbs.model import (
+    ApprovedState,
     AuditEntry,
     BootRecord,
     Change,
@@ -42,17 +44,37 @@ from kbs.model import (
     StoredKey,
 )
 from kbs.policy.rules import Document
-from kbs.store import audit, changes, enrollments, keys, nodes, nonces, policies, revocations
+from kbs.store import (
+    approvals,
+    audit,
+    changes,
+    enrollments,
+    keys,
+    nodes,
+    nonces,
+    policies,
+    revocations,
+)
+from kbs.store.approvals import StatePush
 from kbs.store.audit import AuditEvent
 from kbs.store.cache import LabelCache
 from kbs.store.database import BUSY_TIMEOUT, Database
 from kbs.store.expiry import PurgeTimer
 from kbs.store.keys import SealedRow
 from kbs.store.migrate import migrate, schema_version
-from kbs.store.nodes import BootUpdate
+from kbs.store.nodes import BootUpdate, ReleaseBinding
 from kbs.store.revocations import AdminRevocation
 
-__all__ = ["BUSY_TIMEOUT", "AdminRevocation", "AuditEvent", "BootUpdate", "SealedRow", "Store"]
+__all__ = [
+    "BUSY_TIMEOUT",
+    "AdminRevocation",
+    "AuditEvent",
+    "BootUpdate",
+    "ReleaseBinding",
+    "SealedRow",
+    "StatePush",
+    "Store",
+]
 
 
 class Store:
@@ -145,16 +167,25 @@ class Store:
         restart_count: int | None, now: datetime, events: Sequence[AuditEvent] = (),
         held: Sequence[tuple[str, int]] | None = (), lease_until: datetime | None = None,
         boot: BootUpdate | None = None, denial: str | None = None,
+        binding: ReleaseBinding | None = None, states: Sequence[ApprovedState] | None = None,
     ) -> None:  # fmt: skip
         nodes.record_attestation(
             self.database, name, banks=banks, reset_count=reset_count,
             restart_count=restart_count, now=now, events=events, held=held,
-            lease_until=lease_until, boot=boot, denial=denial,
+            lease_until=lease_until, boot=boot, denial=denial, binding=binding, states=states,
         )  # fmt: skip
+
+    def approved_states(self, name: str) -> list[ApprovedState]:
+        """The boot states the broker signs approvals for, for node ``name`` (oldest first)."""
+        return approvals.node_states(self.database, name)
 
     def boot_record(self, name: str) -> BootRecord | None:
         """The boot state of the node's last verified event log (None: it sent none)."""
         return nodes.boot_record(self.database, name)
+
+    def boot_records(self) -> dict[str, BootRecord]:
+        """Every node's boot record, by node name."""
+        return nodes.boot_records(self.database)
 
     # --- nonces and enrollment (``kbs.store.nonces``, ``kbs.store.enrollments``) ---------------
 
@@ -236,10 +267,12 @@ class Store:
     def put_policy(
         self, name: str, document: Document, now: datetime,
         selectors: Sequence[Mapping[str, str]] | None = None,
+        pushes: Mapping[str, StatePush] | None = None,
     ) -> tuple[Policy | None, Policy]:  # fmt: skip
-        """Create or replace a policy's document (and, given ``selectors``, its assignments);
-        returns (before, after)."""
-        return policies.put_policy(self.database, name, document, now, selectors)
+        """Create or replace a policy's document (and, given ``selectors``, its assignments;
+        given ``pushes``, the approved states and pushed approvals of a widening); returns
+        (before, after)."""
+        return policies.put_policy(self.database, name, document, now, selectors, pushes)
 
     def get_policy(self, name: str) -> Policy:
         return policies.get_policy(self.database, name)

@@ -60,6 +60,7 @@ def changes_since(db: Database, last_id: int, limit: int = MAX_CHANGES_PER_READ)
             node=r["node"],
             kind=ChangeKind(r["kind"]),
             reason=r["reason"],
+            payload=None if r["payload"] is None else bytes(r["payload"]),
         )
         for r in rows
     ]
@@ -88,13 +89,14 @@ def record_change(
     kind: ChangeKind,
     reason: str,
     now: datetime,
+    payload: bytes | None = None,
 ) -> int:
     """Record one change in the open transaction ``conn``; returns its id."""
     if not db.is_sqlite:
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(CHANGES_LOCK)))
     row = conn.execute(
         changes.insert()
-        .values(at=ts(now), node=node, kind=kind.value, reason=reason)
+        .values(at=ts(now), node=node, kind=kind.value, reason=reason, payload=payload)
         .returning(changes.c.id)
     ).scalar_one()
     return int(row)
@@ -111,9 +113,11 @@ def notify_matching(
     selectors: Iterable[Mapping[str, str]],
     reason: str,
     now: datetime,
+    payloads: Mapping[str, bytes] | None = None,
 ) -> list[str]:
     """Record CHANGED for every node that is not revoked and whose labels match any of
-    ``selectors``; returns their names."""
+    ``selectors`` (with ``payloads[node]``, the approvals its watch stream carries, if any);
+    returns their names."""
     wanted = list(selectors)
     rows = conn.execute(
         sa.select(nodes.c.name, nodes.c.labels)
@@ -125,7 +129,8 @@ def notify_matching(
         if any(selector_matches(s, loads_map(labels)) for s in wanted)
     ]  # fmt: skip
     for name in names:
-        record_change(db, conn, name, ChangeKind.CHANGED, reason, now)
+        payload = (payloads or {}).get(name)
+        record_change(db, conn, name, ChangeKind.CHANGED, reason, now, payload)
     if names:
         purge_changes(conn, now)
     return names

@@ -25,7 +25,7 @@ __all__ = ["HEAD_REVISION", "MIGRATIONS", "migrate", "schema_version"]
 
 log = logging.getLogger(__name__)
 
-HEAD_REVISION = "0007_audit_retention"
+HEAD_REVISION = "0008_approved_states"
 MIGRATION_LOCK = 0x6B6C6D67  # pg advisory lock id: "klmg"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 

@@ -23,8 +23,8 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from kbs.errors import NodeEkConflict, NotFound, StoreConflict, StoreError
-from kbs.eventlog.bootstate import BootState
-from kbs.model import BootRecord, ChangeKind, Node, NodeState
+from kbs.model import ApprovedState, BootRecord, ChangeKind, Node, NodeState
+from kbs.store.approvals import write_states
 from kbs.store.audit import AuditEvent, write_audit
 from kbs.store.changes import purge_changes, record_change
 from kbs.store.database import Database
@@ -39,11 +39,14 @@ from kbs.store.tables import (
     nonces,
     ts,
 )
+from keylease.eventlog.bootstate import BootState
 
 __all__ = [
     "ENROLL_ATTEMPTS",
     "BootUpdate",
+    "ReleaseBinding",
     "boot_record",
+    "boot_records",
     "count_nodes_by_state",
     "enroll_node",
     "get_node",
@@ -67,6 +70,9 @@ RECORD_ATTESTATION = (
             restart_count=P("p_restart"))
 )  # fmt: skip
 RECORD_ATTESTATION_HELD = RECORD_ATTESTATION.values(held_keys=P("p_held"), lease_until=P("p_until"))
+RECORD_RELEASE = RECORD_ATTESTATION_HELD.values(
+    approval_limit=P("p_limit"), release_group=P("p_group"), release_signer=P("p_signer")
+)
 RECORD_LOG = nodes.update().where(nodes.c.name == P("p_name")).values(boot_log_digest=P("p_log"))
 RECORD_DENIAL = (
     nodes.update()
@@ -75,6 +81,16 @@ RECORD_DENIAL = (
 )
 DROP_BOOT_STATE = boot_states.delete().where(boot_states.c.node_name == P("p_name"))
 MAX_DENIAL = 4000
+
+
+@dataclass(frozen=True)
+class ReleaseBinding:
+    """What a release bound the node's sealed cache to (``kbs.approvals``): its approvals'
+    TPM-clock limit, the policy group and the signing key (SHA-256 of its certificate, hex)."""
+
+    approval_limit: int
+    group: str
+    signer: str
 
 
 @dataclass(frozen=True)
@@ -227,12 +243,16 @@ def record_attestation(
     lease_until: datetime | None = None,
     boot: BootUpdate | None = None,
     denial: str | None = None,
+    binding: ReleaseBinding | None = None,
+    states: Sequence[ApprovedState] | None = None,
 ) -> None:
     """Store the PCR values and counters of a verified quote, the key versions (name, version)
     the node holds after it until ``lease_until`` (a release; ``()``: none, as after a denial;
     None: unchanged, as after a failure of the broker's own), the boot state of a changed event
     log (``boot``; None when it is the one already recorded), the denial text if the node was
-    denied, and the audit rows of its outcome (``events``), in one transaction."""
+    denied, the binding of a release and the node's approved states when they changed
+    (``binding``, ``states``), and the audit rows of its outcome (``events``), in one
+    transaction."""
     params = {
         "p_name": name,
         "p_at": ts(now),
@@ -245,7 +265,12 @@ def record_attestation(
         statement = RECORD_ATTESTATION_HELD
         params |= {"p_held": dumps_held(held),
                    "p_until": ts(lease_until) if held and lease_until else None}  # fmt: skip
-    with db.tx(single=not events and boot is None and denial is None, catalog=False) as conn:
+        if binding is not None:
+            statement = RECORD_RELEASE
+            params |= {"p_limit": binding.approval_limit, "p_group": binding.group,
+                       "p_signer": binding.signer}  # fmt: skip
+    alone = not events and boot is None and denial is None and states is None
+    with db.tx(single=alone, catalog=False) as conn:
         if db.run(conn, statement, params).rowcount != 1:
             raise NotFound(f"no node named {name!r}")
         if boot is not None:
@@ -256,6 +281,8 @@ def record_attestation(
                 RECORD_DENIAL,
                 {"p_name": name, "p_denial": denial[:MAX_DENIAL], "p_at": ts(now)},
             )
+        if states is not None:
+            write_states(db, conn, name, states, now)
         write_audit(db, conn, events, now)
 
 
@@ -284,6 +311,14 @@ def _record_boot(
     )
 
 
+def _states(name: str, text: str) -> dict[str, BootState]:
+    try:
+        raw = json.loads(text)
+        return {str(b): BootState.from_doc(doc) for b, doc in raw.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StoreError(f"the stored boot state of node {name!r} is unreadable: {exc}") from None
+
+
 def boot_record(db: Database, name: str) -> BootRecord | None:
     """The boot state of the node's last verified event log, None if it sent none."""
     query = sa.select(boot_states).where(boot_states.c.node_name == name)
@@ -291,9 +326,22 @@ def boot_record(db: Database, name: str) -> BootRecord | None:
         row = conn.execute(query).mappings().first()
     if row is None:
         return None
-    try:
-        raw = json.loads(row["states"])
-        states = {str(b): BootState.from_doc(doc) for b, doc in raw.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise StoreError(f"the stored boot state of node {name!r} is unreadable: {exc}") from None
+    states = _states(name, row["states"])
     return BootRecord(row["log_digest"], states, datetime.fromisoformat(row["recorded_at"]))
+
+
+def boot_records(db: Database) -> dict[str, BootRecord]:
+    """Every node's boot record (one statement; the states of one log are read once, however
+    many nodes sent it)."""
+    with db.tx(write=False, single=True) as conn:
+        rows = conn.execute(sa.select(boot_states)).mappings().all()
+    read: dict[str, dict[str, BootState]] = {}
+    out = {}
+    for row in rows:
+        digest = row["log_digest"]
+        if digest not in read:
+            read[digest] = _states(row["node_name"], row["states"])
+        out[row["node_name"]] = BootRecord(
+            digest, read[digest], datetime.fromisoformat(row["recorded_at"])
+        )
+    return out

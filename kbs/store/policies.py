@@ -19,6 +19,7 @@ from kbs.errors import NotFound, OperatorError
 from kbs.model import Policy, format_selector, selector_matches
 from kbs.policy.merge import check_compatible
 from kbs.policy.rules import Document, document_from_json, document_json
+from kbs.store.approvals import StatePush, add_states
 from kbs.store.changes import notify_matching
 from kbs.store.database import Database
 from kbs.store.tables import dumps_map, loads_map, policies, policy_assignments, ts
@@ -70,10 +71,12 @@ def put_policy(
     document: Document,
     now: datetime,
     selectors: Sequence[Mapping[str, str]] | None = None,
+    pushes: Mapping[str, StatePush] | None = None,
 ) -> tuple[Policy | None, Policy]:
     """Create or replace a policy's document; with ``selectors``, also make its assignments
-    exactly those. Returns (before, after). OperatorError if it cannot pass together with
-    another policy its nodes are held to."""
+    exactly those; with ``pushes``, add approved states to nodes and let their change rows carry
+    the approvals (a widened policy, ``kbs.approvals.widen``). Returns (before, after).
+    OperatorError if it cannot pass together with another policy its nodes are held to."""
     stmt = db.upsert(policies).values(
         name=name, pcr_bank=document.bank, document=document_json(document), updated_at=ts(now)
     )
@@ -95,7 +98,10 @@ def put_policy(
             for new in (s for s in wanted if s not in kept):
                 conn.execute(_assign(db, name, new, now))
             touched += [s for s in wanted if s not in kept]
-        notify_matching(db, conn, touched, "an attestation policy changed", now)
+        for node, push in (pushes or {}).items():
+            add_states(db, conn, node, push.states, now)
+        payloads = {node: push.payload for node, push in (pushes or {}).items()}
+        notify_matching(db, conn, touched, "an attestation policy changed", now, payloads)
         return before, _policies(db, conn, name)[0]
 
 

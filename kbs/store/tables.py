@@ -3,9 +3,9 @@
 Timestamps are UTC ISO-8601 text (fixed width, so they compare as text), PCR values JSON
 ``{"bank": {"index": "hex"}}``, labels and selectors canonical JSON, the key versions a node holds
 JSON ``[["name", version], ...]``, policy documents and boot states JSON (``kbs.policy.rules``,
-``kbs.eventlog.bootstate``). Rows become the frozen values of
-``kbs.model`` here, never leaving the store as rows. The tables are created and upgraded by the
-revisions in ``kbs/store/migrations``; these definitions must match them.
+``keylease.eventlog.bootstate``), approved states JSON (``kbs.store.approvals``). Rows become the
+frozen values of ``kbs.model`` here, never leaving the store as rows. The tables are created and
+upgraded by the revisions in ``kbs/store/migrations``; these definitions must match them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from kbs.model import KeyState, Node, NodeState, StoredKey
 __all__ = [
     "admin_revocations",
     "allowlist",
+    "approved_states",
     "audit_log",
     "boot_states",
     "changes",
@@ -117,6 +118,9 @@ def node_from_row(row: Row) -> Node:
         boot_log_digest=row["boot_log_digest"],
         last_denial=row["last_denial"],
         last_denial_at=opt_dt(row["last_denial_at"]),
+        approval_limit=row["approval_limit"],
+        release_group=row["release_group"],
+        release_signer=row["release_signer"],
     )
 
 
@@ -160,8 +164,11 @@ nodes = _table(
     _c("boot_log_digest", T, nullable=True), _c("last_denial", T, nullable=True),
     _c("last_denial_at", T, nullable=True),
     _c("held_keys", T, server_default="[]"), _c("lease_until", T, nullable=True),
-    _c("node_key", B, nullable=True),
+    _c("node_key", B, nullable=True), _c("approval_limit", sa.BigInteger(), nullable=True),
+    _c("release_group", T, nullable=True), _c("release_signer", T, nullable=True),
 )  # fmt: skip
+approved_states = _table("approved_states", _c("node_name", T, primary_key=True),
+                         _c("states", T), _c("updated_at", T))  # fmt: skip
 boot_states = _table("boot_states", _c("node_name", T, primary_key=True),
                      _c("log_digest", T), _c("states", T), _c("recorded_at", T))  # fmt: skip
 nonces = _table("nonces", _c("nonce", B, primary_key=True), _c("node_name", T),
@@ -192,6 +199,7 @@ audit_log = _table(
 changes = _table(
     "changes", _c("id", BIGID, primary_key=True, autoincrement=True), _c("at", T),
     _c("node", T, nullable=True), _c("kind", T), _c("reason", T),
+    _c("payload", B, nullable=True),
 )  # fmt: skip
 admin_revocations = _table("admin_revocations", _c("serial", T, primary_key=True),
                           _c("name", T), _c("revoked_at", T))  # fmt: skip

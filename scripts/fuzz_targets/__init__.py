@@ -8,7 +8,8 @@ target is one line. Anything other than the package's own errors escaping a targ
 - ``tpm_public``: ``kbs.tpm.objects.parse_public`` + ``check_ak_attributes``; ``KbsError``
 - ``quote``: ``kbs.quote.verify_quote``, over raw bytes or over a fuzzed TPMS_ATTEST that this
   harness signs with its AK (so the checks after the signature are reached); ``KbsError``
-- ``event_log``: ``kbs.eventlog.parse_event_log`` + ``replay``; ``KbsError``
+- ``event_log``: ``kbs.eventlog.verify_event_log`` (``keylease.eventlog``'s parse, replay and boot
+  state); ``KbsError``
 - ``ek_certificate``: ``kbs.tpm.ekcert.verify_ek_certificate`` + ``check_ek_matches`` +
   ``ek_hash``, against a root and an intermediate; ``KbsError``
 - ``node_requests``: the node service's request parsing (protobuf, then ``_enrollment_request``,
@@ -16,11 +17,14 @@ target is one line. Anything other than the package's own errors escaping a targ
 - ``release_bundle``: ``agent.release.parse_bundle`` (the decrypted KeyBundle); ``AgentError``
 - ``release_cache``: ``agent.keystore.SealedCache.load`` + ``changed_pcrs`` (``release.bin``,
   ``release-pcrs.json``); ``AgentError``
+- ``approvals``: ``agent.keystore.ApprovalStore.load`` + ``verify_approval`` (``approvals.bin``,
+  the broker's approvals, checked as ``agent.approvals.accepted`` does); ``AgentError``
 - ``agent_config``: ``agent.config.load_config``; ``agent.errors.ConfigError``
 - ``kbs_config``: ``kbs.config.load_config``; ``kbs.errors.ConfigError``
 
 The targets live by what they parse: ``tpm`` (public areas, quotes), ``ekcert``, ``wire`` (node
-requests, the event log), ``node`` (the key bundle and the sealed cache), ``configs``; ``common``
+requests, the event log), ``node`` (the key bundle and the sealed cache), ``approvals``,
+``configs``; ``common``
 holds the keys they derive from fixed numbers. Import this package only once the fuzzer's
 instrumentation is in place (``scripts.fuzz`` does).
 """
@@ -31,6 +35,7 @@ from agent.errors import AgentError
 from agent.errors import ConfigError as AgentConfigError
 from kbs.errors import ConfigError as KbsConfigError
 from kbs.errors import KbsError
+from scripts.fuzz_targets.approvals import approval_seeds, fuzz_approvals
 from scripts.fuzz_targets.common import SCRATCH_ENV, Target
 from scripts.fuzz_targets.configs import (
     agent_config_seeds,
@@ -59,7 +64,11 @@ TARGETS: dict[str, Target] = {
     "tpm_public": Target(fuzz_tpm_public, (KbsError,), public_seeds, ("kbs.tpm.objects",)),
     "quote": Target(fuzz_quote, (KbsError,), quote_seeds, ("kbs.quote",)),
     "event_log": Target(
-        fuzz_event_log, (KbsError,), event_log_seeds, ("kbs.eventlog",), max_len=65536
+        fuzz_event_log,
+        (KbsError,),
+        event_log_seeds,
+        ("kbs.eventlog", "keylease.eventlog"),
+        max_len=65536,
     ),
     "ek_certificate": Target(
         fuzz_ek_certificate, (KbsError,), ek_seeds, ("kbs.tpm.ekcert",), max_len=8192
@@ -80,6 +89,12 @@ TARGETS: dict[str, Target] = {
     ),
     "release_cache": Target(
         fuzz_release_cache, (AgentError,), cache_seeds, ("agent.keystore.cache", "agent.state")
+    ),
+    "approvals": Target(
+        fuzz_approvals,
+        (AgentError,),
+        approval_seeds,
+        ("agent.keystore.approvals", "keylease.api.v1.approvals", "keylease.api.v1.signing"),
     ),
     "agent_config": Target(
         fuzz_agent_config,

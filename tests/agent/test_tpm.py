@@ -35,7 +35,8 @@ from harness.swtpm import Swtpm
 from kbs.errors import AkAttributesInvalid, InvalidRequest
 from kbs.tpm.credential import make_credential, new_challenge_secret
 from kbs.tpm.objects import TpmPublic, check_ak_attributes, parse_public
-from kbs.tpm.sealing import policy_pcr_digest, seal_to_ek
+from kbs.tpm.sealing import seal_to_ek
+from keylease.api.v1.tpmpolicy import policy_pcr_digest
 from keylease.secret import Secret
 
 TpmFactory = Callable[..., Swtpm]
@@ -43,9 +44,11 @@ SEALED_PCRS = (0, 4, 7)
 
 
 def seal(tpm: Tpm, data_key: Secret, indices: tuple[int, ...] = SEALED_PCRS) -> SealedImport:
-    """What the broker does for a release: seal to the TPM's EK over its current PCR values."""
+    """What a broker before issue 11 did for a release: seal to the TPM's EK under PolicyPCR
+    over its current PCR values (agents still open such releases)."""
     ek = parse_public(tpm.read_ek().public, "ek_public")
-    sealed = seal_to_ek(ek, data_key, "sha256", tpm.read_pcrs("sha256", indices))
+    pcrs = tpm.read_pcrs("sha256", indices)
+    sealed = seal_to_ek(ek, data_key, policy_pcr_digest("sha256", pcrs), "sha256", indices)
     return SealedImport(
         duplicate=sealed.duplicate,
         in_sym_seed=sealed.in_sym_seed,
@@ -265,20 +268,20 @@ def test_seal_refuses_unbound_or_oversized_input(tpm_factory: TpmFactory) -> Non
     with Tpm.open(tpm_factory().tcti) as tpm:
         ek = parse_public(tpm.read_ek().public, "ek_public")
         ak = parse_public(tpm.create_ak().public, "ak_public")
-        pcrs = tpm.read_pcrs("sha256", SEALED_PCRS)
+        policy = policy_pcr_digest("sha256", tpm.read_pcrs("sha256", SEALED_PCRS))
     key = Secret(bytes(32))
     with pytest.raises(InvalidRequest, match="empty"):
-        seal_to_ek(ek, key, "sha256", {})
+        seal_to_ek(ek, key, policy, "sha256", ())
     with pytest.raises(InvalidRequest, match="sha1, sha256, sha384"):
-        seal_to_ek(ek, key, "sha512", {0: bytes(64)})
-    with pytest.raises(InvalidRequest, match="20 bytes in the sha1 bank"):
-        seal_to_ek(ek, key, "sha1", {0: bytes(32)})
+        seal_to_ek(ek, key, policy, "sha512", (0,))
+    with pytest.raises(InvalidRequest, match="out of range"):
+        seal_to_ek(ek, key, policy, "sha1", (0, 24))
     with pytest.raises(InvalidRequest, match="128"):
-        seal_to_ek(ek, Secret(bytes(129)), "sha256", pcrs)
+        seal_to_ek(ek, Secret(bytes(129)), policy, "sha256", SEALED_PCRS)
     with pytest.raises(InvalidRequest, match="storage"):
-        seal_to_ek(ak, key, "sha256", pcrs)
+        seal_to_ek(ak, key, policy, "sha256", SEALED_PCRS)
     with pytest.raises(InvalidRequest, match="32 bytes"):
-        seal_to_ek(ek, key, "sha256", {0: bytes(31)})
+        seal_to_ek(ek, key, policy[:31], "sha256", SEALED_PCRS)
 
 
 def test_policy_pcr_digest_is_order_independent_and_value_bound() -> None:

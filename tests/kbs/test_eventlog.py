@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import keylease.eventlog
 from harness.eventlog import (
     EV_NO_ACTION,
     EV_SEPARATOR,
@@ -29,10 +30,10 @@ from harness.eventlog import (
     signing_certificate,
 )
 from kbs.errors import EventLogInvalid, EventLogMismatch
-from kbs.eventlog import CACHE, verify_event_log
-from kbs.eventlog.bootstate import derive
-from kbs.eventlog.parse import MAX_EVENTS, parse_event_log
-from kbs.eventlog.replay import replay
+from kbs.eventlog import EventLogCache, verify_event_log
+from keylease.eventlog.bootstate import derive
+from keylease.eventlog.parse import MAX_EVENTS, parse_event_log
+from keylease.eventlog.replay import replay
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "eventlogs"
 COMMITTED = sorted(DATA.glob("*.bin"))
@@ -73,18 +74,20 @@ def test_committed_ovmf_logs_match_tpm2_eventlog_and_the_quote(log: Path) -> Non
     for mine, theirs in zip(parsed.events, oracle[1:], strict=True):
         assert mine.pcr == theirs.pcr
         assert {b: d for b, d in mine.digests.items()} == theirs.digests
-    from kbs.eventlog.events import event_name
+    from keylease.eventlog.events import event_name
 
     assert [event_name(e.type) for e in parsed.events] == _oracle_types(log)[1:]
     expected = oracle_pcrs(log)
     for bank in parsed.banks:
         assert replay(parsed, bank) == expected[bank]
-    verified = verify_event_log(data, _quoted(log))
+    verified = verify_event_log(EventLogCache(), data, _quoted(log))
     assert set(verified.banks) == set(parsed.banks)
 
 
 def test_ovmf_boot_states_name_the_components() -> None:
-    base = verify_event_log((DATA / "ovmf-base.bin").read_bytes(), _quoted(DATA / "ovmf-base.bin"))
+    base = verify_event_log(
+        EventLogCache(), (DATA / "ovmf-base.bin").read_bytes(), _quoted(DATA / "ovmf-base.bin")
+    )
     state = base.states["sha256"]
     names = [c.name for c in state.components]
     assert names[:3] == ["firmware", "boot-variables", "boot-app.1"]
@@ -110,7 +113,9 @@ def test_ovmf_boot_states_name_the_components() -> None:
 def test_the_two_ovmf_boots_differ_in_the_kernel_command_line_only() -> None:
     states = []
     for name in ("ovmf-base.bin", "ovmf-cmdline.bin"):
-        verified = verify_event_log((DATA / name).read_bytes(), _quoted(DATA / name))
+        verified = verify_event_log(
+            EventLogCache(), (DATA / name).read_bytes(), _quoted(DATA / name)
+        )
         states.append({c.name: c.value for c in verified.states["sha256"].components})
     base, changed = states
     assert {k for k in base if base[k] != changed[k]} == {"kernel-cmdline"}
@@ -120,10 +125,14 @@ def test_the_three_bank_ovmf_boot_shows_the_same_components_in_every_bank() -> N
     """The same guest booted on a TPM with sha1, sha256 and sha384 active: three digests per
     event; in sha256 the boot state is that of the sha256-only boot."""
     multi = verify_event_log(
-        (DATA / "ovmf-multibank.bin").read_bytes(), _quoted(DATA / "ovmf-multibank.bin")
+        EventLogCache(),
+        (DATA / "ovmf-multibank.bin").read_bytes(),
+        _quoted(DATA / "ovmf-multibank.bin"),
     )
     assert multi.banks == ("sha1", "sha256", "sha384")
-    base = verify_event_log((DATA / "ovmf-base.bin").read_bytes(), _quoted(DATA / "ovmf-base.bin"))
+    base = verify_event_log(
+        EventLogCache(), (DATA / "ovmf-base.bin").read_bytes(), _quoted(DATA / "ovmf-base.bin")
+    )
     assert multi.states["sha256"] == base.states["sha256"]
     names = {b: [c.name for c in s.components] for b, s in multi.states.items()}
     assert names["sha1"] == names["sha256"] == names["sha384"]
@@ -150,7 +159,7 @@ def test_synthetic_secure_boot_log_against_tpm2_eventlog(tmp_path: Path) -> None
     path.write_bytes(log)
     expected = oracle_pcrs(path)
     assert sorted(expected) == ["sha1", "sha256", "sha384"]
-    verified = verify_event_log(log, expected)
+    verified = verify_event_log(EventLogCache(), log, expected)
     assert verified.banks == ("sha1", "sha256", "sha384")
     state = verified.states["sha384"]
     apps = [(c.name, c.summary) for c in state.components if c.name.startswith("boot-app.")]
@@ -236,15 +245,17 @@ def test_legacy_sha1_log_is_parsed_and_replayed() -> None:
 def test_a_changed_event_names_the_pcr_and_bank() -> None:
     quoted = {"sha256": {i: bytes(32) for i in range(24)}}
     quoted["sha256"].update(replay(parse_event_log(build_event_log(EVENTS)), "sha256"))
-    verify_event_log(build_event_log(EVENTS), quoted)
+    verify_event_log(EventLogCache(), build_event_log(EVENTS), quoted)
     altered = [*EVENTS[:3], (7, b"another db"), EVENTS[4]]
     with pytest.raises(EventLogMismatch, match=r"PCR 7 \(sha256\)"):
-        verify_event_log(build_event_log(altered), quoted)
+        verify_event_log(EventLogCache(), build_event_log(altered), quoted)
 
 
 def test_log_touching_an_unquoted_pcr_is_refused() -> None:
     with pytest.raises(EventLogMismatch, match=r"extends PCR 4,7 \(sha256\).*not cover"):
-        verify_event_log(build_event_log(EVENTS), {"sha256": {0: bytes(32), 2: bytes(32)}})
+        verify_event_log(
+            EventLogCache(), build_event_log(EVENTS), {"sha256": {0: bytes(32), 2: bytes(32)}}
+        )
 
 
 def test_log_without_a_quoted_bank_is_refused() -> None:
@@ -252,7 +263,7 @@ def test_log_without_a_quoted_bank_is_refused() -> None:
     with pytest.raises(
         EventLogMismatch, match=r"carries sha384 digests but the quote covers sha256"
     ):
-        verify_event_log(log, {"sha256": {0: bytes(32)}})
+        verify_event_log(EventLogCache(), log, {"sha256": {0: bytes(32)}})
 
 
 def _header(banks: int = 2) -> bytes:
@@ -275,15 +286,14 @@ def _header(banks: int = 2) -> bytes:
          "unknown-algorithm", "pcr-out-of-range"],
 )  # fmt: skip
 def test_malformed_logs_are_event_log_invalid(log: bytes, error: str) -> None:
-    CACHE.clear()
     with pytest.raises(EventLogInvalid, match=error):
-        verify_event_log(log, {"sha256": {i: bytes(32) for i in range(24)}})
+        verify_event_log(EventLogCache(), log, {"sha256": {i: bytes(32) for i in range(24)}})
 
 
 def test_a_log_of_100000_events_is_refused() -> None:
     events = [measured(8, 0xD, b"", banks=("sha256",))] * 100_000
     log = build_log(events, ("sha256",))
-    with pytest.raises(EventLogInvalid, match=f"more than {MAX_EVENTS} events"):
+    with pytest.raises(keylease.eventlog.EventLogInvalid, match=f"more than {MAX_EVENTS} events"):
         parse_event_log(log)
 
 
@@ -298,6 +308,5 @@ def test_mutated_real_logs_never_crash_the_parser() -> None:
             data[rng.randrange(len(data))] = rng.randrange(256)
         if rng.random() < 0.3:
             data = data[: rng.randrange(len(data))]
-        CACHE.clear()
         with contextlib.suppress(EventLogInvalid, EventLogMismatch):
-            verify_event_log(bytes(data), quoted)
+            verify_event_log(EventLogCache(), bytes(data), quoted)

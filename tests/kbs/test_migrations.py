@@ -23,7 +23,7 @@ from harness.postgres import postgres_fixture  # noqa: F401
 from kbs.errors import StoreError
 from kbs.model import ChangeKind, KeyState, NodeState
 from kbs.policy.rules import AllowedValue, Rule
-from kbs.store import AdminRevocation, AuditEvent, Store
+from kbs.store import AdminRevocation, AuditEvent, ReleaseBinding, Store
 from kbs.store.database import Database
 from kbs.store.migrate import HEAD_REVISION, MIGRATIONS
 from tests.kbs.test_store import database_fixture, enroll  # noqa: F401
@@ -317,6 +317,47 @@ def test_a_revision_0003_database_keeps_releasing_exactly_what_it_released(
         assert [h.node for h in store.key_details("k", T0).holders] == ["n1"]
 
 
+def revert_0008(raw: sqlite3.Connection) -> None:
+    """Undo what revision 0008 added (approved states)."""
+    raw.execute("DROP TABLE approved_states")
+    for column in ("approval_limit", "release_group", "release_signer"):
+        raw.execute(f"ALTER TABLE nodes DROP COLUMN {column}")
+    raw.execute("ALTER TABLE changes DROP COLUMN payload")
+
+
+def test_a_revision_0007_database_gains_approved_states(tmp_path: Path) -> None:
+    """Nodes released before approvals keep their rows, bound to nothing yet: their next release
+    records the binding and their first approved state."""
+    path = tmp_path / "kbs.db"
+    with Store.open(path) as store:
+        enroll(store, "n1", EK_A)
+        store.add_change("n1", ChangeKind.CHANGED, "before the upgrade", T0)
+    with sqlite3.connect(path) as raw:  # back to what revision 0007 left
+        revert_0008(raw)
+        raw.execute("UPDATE alembic_version SET version_num = '0007_audit_retention'")
+    raw.close()
+    with Store.open(path) as store:
+        assert store.schema_version() == HEAD_REVISION
+        node = store.get_node("n1")
+        assert node is not None
+        assert (node.approval_limit, node.release_group, node.release_signer) == (None,) * 3
+        assert store.approved_states("n1") == []
+        assert [(c.reason, c.payload) for c in store.changes_since(0)] == [
+            ("before the upgrade", None)
+        ]
+        store.record_attestation(
+            "n1", banks={"sha256": {0: bytes(32)}}, reset_count=1, restart_count=0, now=T0,
+            held=[], binding=ReleaseBinding(5000, "p", "f" * 64), states=[],
+        )  # fmt: skip
+        node = store.get_node("n1")
+        assert node is not None
+        assert (node.approval_limit, node.release_group, node.release_signer) == (
+            5000,
+            "p",
+            "f" * 64,
+        )
+
+
 def test_a_revision_0005_database_gains_node_keys(tmp_path: Path) -> None:
     """Nodes enrolled before node keys keep their rows, without a key: their calls are refused
     until their agents enroll again (which stores one)."""
@@ -324,6 +365,8 @@ def test_a_revision_0005_database_gains_node_keys(tmp_path: Path) -> None:
     with Store.open(path) as store:
         enroll(store, "n1", EK_A)
     with sqlite3.connect(path) as raw:  # back to what revision 0005 left
+        revert_0008(raw)
+        raw.execute("DROP INDEX audit_at")
         raw.execute("ALTER TABLE nodes DROP COLUMN node_key")
         raw.execute("UPDATE alembic_version SET version_num = '0005_key_versions'")
     raw.close()
@@ -343,6 +386,7 @@ def test_a_revision_0006_database_gains_the_audit_time_index(tmp_path: Path) -> 
     with Store.open(path) as store:
         store.audit(actor="a", event="e", node=None, result="ok", detail="old", now=T0)
     with sqlite3.connect(path) as raw:  # back to what revision 0006 left
+        revert_0008(raw)
         raw.execute("DROP INDEX audit_at")
         raw.execute("UPDATE alembic_version SET version_num = '0006_node_keys'")
     raw.close()

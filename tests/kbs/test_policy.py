@@ -19,14 +19,14 @@ from kbs.errors import (
     PcrSelectionMismatch,
     PolicyDenied,
 )
-from kbs.eventlog import verify_event_log
-from kbs.eventlog.parse import parse_event_log
-from kbs.eventlog.replay import replay
+from kbs.eventlog import EventLogCache, verify_event_log
 from kbs.model import BootRecord, Node, NodeState, Policy
 from kbs.policy import learn, policyfile
 from kbs.policy.evaluate import evaluate
 from kbs.policy.merge import check_compatible
 from kbs.policy.rules import AllowedValue, Document, Rule, check_document
+from keylease.eventlog.parse import parse_event_log
+from keylease.eventlog.replay import replay
 
 T0 = datetime(2026, 12, 6, 10, 0, tzinfo=UTC)
 BANKS = ("sha1", "sha256", "sha384")
@@ -46,7 +46,7 @@ def evidence(spec: BootSpec) -> tuple[dict[str, dict[int, bytes]], BootRecord]:
     quoted = {b: {i: bytes(len(hashlib_size(b))) for i in range(24)} for b in BANKS}
     for bank in BANKS:
         quoted[bank].update(replay(parsed, bank))
-    verified = verify_event_log(log, quoted)
+    verified = verify_event_log(EventLogCache(), log, quoted)
     return quoted, BootRecord(verified.digest, verified.states, T0)
 
 

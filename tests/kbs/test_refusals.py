@@ -117,7 +117,8 @@ def test_valid_programmatic_attestation_releases(
         nonce = client.get_nonce(me.identity)
         reply = client.attest(me.identity, nonce, fresh_quote(tpm, ak, nonce), b"")
         assert reply.release is not None
-        bundle = open_release(tpm, reply.release, node.name, trust(broker))
+        approval = reply.release.approvals[0]  # the state just verified
+        bundle = open_release(tpm, reply.release, node.name, trust(broker), approval)
     assert [k.name for k in bundle.keys] == ["prod-key"]
     assert releases(broker, node.name) == 1
 
@@ -216,14 +217,15 @@ def test_release_opens_only_in_its_tpm_and_state(
         reply = client.attest(me.identity, nonce, fresh_quote(tpm, ak, nonce), b"")
     assert reply.release is not None
     captured = reply.release  # a recorded release: frozen bytes, as an eavesdropper keeps them
+    approval = captured.approvals[0]  # and its approval of the state just verified
     other = make_node("other", distinct=True)
     with Tpm.open(other.tpm.tcti) as other_tpm, pytest.raises(ReleaseInvalid):
-        open_release(other_tpm, captured, node.name, trust(broker))
+        open_release(other_tpm, captured, node.name, trust(broker), approval)
     with Tpm.open(node.tpm.tcti) as tpm:
-        open_release(tpm, captured, node.name, trust(broker))  # still opens here, in this state
+        open_release(tpm, captured, node.name, trust(broker), approval)  # opens here, this state
         tpm.extend_pcr(4, b"new kernel")
-        with pytest.raises(ReleaseInvalid):
-            open_release(tpm, captured, node.name, trust(broker))
+        with pytest.raises(ReleaseInvalid, match="PCRs are not the approved values"):
+            open_release(tpm, captured, node.name, trust(broker), approval)
 
 
 def test_ek_certificate_and_public_mismatch_is_refused(

@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from tpm2_pytss import ESAPI, ESYS_TR, TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TCTILdr, TSS2_Exception
 
+from harness.agents import Agents
 from harness.broker import Broker, pg_broker
-from harness.daemon import AgentDaemon, NotifySocket
+from harness.daemon import AgentDaemon
 from harness.faults import JumpingClock, fill, kill_at, private_tmpfs, remount, seen_by, unfill
 from harness.keys import write_key
 from harness.nodes import Node
@@ -92,33 +93,16 @@ def settled(database: Path | str, node: str, quiet: float = 2.0) -> int:
     return count
 
 
-class Daemons:
+class Daemons(Agents):
     """Agents started by a test, each with its notify socket; all killed at teardown."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.started: list[tuple[AgentDaemon, NotifySocket]] = []
 
     def start(
         self, node: Node, wrapper: list[str] | None = None, env: dict[str, str] | None = None
     ) -> AgentDaemon:
-        n = len(self.started)
-        node.write_config()
-        sock = NotifySocket(self.tmp_path / f"notify-{n}.sock")
-        daemon = AgentDaemon(
-            node.config_path, self.tmp_path / f"agent-{n}.log", sock, wrapper or [], env
-        ).start()
-        self.started.append((daemon, sock))
-        return daemon
+        return self.run(node, wrapper or (), env)[0]
 
     def ready(self, daemon: AgentDaemon, timeout: float = 60) -> None:
-        sock = next(s for d, s in self.started if d is daemon)
-        assert sock.ready(timeout) is not None, daemon.log()
-
-    def close(self) -> None:
-        for daemon, sock in self.started:
-            daemon.kill()
-            sock.close()
+        assert self.socket(daemon).ready(timeout) is not None, daemon.log()
 
 
 @pytest.fixture

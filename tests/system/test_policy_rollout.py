@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from harness.boots import KERNEL_28, SPEC, boot_events_into
+from harness.boots import boot as boot_spec
 from harness.broker import Broker, agent
 from harness.eventlog import (
     BootSpec,
     LogEvent,
-    boot_events,
-    build_log,
-    extend_tpm,
     oracle_events,
     signing_certificate,
 )
@@ -30,28 +29,19 @@ from harness.operator import ok
 
 NodeFactory = Callable[..., Node]
 DATA = Path(__file__).resolve().parents[1] / "data" / "eventlogs"
-SPEC = BootSpec(
-    db_certs=(signing_certificate("Debian Secure Boot CA"),),
-    kek_certs=(signing_certificate("Debian KEK"),),
-    pk_cert=signing_certificate("Platform Key"),
-    dbx_hashes=(b"\x11" * 32,),
-    grub_measures=False,  # the kernel's EFI stub measures its command line and initrd
-)
-KERNEL_28 = SPEC.with_app(3, "\\EFI\\debian\\vmlinuz-6.1.0-28-amd64", b"linux 6.1.0-28")
 
 
 def booted(make_node: NodeFactory, name: str, events: Sequence[LogEvent], log: bytes) -> Node:
     """A node with its own TPM whose PCRs hold ``events``, its agent sending ``log``."""
     node = make_node(name, distinct=True)
-    extend_tpm(node.tpm.tcti, events)
-    node.event_log = node.root / "binary_bios_measurements"
-    node.event_log.write_bytes(log)
+    boot_events_into(node, events, log)
     return node
 
 
 def boot(make_node: NodeFactory, name: str, spec: BootSpec) -> Node:
-    events = boot_events(spec)
-    return booted(make_node, name, events, build_log(events, ("sha1", "sha256")))
+    node = make_node(name, distinct=True)
+    boot_spec(node, spec)
+    return node
 
 
 def approve(broker: Broker, node: Node) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ekeylease/api/v1/keylease.proto\x12\x0bkeylease.v1\"\xdf\x01\n\x16StartEnrollmentRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x16\n\x0e\x65k_certificate\x18\x02 \x01(\x0c\x12\x11\n\tek_public\x18\x03 \x01(\x0c\x12\x11\n\tak_public\x18\x04 \x01(\x0c\x12\x43\n\x08metadata\x18\x05 \x03(\x0b\x32\x31.keylease.v1.StartEnrollmentRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x17StartEnrollmentResponse\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63redential_blob\x18\x02 \x01(\x0c\x12\x18\n\x10\x65ncrypted_secret\x18\x03 \x01(\x0c\"@\n\x17\x46inishEnrollmentRequest\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\"A\n\x18\x46inishEnrollmentResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.keylease.v1.NodeState\"$\n\x0fGetNonceRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\":\n\x10GetNonceResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x17\n\x0f\x65xpires_at_unix\x18\x02 \x01(\x03\"(\n\x08PcrValue\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c\"<\n\x07PcrBank\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12#\n\x04pcrs\x18\x02 \x03(\x0b\x32\x15.keylease.v1.PcrValue\"\xbf\x01\n\rAttestRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\r\n\x05quote\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12\x11\n\tevent_log\x18\x08 \x01(\x0c\x12#\n\x05\x62\x61nks\x18\t \x03(\x0b\x32\x14.keylease.v1.PcrBankJ\x04\x08\x03\x10\x04J\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08R\x10\x65phemeral_publicR\x08pcr_bankR\x04pcrs\"d\n\x0e\x41ttestResponse\x12+\n\x07outcome\x18\x01 \x01(\x0e\x32\x1a.keylease.v1.AttestOutcome\x12%\n\x07release\x18\x02 \x01(\x0b\x32\x14.keylease.v1.Release\"\xe3\x01\n\x07Release\x12\x11\n\tduplicate\x18\x01 \x01(\x0c\x12\x13\n\x0bin_sym_seed\x18\x02 \x01(\x0c\x12\x15\n\rsealed_public\x18\x03 \x01(\x0c\x12\x10\n\x08pcr_bank\x18\x04 \x01(\t\x12\x13\n\x0bpcr_indices\x18\x05 \x03(\r\x12\x14\n\x0c\x62undle_nonce\x18\x06 \x01(\x0c\x12\x19\n\x11\x62undle_ciphertext\x18\x07 \x01(\x0c\x12\x11\n\tnode_name\x18\x08 \x01(\t\x12\x1b\n\x13signing_certificate\x18\t \x01(\x0c\x12\x11\n\tsignature\x18\n \x01(\x0c\"u\n\tKeyBundle\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x16\n\x0eissued_at_unix\x18\x02 \x01(\x03\x12\x16\n\x0enot_after_unix\x18\x03 \x01(\x03\x12%\n\x04keys\x18\x04 \x03(\x0b\x32\x17.keylease.v1.BundledKey\"D\n\nBundledKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x17\n\x0fprivate_key_pem\x18\x03 \x01(\x0c\"!\n\x0cWatchRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\"B\n\nWatchEvent\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.keylease.v1.WatchKind\x12\x0e\n\x06reason\x18\x02 \x01(\t*p\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_PENDING\x10\x01\x12\x17\n\x13NODE_STATE_APPROVED\x10\x02\x12\x16\n\x12NODE_STATE_REVOKED\x10\x03*q\n\rAttestOutcome\x12\x1e\n\x1a\x41TTEST_OUTCOME_UNSPECIFIED\x10\x00\x12#\n\x1f\x41TTEST_OUTCOME_PENDING_APPROVAL\x10\x01\x12\x1b\n\x17\x41TTEST_OUTCOME_RELEASED\x10\x02*q\n\tWatchKind\x12\x1a\n\x16WATCH_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12WATCH_KIND_REVOKED\x10\x01\x12\x16\n\x12WATCH_KIND_CHANGED\x10\x02\x12\x18\n\x14WATCH_KIND_HEARTBEAT\x10\x03\x32\x97\x03\n\x0bNodeService\x12\\\n\x0fStartEnrollment\x12#.keylease.v1.StartEnrollmentRequest\x1a$.keylease.v1.StartEnrollmentResponse\x12_\n\x10\x46inishEnrollment\x12$.keylease.v1.FinishEnrollmentRequest\x1a%.keylease.v1.FinishEnrollmentResponse\x12G\n\x08GetNonce\x12\x1c.keylease.v1.GetNonceRequest\x1a\x1d.keylease.v1.GetNonceResponse\x12\x41\n\x06\x41ttest\x12\x1a.keylease.v1.AttestRequest\x1a\x1b.keylease.v1.AttestResponse\x12=\n\x05Watch\x12\x19.keylease.v1.WatchRequest\x1a\x17.keylease.v1.WatchEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ekeylease/api/v1/keylease.proto\x12\x0bkeylease.v1\"\xdf\x01\n\x16StartEnrollmentRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x16\n\x0e\x65k_certificate\x18\x02 \x01(\x0c\x12\x11\n\tek_public\x18\x03 \x01(\x0c\x12\x11\n\tak_public\x18\x04 \x01(\x0c\x12\x43\n\x08metadata\x18\x05 \x03(\x0b\x32\x31.keylease.v1.StartEnrollmentRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x17StartEnrollmentResponse\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63redential_blob\x18\x02 \x01(\x0c\x12\x18\n\x10\x65ncrypted_secret\x18\x03 \x01(\x0c\"@\n\x17\x46inishEnrollmentRequest\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\"A\n\x18\x46inishEnrollmentResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.keylease.v1.NodeState\"$\n\x0fGetNonceRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\":\n\x10GetNonceResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x17\n\x0f\x65xpires_at_unix\x18\x02 \x01(\x03\"(\n\x08PcrValue\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c\"<\n\x07PcrBank\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12#\n\x04pcrs\x18\x02 \x03(\x0b\x32\x15.keylease.v1.PcrValue\"\xbf\x01\n\rAttestRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\r\n\x05quote\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12\x11\n\tevent_log\x18\x08 \x01(\x0c\x12#\n\x05\x62\x61nks\x18\t \x03(\x0b\x32\x14.keylease.v1.PcrBankJ\x04\x08\x03\x10\x04J\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08R\x10\x65phemeral_publicR\x08pcr_bankR\x04pcrs\"d\n\x0e\x41ttestResponse\x12+\n\x07outcome\x18\x01 \x01(\x0e\x32\x1a.keylease.v1.AttestOutcome\x12%\n\x07release\x18\x02 \x01(\x0b\x32\x14.keylease.v1.Release\"\xa3\x02\n\x07Release\x12\x11\n\tduplicate\x18\x01 \x01(\x0c\x12\x13\n\x0bin_sym_seed\x18\x02 \x01(\x0c\x12\x15\n\rsealed_public\x18\x03 \x01(\x0c\x12\x10\n\x08pcr_bank\x18\x04 \x01(\t\x12\x13\n\x0bpcr_indices\x18\x05 \x03(\r\x12\x14\n\x0c\x62undle_nonce\x18\x06 \x01(\x0c\x12\x19\n\x11\x62undle_ciphertext\x18\x07 \x01(\x0c\x12\x11\n\tnode_name\x18\x08 \x01(\t\x12\x1b\n\x13signing_certificate\x18\t \x01(\x0c\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x14\n\x0cpolicy_group\x18\x0b \x01(\t\x12(\n\tapprovals\x18\x0c \x03(\x0b\x32\x15.keylease.v1.Approval\"\x90\x01\n\tKeyBundle\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x16\n\x0eissued_at_unix\x18\x02 \x01(\x03\x12\x16\n\x0enot_after_unix\x18\x03 \x01(\x03\x12%\n\x04keys\x18\x04 \x03(\x0b\x32\x17.keylease.v1.BundledKey\x12\x19\n\x11lease_clock_limit\x18\x05 \x01(\x04\"D\n\nBundledKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x17\n\x0fprivate_key_pem\x18\x03 \x01(\x0c\"\xa2\x02\n\x08\x41pproval\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x14\n\x0cpolicy_group\x18\x02 \x01(\t\x12\x10\n\x08pcr_bank\x18\x03 \x01(\t\x12#\n\x04pcrs\x18\x04 \x03(\x0b\x32\x15.keylease.v1.PcrValue\x12\x13\n\x0b\x63lock_limit\x18\x05 \x01(\x04\x12\x32\n\ncomponents\x18\x06 \x03(\x0b\x32\x1e.keylease.v1.ApprovedComponent\x12\x0e\n\x06origin\x18\x07 \x01(\t\x12\x16\n\x0eissued_at_unix\x18\x08 \x01(\x03\x12\x1b\n\x13signing_certificate\x18\t \x01(\x0c\x12\x15\n\rauthorization\x18\n \x01(\x0c\x12\x11\n\tsignature\x18\x0b \x01(\x0c\"A\n\x11\x41pprovedComponent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\"8\n\x0c\x41pprovalList\x12(\n\tapprovals\x18\x01 \x03(\x0b\x32\x15.keylease.v1.Approval\"!\n\x0cWatchRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\"l\n\nWatchEvent\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.keylease.v1.WatchKind\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12(\n\tapprovals\x18\x03 \x03(\x0b\x32\x15.keylease.v1.Approval*p\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_PENDING\x10\x01\x12\x17\n\x13NODE_STATE_APPROVED\x10\x02\x12\x16\n\x12NODE_STATE_REVOKED\x10\x03*q\n\rAttestOutcome\x12\x1e\n\x1a\x41TTEST_OUTCOME_UNSPECIFIED\x10\x00\x12#\n\x1f\x41TTEST_OUTCOME_PENDING_APPROVAL\x10\x01\x12\x1b\n\x17\x41TTEST_OUTCOME_RELEASED\x10\x02*q\n\tWatchKind\x12\x1a\n\x16WATCH_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12WATCH_KIND_REVOKED\x10\x01\x12\x16\n\x12WATCH_KIND_CHANGED\x10\x02\x12\x18\n\x14WATCH_KIND_HEARTBEAT\x10\x03\x32\x97\x03\n\x0bNodeService\x12\\\n\x0fStartEnrollment\x12#.keylease.v1.StartEnrollmentRequest\x1a$.keylease.v1.StartEnrollmentResponse\x12_\n\x10\x46inishEnrollment\x12$.keylease.v1.FinishEnrollmentRequest\x1a%.keylease.v1.FinishEnrollmentResponse\x12G\n\x08GetNonce\x12\x1c.keylease.v1.GetNonceRequest\x1a\x1d.keylease.v1.GetNonceResponse\x12\x41\n\x06\x41ttest\x12\x1a.keylease.v1.AttestRequest\x1a\x1b.keylease.v1.AttestResponse\x12=\n\x05Watch\x12\x19.keylease.v1.WatchRequest\x1a\x17.keylease.v1.WatchEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTENROLLMENTREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_STARTENROLLMENTREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_NODESTATE']._serialized_start=1527
-  _globals['_NODESTATE']._serialized_end=1639
-  _globals['_ATTESTOUTCOME']._serialized_start=1641
-  _globals['_ATTESTOUTCOME']._serialized_end=1754
-  _globals['_WATCHKIND']._serialized_start=1756
-  _globals['_WATCHKIND']._serialized_end=1869
+  _globals['_NODESTATE']._serialized_start=2079
+  _globals['_NODESTATE']._serialized_end=2191
+  _globals['_ATTESTOUTCOME']._serialized_start=2193
+  _globals['_ATTESTOUTCOME']._serialized_end=2306
+  _globals['_WATCHKIND']._serialized_start=2308
+  _globals['_WATCHKIND']._serialized_end=2421
   _globals['_STARTENROLLMENTREQUEST']._serialized_start=48
   _globals['_STARTENROLLMENTREQUEST']._serialized_end=271
   _globals['_STARTENROLLMENTREQUEST_METADATAENTRY']._serialized_start=224
@@ -62,15 +62,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTESTRESPONSE']._serialized_start=903
   _globals['_ATTESTRESPONSE']._serialized_end=1003
   _globals['_RELEASE']._serialized_start=1006
-  _globals['_RELEASE']._serialized_end=1233
-  _globals['_KEYBUNDLE']._serialized_start=1235
-  _globals['_KEYBUNDLE']._serialized_end=1352
-  _globals['_BUNDLEDKEY']._serialized_start=1354
-  _globals['_BUNDLEDKEY']._serialized_end=1422
-  _globals['_WATCHREQUEST']._serialized_start=1424
-  _globals['_WATCHREQUEST']._serialized_end=1457
-  _globals['_WATCHEVENT']._serialized_start=1459
-  _globals['_WATCHEVENT']._serialized_end=1525
-  _globals['_NODESERVICE']._serialized_start=1872
-  _globals['_NODESERVICE']._serialized_end=2279
+  _globals['_RELEASE']._serialized_end=1297
+  _globals['_KEYBUNDLE']._serialized_start=1300
+  _globals['_KEYBUNDLE']._serialized_end=1444
+  _globals['_BUNDLEDKEY']._serialized_start=1446
+  _globals['_BUNDLEDKEY']._serialized_end=1514
+  _globals['_APPROVAL']._serialized_start=1517
+  _globals['_APPROVAL']._serialized_end=1807
+  _globals['_APPROVEDCOMPONENT']._serialized_start=1809
+  _globals['_APPROVEDCOMPONENT']._serialized_end=1874
+  _globals['_APPROVALLIST']._serialized_start=1876
+  _globals['_APPROVALLIST']._serialized_end=1932
+  _globals['_WATCHREQUEST']._serialized_start=1934
+  _globals['_WATCHREQUEST']._serialized_end=1967
+  _globals['_WATCHEVENT']._serialized_start=1969
+  _globals['_WATCHEVENT']._serialized_end=2077
+  _globals['_NODESERVICE']._serialized_start=2424
+  _globals['_NODESERVICE']._serialized_end=2831
 # @@protoc_insertion_point(module_scope)

@@ -138,7 +138,7 @@ class AttestResponse(_message.Message):
     def __init__(self, outcome: _Optional[_Union[AttestOutcome, str]] = ..., release: _Optional[_Union[Release, _Mapping]] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ("duplicate", "in_sym_seed", "sealed_public", "pcr_bank", "pcr_indices", "bundle_nonce", "bundle_ciphertext", "node_name", "signing_certificate", "signature")
+    __slots__ = ("duplicate", "in_sym_seed", "sealed_public", "pcr_bank", "pcr_indices", "bundle_nonce", "bundle_ciphertext", "node_name", "signing_certificate", "signature", "policy_group", "approvals")
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     IN_SYM_SEED_FIELD_NUMBER: _ClassVar[int]
     SEALED_PUBLIC_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,8 @@ class Release(_message.Message):
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     SIGNING_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_GROUP_FIELD_NUMBER: _ClassVar[int]
+    APPROVALS_FIELD_NUMBER: _ClassVar[int]
     duplicate: bytes
     in_sym_seed: bytes
     sealed_public: bytes
@@ -159,19 +161,23 @@ class Release(_message.Message):
     node_name: str
     signing_certificate: bytes
     signature: bytes
-    def __init__(self, duplicate: _Optional[bytes] = ..., in_sym_seed: _Optional[bytes] = ..., sealed_public: _Optional[bytes] = ..., pcr_bank: _Optional[str] = ..., pcr_indices: _Optional[_Iterable[int]] = ..., bundle_nonce: _Optional[bytes] = ..., bundle_ciphertext: _Optional[bytes] = ..., node_name: _Optional[str] = ..., signing_certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    policy_group: str
+    approvals: _containers.RepeatedCompositeFieldContainer[Approval]
+    def __init__(self, duplicate: _Optional[bytes] = ..., in_sym_seed: _Optional[bytes] = ..., sealed_public: _Optional[bytes] = ..., pcr_bank: _Optional[str] = ..., pcr_indices: _Optional[_Iterable[int]] = ..., bundle_nonce: _Optional[bytes] = ..., bundle_ciphertext: _Optional[bytes] = ..., node_name: _Optional[str] = ..., signing_certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., policy_group: _Optional[str] = ..., approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ...) -> None: ...
 
 class KeyBundle(_message.Message):
-    __slots__ = ("node_name", "issued_at_unix", "not_after_unix", "keys")
+    __slots__ = ("node_name", "issued_at_unix", "not_after_unix", "keys", "lease_clock_limit")
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     ISSUED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     NOT_AFTER_UNIX_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_CLOCK_LIMIT_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     issued_at_unix: int
     not_after_unix: int
     keys: _containers.RepeatedCompositeFieldContainer[BundledKey]
-    def __init__(self, node_name: _Optional[str] = ..., issued_at_unix: _Optional[int] = ..., not_after_unix: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[BundledKey, _Mapping]]] = ...) -> None: ...
+    lease_clock_limit: int
+    def __init__(self, node_name: _Optional[str] = ..., issued_at_unix: _Optional[int] = ..., not_after_unix: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[BundledKey, _Mapping]]] = ..., lease_clock_limit: _Optional[int] = ...) -> None: ...
 
 class BundledKey(_message.Message):
     __slots__ = ("name", "version", "private_key_pem")
@@ -183,6 +189,48 @@ class BundledKey(_message.Message):
     private_key_pem: bytes
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., private_key_pem: _Optional[bytes] = ...) -> None: ...
 
+class Approval(_message.Message):
+    __slots__ = ("node_name", "policy_group", "pcr_bank", "pcrs", "clock_limit", "components", "origin", "issued_at_unix", "signing_certificate", "authorization", "signature")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    POLICY_GROUP_FIELD_NUMBER: _ClassVar[int]
+    PCR_BANK_FIELD_NUMBER: _ClassVar[int]
+    PCRS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    policy_group: str
+    pcr_bank: str
+    pcrs: _containers.RepeatedCompositeFieldContainer[PcrValue]
+    clock_limit: int
+    components: _containers.RepeatedCompositeFieldContainer[ApprovedComponent]
+    origin: str
+    issued_at_unix: int
+    signing_certificate: bytes
+    authorization: bytes
+    signature: bytes
+    def __init__(self, node_name: _Optional[str] = ..., policy_group: _Optional[str] = ..., pcr_bank: _Optional[str] = ..., pcrs: _Optional[_Iterable[_Union[PcrValue, _Mapping]]] = ..., clock_limit: _Optional[int] = ..., components: _Optional[_Iterable[_Union[ApprovedComponent, _Mapping]]] = ..., origin: _Optional[str] = ..., issued_at_unix: _Optional[int] = ..., signing_certificate: _Optional[bytes] = ..., authorization: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class ApprovedComponent(_message.Message):
+    __slots__ = ("name", "value", "summary")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: str
+    summary: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ..., summary: _Optional[str] = ...) -> None: ...
+
+class ApprovalList(_message.Message):
+    __slots__ = ("approvals",)
+    APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    approvals: _containers.RepeatedCompositeFieldContainer[Approval]
+    def __init__(self, approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ...) -> None: ...
+
 class WatchRequest(_message.Message):
     __slots__ = ("node_name",)
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -190,9 +238,11 @@ class WatchRequest(_message.Message):
     def __init__(self, node_name: _Optional[str] = ...) -> None: ...
 
 class WatchEvent(_message.Message):
-    __slots__ = ("kind", "reason")
+    __slots__ = ("kind", "reason", "approvals")
     KIND_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    APPROVALS_FIELD_NUMBER: _ClassVar[int]
     kind: WatchKind
     reason: str
-    def __init__(self, kind: _Optional[_Union[WatchKind, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+    approvals: _containers.RepeatedCompositeFieldContainer[Approval]
+    def __init__(self, kind: _Optional[_Union[WatchKind, str]] = ..., reason: _Optional[str] = ..., approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ...) -> None: ...

@@ -12,6 +12,9 @@ from __future__ import annotations
 __all__ = [
     "MAX_ADMIN_REPLY",
     "MAX_ADMIN_REQUEST",
+    "MAX_APPROVALS",
+    "MAX_APPROVAL_TEXT",
+    "MAX_APPROVED_COMPONENTS",
     "MAX_EK_CERTIFICATE",
     "MAX_ENROLLMENT_ID",
     "MAX_EVENT_LOG",
@@ -25,6 +28,7 @@ __all__ = [
     "MAX_PCR_BANKS",
     "MAX_PCR_INDEX",
     "MAX_PCR_VALUE",
+    "MAX_POLICY_GROUP",
     "MAX_PROOF",
     "MAX_QUOTE",
     "MAX_RELEASE_MESSAGE",
@@ -53,6 +57,10 @@ MAX_PCR_INDEX = 23
 MAX_WATCH_REASON = 200  # what the agent keeps of a watch event's text
 MAX_SIGNING_CERTIFICATE = 4096  # a release's signing certificate, X.509 DER
 MAX_RELEASE_SIGNATURE = 256  # a release's ECDSA signature, DER (72 bytes for P-256)
+MAX_POLICY_GROUP = 1024  # a release's policy group: the node's policy names, joined by ","
+MAX_APPROVALS = 256  # approvals in one release or watch event, and held by one agent
+MAX_APPROVED_COMPONENTS = 128  # components described in one approval
+MAX_APPROVAL_TEXT = 400  # an approval's origin, and each component's name, value and summary
 MAX_LEASE_SECONDS = 90 * 86400  # the longest lease a broker gives (`lease_seconds`)
 MAX_MESSAGE = 2 << 20  # any node request, whole (the broker's gRPC receive limit)
 MAX_RELEASE_MESSAGE = 4 << 20  # any broker reply, whole (the agent's gRPC receive limit)

@@ -1,7 +1,12 @@
-"""The VM acceptance scenario (issue 5): a Debian 12 guest with systemd, the agent installed from
-wheels as a systemd unit, an swtpm TPM 2.0 with an EK certificate from a test CA, OVMF measuring
-the boot; the broker runs on this host and the guest reaches only it. Every step is asserted from
-outside the guest (the probe's serial-console reports, the guest's disk, the broker's audit log).
+"""The VM acceptance scenario (issues 5 and 11): Debian 12 guests with systemd, the agent installed
+from wheels as a systemd unit, each guest with its own swtpm TPM 2.0 with an EK certificate from a
+test CA, OVMF measuring the boot; the broker runs on this host and the guests reach only it. Node
+A runs with its key, reboots with the broker down and restores it; canary B boots a new kernel
+command line, is denied naming it, and is approved with `policy allow` (then revoked while it
+runs); A, pushed the approvals, reboots into the new command line with the broker down and has
+its key before multi-user.target, then boots a command line nothing approves and has none. Every
+step is asserted from outside the guests (the probes' serial-console reports, A's disk, the
+broker's audit log).
 
     python -m tests.system.vm.scenario [WORKDIR]      # or: make vm-test
 
@@ -34,10 +39,12 @@ from tests.system.vm.machine import BASE_CMDLINE, Machine, ProbeState
 __all__ = ["NODE", "StepResult", "run_scenario"]
 
 NODE = "kl-worker"
+CANARY = "kl-canary"
 KEY = "vm-key"
 KEY_FILE = f"{KEY}.v1.pem"
 SECRET = b"keylease VM acceptance secret\n"
 CHANGED_CMDLINE = BASE_CMDLINE + " keylease.vmtest=changed"
+UNAPPROVED_CMDLINE = BASE_CMDLINE + " keylease.vmtest=unapproved"
 REVOKE_LIMIT = 5.0
 
 
@@ -52,8 +59,8 @@ class StepResult:
         return f"{'PASS' if self.ok else 'FAIL'} {self.step} ({self.seconds:.1f} s): {self.detail}"
 
 
-def _seed(work: Path, broker: Broker, public_key: Path) -> Path:
-    seed = work / "seed"
+def _seed(work: Path, broker: Broker, public_key: Path, node: str = NODE) -> Path:
+    seed = work / f"seed-{node}"
     seed.mkdir()
     shutil.copy(broker.ca, seed / "agent-ca.pem")
     host = os.uname().nodename
@@ -62,13 +69,14 @@ def _seed(work: Path, broker: Broker, public_key: Path) -> Path:
         f'kbs = "{host}:{GUEST_KBS}"\n'
         'kbs_ca = "/etc/keylease/agent-ca.pem"\n'
         'tcti = "device:/dev/tpmrm0"\n'
-        f'node_name = "{NODE}"\n'
+        f'node_name = "{node}"\n'
         "retry_max_seconds = 5\n"
     )
     plain = work / "image-plain"
-    make_oci_image(plain, "v1", {"secret.txt": SECRET})
+    if not plain.exists():
+        make_oci_image(plain, "v1", {"secret.txt": SECRET})
     skopeo_encrypt(plain, "v1", seed / "image-enc", public_key)
-    out = work / "seed.ext4"
+    out = work / f"seed-{node}.ext4"
     subprocess.run(
         ["mke2fs", "-q", "-t", "ext4", "-L", "klseed", "-d", str(seed), str(out), "32M"],
         check=True,
@@ -103,11 +111,19 @@ def _kbs(broker: Broker, *args: str) -> str:
     return result.stdout
 
 
-def _wait_node(broker: Broker, timeout: float = 240) -> None:
+def _wait_node(broker: Broker, node: str = NODE, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
-    while NODE not in broker.kbs("node", "list").stdout:
+    while node not in broker.kbs("node", "list").stdout:
         if time.monotonic() > deadline:
             raise AssertionError(f"the node never enrolled; broker log:\n{broker.log()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _wait_broker_log(broker: Broker, text: str, count: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while broker.log().count(text) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the broker never logged {text!r} ({count}x)")
         time.sleep(0.5)
 
 
@@ -138,22 +154,24 @@ def step1(vm: Machine, broker: Broker, private_key: Path) -> str:
     return f"agent {state['agent']}, {KEY_FILE} on {fs}, skopeo in the guest: {decrypted}"
 
 
-def step2(vm: Machine, broker: Broker, needles: list[bytes]) -> str:
-    broker.stop()
-    vm.poweroff()
-    vm.boot()
+def _restored_before_multi_user(vm: Machine) -> ProbeState:
     state = vm.wait_for(
         "multi-user.target with the key", lambda s: _has_key(s) and s["multi_user"] > 0
     )
     restored_at, multi_user = state["keys"][KEY_FILE]["since_boot"], state["multi_user"]
     assert restored_at < multi_user, f"key at {restored_at} s, multi-user at {multi_user} s"
     assert "restored" in _journal(state), _journal(state)
+    return state
+
+
+def step2(vm: Machine, broker: Broker) -> str:
+    broker.stop()
     vm.poweroff()
-    leaked = vm.disk_contains(needles)
-    assert not leaked, f"key material found on the guest disk: {leaked!r}"
+    vm.boot()
+    state = _restored_before_multi_user(vm)
     return (
-        f"restored at {restored_at:.1f} s, multi-user.target at {multi_user:.1f} s (broker down); "
-        f"state dir {state['state_files']}, no key material on disk"
+        f"restored at {state['keys'][KEY_FILE]['since_boot']:.1f} s, multi-user.target at "
+        f"{state['multi_user']:.1f} s (broker down); state dir {state['state_files']}"
     )
 
 
@@ -164,44 +182,56 @@ def _denial(state: ProbeState) -> str:
 
 
 COMPONENT = "kernel command line [kernel-cmdline]"
+PUSHED = "kept approvals from the watch stream (policy vm-boot:"
 
 
-def step3(vm: Machine, broker: Broker) -> str:
-    vm.boot(CHANGED_CMDLINE)
-    state = vm.wait_for("the restore refused", lambda s: "nothing restored" in _journal(s))
-    assert not state["keys"], f"keys present after a changed boot: {state['keys']}"
-    restore = next(ln for ln in state["journal"] if "nothing restored" in ln)
+def step3(a: Machine, b: Machine, broker: Broker) -> str:
+    """A runs with its key; canary B boots the new command line, is denied naming it, and is
+    approved with `policy allow`: B gets its key, A is pushed the approvals."""
+    seen_a = len(a.states())
+    watching = f"watch node={NODE} started"
+    streams = broker.log().count(watching)
     broker.restart()
-    state = vm.wait_for("the broker's denial naming the component", lambda s: bool(_denial(s)))
+    a.wait_for("A attested again", lambda s: _has_key(s) and "attestation ok" in s["status"],
+               skip=seen_a)  # fmt: skip
+    _wait_broker_log(broker, watching, streams + 1)  # A's watch stream is back: it hears pushes
+    b.boot(CHANGED_CMDLINE)
+    _wait_node(broker, CANARY)
+    _kbs(broker, "node", "approve", CANARY, "--label", "role=vm")
+    state = b.wait_for("the broker's denial naming the component", lambda s: bool(_denial(s)))
     assert not state["keys"], state["keys"]
     named = re.search(r"PCR 8,9, kernel command line \[kernel-cmdline\] \([^)]*\): digest \S+ "
                       r"is not allowed by policy vm-boot", _denial(state))  # fmt: skip
     assert named is not None, _denial(state)
     audit = [
-        ln for ln in _kbs(broker, "audit", "--node", NODE).splitlines() if "PolicyDenied" in ln
+        ln for ln in _kbs(broker, "audit", "--node", CANARY).splitlines() if "PolicyDenied" in ln
     ]
     assert audit, "no PolicyDenied in the broker's audit log"
     assert named.group(0) in audit[-1], audit
-    assert named.group(0) in _kbs(broker, "node", "show", NODE)
-    seen = len(vm.states())
-    allowed = _kbs(broker, "policy", "allow", "vm-boot", "--from-node", NODE,
+    assert named.group(0) in _kbs(broker, "node", "show", CANARY)
+    seen_a, seen_b = len(a.states()), len(b.states())
+    allowed = _kbs(broker, "policy", "allow", "vm-boot", "--from-node", CANARY,
                    "--component", "kernel-cmdline")  # fmt: skip
     assert "+ kernel-cmdline: " in allowed, allowed
-    vm.wait_for("the key back after `policy allow`", _has_key, timeout=120, skip=seen)
-    vm.poweroff()
+    b.wait_for("the canary's key after `policy allow`", _has_key, timeout=120, skip=seen_b)
+    pushed = a.wait_for("A keeps the approvals pushed to it", lambda s: PUSHED in _journal(s),
+                        timeout=60, skip=seen_a)  # fmt: skip
+    line = next(ln for ln in pushed["journal"] if PUSHED in ln)
+    assert f"canary {CANARY}" in line, line
     return (
-        f"cache refused offline ({restore.split(': ', 1)[1][:60]}...); broker denied naming "
-        f"the component ({named.group(0)[:60]}...; agent journal, audit, node show); "
-        "`policy allow --component kernel-cmdline` gave the key back"
+        f"canary denied naming the component ({named.group(0)[:60]}...; agent journal, audit, "
+        "node show); `policy allow --from-node kl-canary --component kernel-cmdline` gave it the "
+        f"key, and A was pushed the approvals ({line[line.index('(') + 1 :][:70]}...)"
     )
 
 
-def step4(vm: Machine, broker: Broker) -> str:
-    vm.boot()
-    vm.wait_for("the key back", _has_key)
+def step4(vm: Machine, other: Machine, broker: Broker) -> str:
+    """`node revoke` of the canary while it runs: its key is gone within 5 s (A is powered off
+    first: two guests under TCG on two cores would measure the host, not the agent)."""
+    other.poweroff()
     seen = len(vm.states())
     start = time.monotonic()
-    _kbs(broker, "node", "revoke", NODE)
+    _kbs(broker, "node", "revoke", CANARY)
     returned = time.monotonic()
     vm.wait_for("the key removed", lambda s: not s["keys"], timeout=60, skip=seen)
     took = time.monotonic() - returned
@@ -213,8 +243,42 @@ def step4(vm: Machine, broker: Broker) -> str:
     )
 
 
+def step5(vm: Machine, broker: Broker) -> str:
+    """The broker down, A (powered off in step 4) boots the approved command line: its key
+    before multi-user.target, from the cache, opened under the canary's approval."""
+    broker.stop()
+    vm.boot(CHANGED_CMDLINE)
+    state = _restored_before_multi_user(vm)
+    line = next(ln for ln in state["journal"] if "restored" in ln)
+    assert "with approved state policy vm-boot: " in line, line
+    assert f"canary {CANARY}" in line, line
+    return (
+        f"restored at {state['keys'][KEY_FILE]['since_boot']:.1f} s, multi-user.target at "
+        f"{state['multi_user']:.1f} s (broker down), with the canary's approval"
+    )
+
+
+def step6(vm: Machine, needles: list[bytes]) -> str:
+    """A boots a command line nothing approves: no key, the journal names the component."""
+    vm.poweroff()
+    vm.boot(UNAPPROVED_CMDLINE)
+    state = vm.wait_for(
+        "the restore refused", lambda s: "nothing restored" in _journal(s) and s["multi_user"] > 0
+    )
+    assert not state["keys"], f"keys present after an unapproved boot: {state['keys']}"
+    line = next(ln for ln in state["journal"] if "nothing restored" in ln)
+    named = re.search(r"no approved state matches this boot: PCR 8,9, kernel command line "
+                      r"\[kernel-cmdline\] \([^)]*\): digest \S+ is not allowed by policy "
+                      r"vm-boot", line)  # fmt: skip
+    assert named is not None, line
+    vm.poweroff()
+    leaked = vm.disk_contains(needles)
+    assert not leaked, f"key material found on the guest disk: {leaked!r}"
+    return f"no key ({named.group(0)[:90]}...); no key material anywhere on A's disk"
+
+
 def run_scenario(work: Path, out: list[str] | None = None) -> list[StepResult]:
-    """Run steps 1-4; stop at the first failure. Lines go to ``out`` and stdout as they come."""
+    """Run steps 1-6; stop at the first failure. Lines go to ``out`` and stdout as they come."""
     lines = out if out is not None else []
 
     def say(text: str) -> None:
@@ -232,16 +296,22 @@ def run_scenario(work: Path, out: list[str] | None = None) -> list[StepResult]:
     broker.start()
     port = int(broker.address.rsplit(":", 1)[1])
     private, public, needles = _image_key(work)
-    (work / "vm").mkdir()
-    vm = Machine(work / "vm", image, _seed(work, broker, public), port)
-    vm.tpm_state.mkdir()
-    provision(vm.tpm_state, ca)
+    machines = []
+    for name, node in (("vm", NODE), ("vm-canary", CANARY)):
+        (work / name).mkdir()
+        machine = Machine(work / name, image, _seed(work, broker, public, node), port)
+        machine.tpm_state.mkdir()
+        provision(machine.tpm_state, ca)
+        machines.append(machine)
+    vm, canary = machines
     results: list[StepResult] = []
     steps: list[tuple[str, Callable[[], str]]] = [
         ("1 first boot", lambda: step1(vm, broker, private)),
-        ("2 reboot, broker down", lambda: step2(vm, broker, needles)),
-        ("3 changed measured boot", lambda: step3(vm, broker)),
-        ("4 revoke while running", lambda: step4(vm, broker)),
+        ("2 reboot, broker down", lambda: step2(vm, broker)),
+        ("3 canary approved, A pushed the approvals", lambda: step3(vm, canary, broker)),
+        ("4 revoke the canary while running", lambda: step4(canary, vm, broker)),
+        ("5 A reboots into the approved update, broker down", lambda: step5(vm, broker)),
+        ("6 A boots an unapproved command line", lambda: step6(vm, needles)),
     ]
     try:
         for name, run in steps:
@@ -249,14 +319,16 @@ def run_scenario(work: Path, out: list[str] | None = None) -> list[StepResult]:
             try:
                 detail, ok = run(), True
             except AssertionError as exc:
-                detail, ok = f"{exc} (serial log {vm.serial})", False
+                serials = ", ".join(str(m.serial) for m in machines)
+                detail, ok = f"{exc} (serial logs {serials})", False
             result = StepResult(name, ok, detail, time.monotonic() - t)
             results.append(result)
             say(result.line())
             if not ok:
                 break
     finally:
-        vm.kill()
+        for machine in machines:
+            machine.kill()
         broker.stop()
         say(f"total wall time {time.monotonic() - started:.1f} s; logs in {work}")
     return results
@@ -267,7 +339,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = run_scenario(work)
     (work / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=1))
-    return 0 if len(results) == 4 and all(r.ok for r in results) else 1
+    return 0 if len(results) == 6 and all(r.ok for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kbs.errors import EventLogInvalid
+from keylease.eventlog.errors import EventLogInvalid
 
 __all__ = [
     "ALG_NAMES",

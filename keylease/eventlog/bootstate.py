@@ -23,31 +23,43 @@ component              PCR    events
 ``bootloader-config``  8, 9   every other GRUB command and file
 ``pcr.N``              N      the quoted value (any PCR)
 =====================  =====  =========================================================
+
+``BootState.layout`` keeps, in log order, every extended event's PCR, component and digest (the
+bank's), and ``initial`` the PCR values set before any extend: enough to replay the log with one
+component's events replaced by another's, which is how the broker predicts the PCR values of an
+approved update (``kbs.approvals.predict``). The agent derives its own boot state the same way to
+name the component that differs from every approved state (``agent.approvals``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
-import kbs.eventlog.events as ev
-from kbs.eventlog.parse import EV_NO_ACTION, Event, EventLog
-from kbs.eventlog.replay import HASHES
+import keylease.eventlog.events as ev
+import keylease.eventlog.summary as words
+from keylease.eventlog.parse import EV_NO_ACTION, Event, EventLog
+from keylease.eventlog.replay import HASHES, initial_values
+from keylease.eventlog.summary import (
+    EV_AUTHORITY,
+    EV_DRIVER_CONFIG,
+    EV_EFI_ACTION,
+    EV_EVENT_TAG,
+    EV_IPL,
+    EV_SEPARATOR,
+)
 
 __all__ = [
     "COMPONENT_GROUPS",
     "BootState",
     "Component",
+    "Measured",
     "component_pcrs",
     "derive",
     "is_component_name",
 ]
 
-EV_SEPARATOR, EV_EFI_ACTION, EV_IPL, EV_EVENT_TAG = 0x4, 0x80000007, 0xD, 0x6
-EV_S_CRTM_VERSION, EV_DRIVER_CONFIG, EV_AUTHORITY = 0x8, 0x80000001, 0x800000E0
-EV_APPLICATION, EV_BLOB, EV_BLOB2 = 0x80000003, 0x80000008, 0x8000000A
-EV_VARIABLE_BOOT, EV_VARIABLE_BOOT2 = 0x80000002, 0x8000000C
 SB_VARIABLES = {"PK": "pk", "KEK": "kek", "db": "db", "dbx": "dbx"}
 # The components each decomposed PCR is made of, in display order; ``boot-app`` is a family.
 COMPONENT_GROUPS: dict[tuple[int, ...], tuple[str, ...]] = {
@@ -60,6 +72,7 @@ COMPONENT_GROUPS: dict[tuple[int, ...], tuple[str, ...]] = {
 _PCRS = {name: pcrs for pcrs, names in COMPONENT_GROUPS.items() for name in names}
 _INDEXED = re.compile(r"(boot-app|pcr)\.(\d{1,2})")
 MAX_BOOT_APPS = 64
+WHOLE_PCR = {"firmware": 0, "boot-variables": 1}  # components whose value is their PCR's value
 
 
 def component_pcrs(name: str) -> tuple[int, ...]:
@@ -88,12 +101,25 @@ class Component:
 
 
 @dataclass(frozen=True)
+class Measured:
+    """One extended event: its PCR, the component it belongs to ("" for the actions and
+    separators no component compares; ``pcr.N`` for PCRs not read as components) and digest."""
+
+    pcr: int
+    component: str
+    digest: bytes
+
+
+@dataclass(frozen=True)
 class BootState:
-    """The components an event log shows in one bank, and the PCRs the log extends."""
+    """The components an event log shows in one bank, the PCRs the log extends, and (since
+    issue 11) its layout. States recorded before have no layout: nothing is predicted from them."""
 
     bank: str
     components: tuple[Component, ...]
     touched: tuple[int, ...]
+    layout: tuple[Measured, ...] = ()
+    initial: Mapping[int, bytes] = field(default_factory=dict)
 
     def get(self, name: str) -> Component | None:
         return next((c for c in self.components if c.name == name), None)
@@ -112,16 +138,22 @@ class BootState:
                 }
                 for c in self.components
             ],
+            "layout": [[m.pcr, m.component, m.digest.hex()] for m in self.layout],
+            "initial": {str(i): v.hex() for i, v in sorted(self.initial.items())},
         }
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, object]) -> BootState:
-        """The inverse of ``to_doc`` (for documents this broker wrote; KeyError/TypeError on
-        anything else, which the store translates)."""
+        """The inverse of ``to_doc`` (for documents this broker wrote; KeyError/TypeError/
+        ValueError on anything else, which the store translates)."""
         raw = doc["components"]
         touched = doc["touched"]
+        layout = doc.get("layout", [])
+        initial = doc.get("initial", {})
         if not isinstance(raw, list) or not isinstance(touched, list):
             raise TypeError("a boot state document needs lists")
+        if not isinstance(layout, list) or not isinstance(initial, dict):
+            raise TypeError("a boot state's layout is a list, its initial values a map")
         return cls(
             str(doc["bank"]),
             tuple(
@@ -135,17 +167,20 @@ class BootState:
                 for c in raw
             ),
             tuple(int(p) for p in touched),
+            tuple(Measured(int(p), str(c), bytes.fromhex(d)) for p, c, d in layout),
+            {int(i): bytes.fromhex(str(v)) for i, v in initial.items()},
         )
-
-
-def _short(digest: bytes) -> str:
-    return digest.hex()[:8] + "…"
 
 
 class _Deriver:
     def __init__(self, bank: str) -> None:
         self.bank = bank
         self.hash = HASHES[bank]
+        self.owner: dict[int, str] = {}  # event number -> component
+
+    def own(self, name: str, events: Sequence[Event]) -> None:
+        for e in events:
+            self.owner[e.number] = name
 
     def chain(self, events: Sequence[Event]) -> str:
         """One event: its digest; several: the bank's hash over their digests, in order."""
@@ -157,68 +192,6 @@ class _Deriver:
         """The event's data (or one of ``alternatives``) hashes to its measured digest."""
         digest = event.digests[self.bank]
         return any(self.hash(d).digest() == digest for d in (event.data, *alternatives))
-
-
-def _describe(event: Event) -> str:
-    """One event in words, for summaries."""
-    name = ev.event_name(event.type)
-    if event.type in (EV_EFI_ACTION, 0x5, EV_IPL):
-        return f"{name} '{ev.text(event.data)}'"
-    if event.type in (EV_DRIVER_CONFIG, EV_AUTHORITY, EV_VARIABLE_BOOT, EV_VARIABLE_BOOT2):
-        var = ev.variable(event.data)
-        return f"{name} {var.name if var else '(undecodable)'}"
-    return name
-
-
-def _firmware(events: Sequence[Event], value: bytes, bank: str) -> str:
-    crtm = [ev.text(e.data) for e in events if e.type == EV_S_CRTM_VERSION]
-    blobs = [_short(e.digests[bank]) for e in events if e.type in (EV_BLOB, EV_BLOB2)]
-    known = (EV_S_CRTM_VERSION, EV_BLOB, EV_BLOB2, EV_SEPARATOR)
-    other = sorted({ev.event_name(e.type) for e in events if e.type not in known})
-    parts = [f"CRTM version '{crtm[0]}'" if crtm else "no CRTM version"]
-    parts.append(f"{len(blobs)} firmware blob(s)" + (f" {', '.join(blobs[:4])}" if blobs else ""))
-    if other:
-        parts.append("also " + ", ".join(other))
-    return "; ".join(parts) + f" (PCR 0 {_short(value)})"
-
-
-def _boot_variables(events: Sequence[Event], value: bytes) -> str:
-    names: list[str] = []
-    for e in events:
-        if len(names) > 8:
-            names.append("")  # counted, not decoded
-            continue
-        var = ev.variable(e.data) if e.type != EV_SEPARATOR else None
-        if var is not None:
-            names.append(
-                var.name
-                + (
-                    f" ({_load_option(var.data)})"
-                    if var.name[:4] == "Boot" and var.name != "BootOrder"
-                    else ""
-                )
-            )
-        elif e.type != EV_SEPARATOR:
-            names.append(ev.event_name(e.type))
-    more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
-    return (", ".join(names[:8]) or "no variables") + more + f" (PCR 1 {_short(value)})"
-
-
-def _load_option(data: bytes) -> str:
-    """The description of an EFI_LOAD_OPTION (Boot####)."""
-    end = 6
-    while end + 1 < len(data) and data[end : end + 2] != b"\x00\x00":
-        end += 2
-    return ev.printable(data[6:end].decode("utf-16-le", "replace"), 40)
-
-
-def _app(event: Event) -> str:
-    if event.type == EV_APPLICATION:
-        image = ev.image_load(event.data)
-        if image is None:
-            return "undecodable image load event"
-        return image.path or "no file path"
-    return _describe(event)
 
 
 class _Pcr7:
@@ -244,6 +217,10 @@ class _Pcr7:
 
     def components(self) -> list[Component]:
         out = []
+        for name, events in self.named.items():
+            self.d.own(name, events)
+        self.d.own("authorities", self.authorities)
+        self.d.own("sb-config", self.other)
         for name in COMPONENT_GROUPS[(7,)]:
             found = self.named.get(name, [])
             if name == "secure-boot" and found:
@@ -253,7 +230,7 @@ class _Pcr7:
             elif name == "authorities" and self.authorities:
                 out.append(self._authorities())
             elif name == "sb-config" and self.other:
-                text = ", ".join(_describe(e) for e in self.other[:6])
+                text = ", ".join(words.describe(e) for e in self.other[:6])
                 out.append(Component(name, (7,), self.d.chain(self.other), text))
         return out
 
@@ -276,7 +253,7 @@ class _Pcr7:
         entries = ev.signature_lists(var.data) if var is not None else None
         if len(events) > 1 or entries is None or not self.d.data_verified(events[-1]):
             return Component(name, (7,), value, "contents do not match the measurement")
-        return Component(name, (7,), value, _entries(entries), tuple(e.id for e in entries))
+        return Component(name, (7,), value, words.entries(entries), tuple(e.id for e in entries))
 
     def _authorities(self) -> Component:
         names = []
@@ -286,21 +263,6 @@ class _Pcr7:
             who = (entry.subject or entry.id[:8]) if entry else "undecodable"
             names.append(f"{var.name if var else '?'}: {who}")
         return Component("authorities", (7,), self.d.chain(self.authorities), "; ".join(names[:6]))
-
-
-def _entries(entries: Iterable[ev.SignatureEntry]) -> str:
-    items = list(entries)
-    if not items:
-        return "empty"
-    certs = [e.subject or e.id[:8] for e in items if e.kind == "x509"]
-    hashes = sum(1 for e in items if e.kind == "sha256")
-    other = len(items) - len(certs) - hashes
-    parts = [f"x509 {c}" for c in certs[:3]] + (
-        [f"{len(certs) - 3} more x509"] if len(certs) > 3 else []
-    )
-    parts += [f"{hashes} sha256 hash(es)"] if hashes else []
-    parts += [f"{other} other"] if other else []
-    return f"{len(items)} entr{'y' if len(items) == 1 else 'ies'}: " + ", ".join(parts)
 
 
 def _loader(d: _Deriver, events: Sequence[Event]) -> list[Component]:
@@ -314,7 +276,7 @@ def _loader(d: _Deriver, events: Sequence[Event]) -> list[Component]:
         ipl = e.type == EV_IPL
         if tagged is not None and tagged[0] in ev.LINUX_TAGS:
             key = "kernel-cmdline" if tagged[0] == 0x8F3B22ED else "initrd"
-            text = f"EFI stub {ev.LINUX_TAGS[tagged[0]]} {_short(e.digests[d.bank])}"
+            text = f"EFI stub {ev.LINUX_TAGS[tagged[0]]} {words.short(e.digests[d.bank])}"
         elif ipl and e.data.startswith(b"kernel_cmdline:"):
             key = "kernel-cmdline"
             text = "" if len(texts[key]) > 4 else ev.text(e.data[15:]).strip()
@@ -323,9 +285,11 @@ def _loader(d: _Deriver, events: Sequence[Event]) -> list[Component]:
             text = "" if len(texts[key]) > 4 else ev.text(e.data)
         else:
             key = "bootloader-config"
-            text = "" if len(texts[key]) > 4 else _describe(e)
+            text = "" if len(texts[key]) > 4 else words.describe(e)
         groups[key].append(e)
         texts[key].append(text)
+    for name, found in groups.items():
+        d.own(name, found)
     return [
         Component(
             name,
@@ -347,22 +311,31 @@ def derive(log: EventLog, bank: str, replayed: Mapping[int, bytes]) -> BootState
             by_pcr.setdefault(event.pcr, []).append(event)
     out: list[Component] = []
     if 0 in by_pcr:
-        out.append(
-            Component("firmware", (0,), replayed[0].hex(), _firmware(by_pcr[0], replayed[0], bank))
-        )
+        d.own("firmware", by_pcr[0])
+        summary = words.firmware(by_pcr[0], replayed[0], bank)
+        out.append(Component("firmware", (0,), replayed[0].hex(), summary))
     if 1 in by_pcr:
-        out.append(
-            Component(
-                "boot-variables", (1,), replayed[1].hex(), _boot_variables(by_pcr[1], replayed[1])
-            )
-        )
+        d.own("boot-variables", by_pcr[1])
+        summary = words.boot_variables(by_pcr[1], replayed[1])
+        out.append(Component("boot-variables", (1,), replayed[1].hex(), summary))
     apps = [e for e in by_pcr.get(4, []) if e.type not in (EV_EFI_ACTION, EV_SEPARATOR)]
     for n, e in enumerate(apps, 1):  # past MAX_BOOT_APPS no policy can name them: denied
-        out.append(Component(f"boot-app.{n}", (4,), e.digests[bank].hex(), _app(e)))
+        d.own(f"boot-app.{n}", [e])
+        out.append(Component(f"boot-app.{n}", (4,), e.digests[bank].hex(), words.app(e)))
     if 7 in by_pcr:
         pcr7 = _Pcr7(d)
         for e in by_pcr[7]:
             pcr7.add(e)
         out += pcr7.components()
     out += _loader(d, by_pcr.get(8, []) + by_pcr.get(9, []))
-    return BootState(bank, tuple(out), tuple(sorted(by_pcr)))
+    decomposed = {p for group in COMPONENT_GROUPS for p in group}
+    layout = tuple(
+        Measured(
+            e.pcr,
+            d.owner.get(e.number, "" if e.pcr in decomposed else f"pcr.{e.pcr}"),
+            e.digests[bank],
+        )
+        for e in log.events
+        if e.type != EV_NO_ACTION
+    )
+    return BootState(bank, tuple(out), tuple(sorted(by_pcr)), layout, initial_values(log, bank))
