@@ -67,7 +67,13 @@ TARGETS: dict[str, Target] = {
         fuzz_event_log,
         (KbsError,),
         event_log_seeds,
-        ("kbs.eventlog", "keylease.eventlog"),
+        (
+            "kbs.eventlog",
+            "keylease.eventlog.parse",
+            "keylease.eventlog.replay",
+            "keylease.eventlog.events",
+            "keylease.eventlog.bootstate",
+        ),
         max_len=65536,
     ),
     "ek_certificate": Target(
