@@ -2,8 +2,8 @@
 
 Every error carries operator-facing text; verification failures are specific subclasses so that
 tests and audit records name exactly what failed. Errors know no transport: each servicer maps
-every class to a gRPC status code in one table (``kbs.nodeapi.status.NODE_STATUS``,
-``kbs.admin.service.ADMIN_STATUS``), and the command line maps them to exit codes.
+every class to a gRPC status code in one table (``kbs.status``, for the node service and the
+admin API), and the command line maps them to exit codes.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ listener never asks for client certificates, so an admin certificate means nothi
 
 Each RPC runs the same ``kbs.admin.operator.LocalOperator`` action as the local command (in a
 worker thread: the store blocks), with the audit actor ``operator:<certificate CN>``. Its
-errors become status codes by ``ADMIN_STATUS``, one entry per exact error class; the operator's
+errors become status codes by ``kbs.status``, one entry per exact error class; the operator's
 side (``kbs.admin.client``) turns them back into errors.
 """
 
@@ -46,66 +46,19 @@ from kbs.admin.wire import (
 from kbs.config import KbsConfig
 from kbs.context import BrokerContext
 from kbs.masterkey import master_keyring
+from kbs.status import status_code
 from kbs.tls import load_credentials
 from keylease.api.v1 import admin_pb2 as pb
 from keylease.api.v1 import admin_pb2_grpc as pb_grpc
 from keylease.api.v1.limits import MAX_ADMIN_REPLY, MAX_ADMIN_REQUEST
 
-__all__ = ["ADMIN_STATUS", "AdminServer", "AdminService", "start_admin_server"]
+__all__ = ["AdminServer", "AdminService", "start_admin_server"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Ctx = grpc.aio.ServicerContext[object, object]
 MAX_CONCURRENT_RPCS = 16
-
-_S = grpc.StatusCode
-# Every broker error, by exact class, to the status the admin API answers with. The operator's
-# client reads PERMISSION_DENIED as a refused certificate, NOT_FOUND / INVALID_ARGUMENT as an
-# argument to fix (exit 2), anything else as the broker failing (exit 1).
-ADMIN_STATUS: dict[type[e.KbsError], grpc.StatusCode] = {
-    e.KbsError: _S.INTERNAL,
-    e.ConfigError: _S.INTERNAL,
-    e.StoreError: _S.INTERNAL,
-    e.DatabaseUnavailable: _S.UNAVAILABLE,
-    e.StoreConflict: _S.INTERNAL,
-    e.OperatorError: _S.INVALID_ARGUMENT,
-    e.NotFound: _S.NOT_FOUND,
-    e.InvalidRequest: _S.INVALID_ARGUMENT,
-    e.EventLogInvalid: _S.INVALID_ARGUMENT,
-    e.EkCertificateMalformed: _S.INVALID_ARGUMENT,
-    e.UnknownNode: _S.NOT_FOUND,
-    e.EnrollmentRefused: _S.PERMISSION_DENIED,
-    e.UntrustedEk: _S.PERMISSION_DENIED,
-    e.EkPublicMismatch: _S.PERMISSION_DENIED,
-    e.AkAttributesInvalid: _S.PERMISSION_DENIED,
-    e.ActivationFailed: _S.PERMISSION_DENIED,
-    e.NodeEkConflict: _S.ALREADY_EXISTS,
-    e.NotAllowlisted: _S.PERMISSION_DENIED,
-    e.AttestationFailed: _S.PERMISSION_DENIED,
-    e.NonceUnknown: _S.PERMISSION_DENIED,
-    e.NonceExpired: _S.PERMISSION_DENIED,
-    e.QuoteInvalid: _S.PERMISSION_DENIED,
-    e.QuoteStructureInvalid: _S.PERMISSION_DENIED,
-    e.IncorrectSignature: _S.PERMISSION_DENIED,
-    e.QualifyingDataMismatch: _S.PERMISSION_DENIED,
-    e.PcrSelectionMismatch: _S.PERMISSION_DENIED,
-    e.PcrDigestMismatch: _S.PERMISSION_DENIED,
-    e.EventLogMismatch: _S.PERMISSION_DENIED,
-    e.EventLogMissing: _S.PERMISSION_DENIED,
-    e.CounterRollback: _S.PERMISSION_DENIED,
-    e.NodeNotApproved: _S.PERMISSION_DENIED,
-    e.NodeRevoked: _S.PERMISSION_DENIED,
-    e.NoPolicy: _S.PERMISSION_DENIED,
-    e.PolicyDenied: _S.PERMISSION_DENIED,
-    e.NotGranted: _S.PERMISSION_DENIED,
-    e.FeedClosed: _S.UNAVAILABLE,
-    e.TooManyWatchers: _S.RESOURCE_EXHAUSTED,
-    e.AdminAccessDenied: _S.PERMISSION_DENIED,
-    e.RevocationsUnreadable: _S.UNAVAILABLE,
-    e.RevocationNotShared: _S.INTERNAL,
-    e.AdminUnavailable: _S.INTERNAL,
-}
 
 
 class AdminService(pb_grpc.AdminServiceServicer):
@@ -128,7 +81,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             name = await asyncio.to_thread(self._authorize, context)
         except e.AdminAccessDenied as exc:
             log.warning("admin %s refused: %s", rpc, exc)
-            await context.abort(_status(exc), exc.diagnostics())
+            await context.abort(status_code(exc), exc.diagnostics())
             raise  # unreachable: abort raises
         cfg = self._ctx.config
         admin = Admin(store=self._ctx.store, actor=f"operator:{name}", clock=self._ctx.clock)
@@ -138,7 +91,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             result = await asyncio.to_thread(action, operator)
         except e.KbsError as exc:
             log.info("admin %s by operator:%s: %s", rpc, name, type(exc).__name__)
-            await context.abort(_status(exc), exc.diagnostics())
+            await context.abort(status_code(exc), exc.diagnostics())
             raise  # unreachable: abort raises
         log.info("admin %s by operator:%s: ok", rpc, name)
         return result
@@ -359,9 +312,3 @@ async def start_admin_server(cfg: KbsConfig, ctx: BrokerContext) -> AdminServer 
 
 def _change_to_pb(change: PolicyChange) -> pb.AdminPolicyChange:
     return pb.AdminPolicyChange(policy=policy_to_pb(change.policy), changes=list(change.changes))
-
-
-def _status(exc: e.KbsError) -> grpc.StatusCode:
-    """``exc``'s status by its exact class (INTERNAL for a class the table lacks; a test keeps
-    the table exhaustive)."""
-    return ADMIN_STATUS.get(type(exc), grpc.StatusCode.INTERNAL)

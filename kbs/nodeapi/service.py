@@ -1,7 +1,7 @@
 """The node-facing gRPC service: protobuf in, typed values to the protocol steps, protobuf out.
 
 This is the one place where broker errors become the node API's status codes: a ``KbsError``
-answers with the code ``kbs.nodeapi.status.NODE_STATUS`` gives its exact class, and its
+answers with the code ``kbs.status.STATUS`` gives its exact class, and its
 operator-readable text; anything else is logged and answered INTERNAL without details. The
 classes in ``VERIFIED_DENIALS`` — a verdict on the node that proved its identity: revoked, no
 policy, policy or event log refuse it, nothing granted, its TPM's counters went back — also carry
@@ -42,8 +42,9 @@ from kbs.model import ChangeKind, NodeState, check_node_name
 from kbs.nodeapi.changefeed import ChangeFeed, Notice, Subscription
 from kbs.nodeapi.metrics import BrokerMetrics
 from kbs.nodeapi.refusals import ThrottledLog, proves_identity
-from kbs.nodeapi.status import NODE_STATUS, VERIFIED_DENIALS
+from kbs.nodeapi.status import VERIFIED_DENIALS
 from kbs.nonces import issue_nonce
+from kbs.status import status_code
 from keylease.api.v1 import VERDICT_DENIED, VERDICT_KEY
 from keylease.api.v1 import keylease_pb2 as pb
 from keylease.api.v1 import keylease_pb2_grpc as pb_grpc
@@ -124,7 +125,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
             self._metrics.failed(event, _result(exc), exc)
             self._audit_refusal(event, node, exc)
             verdict = ((VERDICT_KEY, VERDICT_DENIED),) if type(exc) in VERIFIED_DENIALS else ()
-            await context.abort(_status(exc), exc.diagnostics(), trailing_metadata=verdict)
+            await context.abort(status_code(exc), exc.diagnostics(), trailing_metadata=verdict)
             raise AssertionError("unreachable: context.abort raises") from None
         except Exception:  # the service's top-level guard: never leak internals to the peer
             self._metrics.outcome(event, "error", "internal")
@@ -245,7 +246,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
                 _name(name) or "-",
                 exc,
             )
-            await _abort(context, _status(exc), exc.diagnostics())
+            await _abort(context, status_code(exc), exc.diagnostics())
         why = "the client went away"
         started = False
         try:
@@ -354,12 +355,6 @@ def _evidence(request: pb.AttestRequest) -> attest_step.Evidence:
 def _name(name: str) -> str:
     """A node name fit for a log line and an audit record (validated later by the domain)."""
     return name if len(name) <= MAX_NODE_NAME and name.isprintable() else ""
-
-
-def _status(exc: e.KbsError) -> grpc.StatusCode:
-    """``exc``'s status by its exact class (INTERNAL for a class the table lacks; a test keeps
-    the table exhaustive)."""
-    return NODE_STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
 
 
 def _result(exc: e.KbsError) -> str:

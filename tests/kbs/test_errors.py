@@ -1,18 +1,14 @@
-"""Every broker error has a status code in each servicer's table, by its exact class (httpx's
+"""Every broker error has a status code in the broker's one table, by its exact class (httpx's
 ``test_httpcore_all_exceptions_mapped``): a new error class without an entry fails here, not in
 production as an INTERNAL."""
 
 from __future__ import annotations
 
 import grpc
-import pytest
 
 from kbs import errors
-from kbs.admin.service import ADMIN_STATUS
 from kbs.errors import KbsError
-from kbs.nodeapi.status import NODE_STATUS
-
-TABLES = {"node service": NODE_STATUS, "admin service": ADMIN_STATUS}
+from kbs.status import STATUS
 
 
 def every_error_class() -> set[type[KbsError]]:
@@ -35,20 +31,19 @@ def test_every_error_class_lives_in_kbs_errors() -> None:
     assert {c.__name__ for c in every_error_class()} <= set(errors.__all__)
 
 
-@pytest.mark.parametrize("servicer", sorted(TABLES))
-def test_every_error_class_is_mapped(servicer: str) -> None:
-    table = TABLES[servicer]
+def test_every_error_class_is_mapped() -> None:
+    """The node service and the admin API answer with the same table (``kbs.status``)."""
+    table = STATUS
     missing = sorted(c.__name__ for c in every_error_class() if c not in table)
-    assert not missing, f"{servicer}: no status code for {missing}"
+    assert not missing, f"no status code for {missing}"
     assert set(table) == every_error_class(), "an entry for a class that is not a KbsError"
     assert all(isinstance(code, grpc.StatusCode) for code in table.values())
 
 
-@pytest.mark.parametrize("servicer", sorted(TABLES))
-def test_refusals_keep_their_codes(servicer: str) -> None:
+def test_refusals_keep_their_codes() -> None:
     """What agents and the operator's client act on: a refusal is never INTERNAL, a database
     outage is UNAVAILABLE (retry), a conflict of EKs is ALREADY_EXISTS."""
-    table = TABLES[servicer]
+    table = STATUS
     for cls in every_error_class():
         if issubclass(cls, errors.EnrollmentRefused | errors.AttestationFailed):
             expected = (
