@@ -27,13 +27,13 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from kbs.config import KbsConfig
 from kbs.errors import ConfigError, OperatorError
-from kbs.tls import read_config_file, write_new_file
+from kbs.tls import SIGNATURE_KEY_USAGE, issue_leaf, key_pem, read_config_file, write_new_file
 from keylease.api.v1.signing import SIGNATURE_ALGORITHM, SIGNING_OU, signing_certificate
 
 __all__ = [
@@ -182,28 +182,12 @@ def create_signing_files(
             x509.NameAttribute(NameOID.COMMON_NAME, "keylease-kbs release signing"),
         ]
     )
-    usage = x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-        encipher_only=False, decipher_only=False,
+    cert = issue_leaf(
+        ca.subject, ca_key, subject, key.public_key(), now - dt.timedelta(hours=1),
+        now + SIGNING_VALIDITY, (SIGNATURE_KEY_USAGE, True),
     )  # fmt: skip
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + SIGNING_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(usage, critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    for path, data, mode in ((key_path, key_pem, 0o600), (cert_path, cert_pem, 0o644)):
+    for path, data, mode in ((key_path, key_pem(key), 0o600), (cert_path, cert_pem, 0o644)):
         tmp = path.with_name(f".{path.name}.new")
         try:
             tmp.unlink(missing_ok=True)

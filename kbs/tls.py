@@ -27,9 +27,12 @@ from kbs.errors import ConfigError
 
 __all__ = [
     "CA_KEY_USAGE",
+    "SIGNATURE_KEY_USAGE",
     "PkiFiles",
     "ServerCredentials",
     "init_pki",
+    "issue_leaf",
+    "key_pem",
     "load_credentials",
     "read_config_file",
     "server_names",
@@ -49,6 +52,12 @@ CA_KEY_USAGE = x509.KeyUsage(
     encipher_only=False,
     decipher_only=False,
 )
+# A leaf certificate that signs (TLS handshakes, releases), nothing else.
+SIGNATURE_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+    encipher_only=False, decipher_only=False,
+)  # fmt: skip
 _DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*")
 
@@ -106,12 +115,41 @@ def write_new_file(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """``key`` as unencrypted PKCS#8 PEM (the files are mode 0600)."""
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def issue_leaf(
+    ca: x509.Name,
+    ca_key: ec.EllipticCurvePrivateKey,
+    subject: x509.Name,
+    key: ec.EllipticCurvePublicKey,
+    start: dt.datetime,
+    end: dt.datetime,
+    *extensions: tuple[x509.ExtensionType, bool],
+) -> x509.Certificate:
+    """A certificate that is not a CA (basicConstraints CA:FALSE, critical) for ``key``, issued
+    by ``ca`` with a random serial, valid from ``start`` to ``end``, with ``extensions`` (each
+    with whether it is critical) in that order: the broker's TLS server, operators' admin and
+    the release-signing certificates."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca)
+        .public_key(key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(ca_key, hashes.SHA256())
 
 
 def init_pki(tls_dir: Path, hosts: Sequence[str]) -> PkiFiles:
@@ -146,46 +184,21 @@ def init_pki(tls_dir: Path, hosts: Sequence[str]) -> PkiFiles:
     )
     names = server_names(hosts)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keylease-kbs")]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(_san(names), critical=False)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    server_cert = issue_leaf(
+        ca_name, ca_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keylease-kbs")]),
+        server_key.public_key(), start, end,
+        (SIGNATURE_KEY_USAGE, True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        (_san(names), False),
+        (x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), False),
+        (x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), False),
+    )  # fmt: skip
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     try:
         tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_new_file(files.ca_key, _key_pem(ca_key), 0o600)
+        write_new_file(files.ca_key, key_pem(ca_key), 0o600)
         write_new_file(files.ca_cert, ca_pem, 0o644)
-        write_new_file(files.server_key, _key_pem(server_key), 0o600)
+        write_new_file(files.server_key, key_pem(server_key), 0o600)
         write_new_file(
             files.server_cert, server_cert.public_bytes(serialization.Encoding.PEM) + ca_pem, 0o644
         )

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -50,7 +50,7 @@ from kbs.errors import (
 )
 from kbs.model import check_name
 from kbs.store import AdminRevocation, AuditEvent, Store
-from kbs.tls import write_new_file
+from kbs.tls import issue_leaf, key_pem, write_new_file
 
 __all__ = [
     "ADMIN_OU",
@@ -213,26 +213,15 @@ def issue_admin_cert(
             x509.NameAttribute(NameOID.COMMON_NAME, name),
         ]
     )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+    client_auth = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+    cert = issue_leaf(
+        ca.subject, ca_key, subject, key.public_key(), start, end, (client_auth, False)
     )
     record = AdminCertRecord(name, format(cert.serial_number, "x"), start, end, None)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
     with _locked_registry(cfg.admin_certs) as records:
         try:
             out.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_new_file(files[1], key_pem, 0o600)
+            write_new_file(files[1], key_pem(key), 0o600)
             write_new_file(files[0], cert.public_bytes(serialization.Encoding.PEM), 0o644)
             write_new_file(files[2], ca.public_bytes(serialization.Encoding.PEM), 0o644)
         except OSError as exc:
