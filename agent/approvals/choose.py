@@ -18,8 +18,6 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import NoApprovedState, ReleaseInvalid
@@ -27,6 +25,7 @@ from agent.keystore import PcrReader
 from agent.signature import ReleaseTrust
 from keylease.api.v1.approvals import Approval, same_key, values_match, verify_approval
 from keylease.api.v1.signing import SigningCertificate
+from keylease.certificates import ec_public_key
 from keylease.eventlog import EventLogError, analyse
 from keylease.eventlog.bootstate import BootState, is_component_name
 from keylease.eventlog.wording import ABSENT, not_allowed
@@ -46,25 +45,19 @@ class Binding:
     key: ec.EllipticCurvePublicKey
 
 
-def _key(certificate: bytes, cache: dict[bytes, object]) -> object:
-    if certificate not in cache:
-        try:
-            key = x509.load_der_x509_certificate(certificate).public_key()
-        except (ValueError, UnsupportedAlgorithm):
-            key = None
-        cache[certificate] = key if isinstance(key, ec.EllipticCurvePublicKey) else None
-    return cache[certificate]
-
-
-def _unbound(a: Approval, binding: Binding, keys: dict[bytes, object]) -> str | None:
+def _unbound(
+    a: Approval, binding: Binding, keys: dict[bytes, ec.EllipticCurvePublicKey | None]
+) -> str | None:
     """Why ``a`` cannot open the release ``binding`` describes; None if it can."""
     if a.policy_group != binding.group:
         return (
             f"it is for policy {printable(a.policy_group, 120)}, not {binding.group}, the "
             "policy this cache is bound to"
         )
-    key = _key(a.signing_certificate, keys)
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not same_key(key, binding.key):
+    if a.signing_certificate not in keys:
+        keys[a.signing_certificate] = ec_public_key(a.signing_certificate)
+    key = keys[a.signing_certificate]
+    if key is None or not same_key(key, binding.key):
         return (
             "it is not signed by the key this cache is bound to (another key: not the "
             "broker's, or one the broker no longer keeps)"
@@ -93,7 +86,7 @@ def choose(
     if not own:
         raise NoApprovedState(f"no approval held for node {binding.node_name}")
     current = _read(read_pcrs, own)
-    keys: dict[bytes, object] = {}
+    keys: dict[bytes, ec.EllipticCurvePublicKey | None] = {}
     here, refused = [], []
     for a in own:
         if not values_match(a, current):

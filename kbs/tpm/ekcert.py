@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kbs.errors import ConfigError, EkCertificateMalformed, EkPublicMismatch, UntrustedEk
+from keylease.certificates import MALFORMED
 from keylease.text import printable
 
 __all__ = [
@@ -41,11 +42,6 @@ EK_CERTIFICATE_EKU = x509.ObjectIdentifier("2.23.133.8.1")
 MAX_CHAIN = 6
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-# What cryptography raises for a crafted certificate's parts (found by scripts/fuzz.py: a name
-# attribute of the BitString type under another OID raises TypeError; an X.509 version other
-# than 1 and 3 raises InvalidVersion, which is no ValueError).
-_MALFORMED = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion,
-              x509.DuplicateExtension, x509.UnsupportedGeneralNameType)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -114,7 +110,7 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         return False
-    except _MALFORMED:  # a malformed extension
+    except MALFORMED:  # a malformed extension
         return False
 
 
@@ -159,7 +155,7 @@ def _parse(der: bytes) -> x509.Certificate:
                 "the EK certificate is malformed: it has a name form this broker does not "
                 "accept (x400Address or ediPartyName)"
             ) from None
-        except _MALFORMED:
+        except MALFORMED:
             raise EkCertificateMalformed(
                 f"the EK certificate is malformed: {part} cannot be parsed"
             ) from None
@@ -202,7 +198,7 @@ def _chains(cert: x509.Certificate, bundle: EkTrustBundle, now: datetime, depth:
             continue
         try:
             cert.verify_directly_issued_by(issuer)
-        except (TypeError, InvalidSignature, *_MALFORMED):
+        except (TypeError, InvalidSignature, *MALFORMED):
             continue
         if is_root or _chains(issuer, bundle, now, depth + 1):
             return True

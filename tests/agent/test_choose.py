@@ -92,3 +92,18 @@ def test_approvals_for_another_key_or_group_are_named_as_such(
     held = [replace(approval_of("cmdline", "lab", signer), policy_group="lab-boot")]
     text = attempt(held, "cmdline", signer.public_key)
     assert "it is for policy lab-boot, not vm-boot" in text
+
+
+def test_a_held_approval_with_a_crafted_certificate_is_refused_not_a_crash(
+    signer: ReleaseSigner,
+) -> None:
+    """Found in review after the approvals fuzz target: picking an approval read the signing
+    certificate's key with a narrower catch than the certificate check, so a planted
+    ``approvals.bin`` whose approval names a certificate with an invalid X.509 version raised
+    InvalidVersion out of the restore. Now it is an approval not signed by the bound key."""
+    regressions = Path(__file__).resolve().parents[1] / "data" / "fuzz" / "regressions"
+    for crafted in ("invalid-x509-version", "bitstring-name-attribute", "malformed-issuer-name"):
+        der = (regressions / f"ek_certificate--{crafted}.bin").read_bytes()
+        held = [replace(approval_of("cmdline", "planted", signer), signing_certificate=der)]
+        text = attempt(held, "cmdline", signer.public_key)
+        assert "it is not signed by the key this cache is bound to" in text, crafted

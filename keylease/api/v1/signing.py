@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keylease.api.v1 import SealedImport
+from keylease.certificates import MALFORMED
 from keylease.text import printable
 
 __all__ = [
@@ -100,14 +101,6 @@ def _subject_ou(cert: x509.Certificate) -> list[str]:
     ]
 
 
-# What cryptography raises for a crafted certificate's parts (as for EK certificates,
-# kbs.tpm.ekcert; found again here by scripts/fuzz.py's approvals target: an X.509 version other
-# than 1 and 3 raises InvalidVersion, which is no ValueError; a BitString name attribute under
-# another OID raises TypeError).
-_MALFORMED = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion,
-              x509.DuplicateExtension, x509.UnsupportedGeneralNameType)  # fmt: skip
-
-
 def signing_certificate(
     certificate: bytes, issuers: Sequence[x509.Certificate], error: type[Exception]
 ) -> SigningCertificate:
@@ -119,7 +112,7 @@ def signing_certificate(
         extensions = cert.extensions
         ou = _subject_ou(cert)
         key = cert.public_key()
-    except _MALFORMED:
+    except MALFORMED:
         raise error("the release-signing certificate is malformed") from None
     if SIGNING_OU not in ou:
         raise error(
@@ -152,7 +145,7 @@ def signing_certificate(
 def _issuer_text(cert: x509.Certificate) -> str:
     try:
         return cert.issuer.rfc4514_string() or "-"
-    except _MALFORMED:
+    except MALFORMED:
         return "(unreadable)"
 
 
@@ -161,7 +154,7 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
         if not ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
             return False
         cert.verify_directly_issued_by(ca)
-    except (InvalidSignature, x509.ExtensionNotFound, *_MALFORMED):
+    except (InvalidSignature, x509.ExtensionNotFound, *MALFORMED):
         return False
     return True
 
