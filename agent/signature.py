@@ -26,6 +26,7 @@ from keylease.api.v1.signing import (
     signing_certificate,
     verify_release_signature,
 )
+from keylease.certificates import MALFORMED
 
 __all__ = ["ReleaseTrust", "verify_release"]
 
@@ -44,7 +45,7 @@ class ReleaseTrust:
             raise ConfigError(f"cannot read kbs_ca {kbs_ca}: {exc.strerror}") from None
         try:
             certs = x509.load_pem_x509_certificates(data)
-        except ValueError:
+        except MALFORMED:
             raise ConfigError(
                 f"kbs_ca {kbs_ca} holds no PEM certificate; copy agent-ca.pem from the broker"
             ) from None

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kbs.errors import ConfigError
+from keylease.certificates import MALFORMED
 
 __all__ = [
     "CA_KEY_USAGE",
@@ -233,7 +234,7 @@ def load_credentials(cert_path: Path, key_path: Path) -> ServerCredentials:
         )
     try:
         chain = x509.load_pem_x509_certificates(chain_pem)
-    except ValueError:
+    except MALFORMED:
         raise ConfigError(
             f"tls_cert {cert_path} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)"
         ) from None

@@ -4,6 +4,7 @@ parser's own error class. The long runs (1,000,000 inputs each) are in the READM
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,13 @@ from agent.config import load_config
 from agent.errors import ConfigError as AgentConfigError
 from agent.errors import ReleaseInvalid
 from agent.release import parse_bundle
+from agent.signature import ReleaseTrust
+from harness.eventlog import signature_list
+from kbs.errors import ConfigError as KbsConfigError
+from kbs.tpm.ekcert import load_ek_roots
 from keylease.api.v1 import keylease_pb2 as pb
 from keylease.api.v1.signing import signing_certificate
+from keylease.eventlog.events import EFI_CERT_X509, signature_lists
 from scripts.fuzz_targets import TARGETS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,3 +83,22 @@ def test_a_crafted_release_signing_certificate_is_refused_not_a_crash(crafted: s
     der = (ROOT / "tests" / "data" / "fuzz" / "regressions" / f"{crafted}.bin").read_bytes()
     with pytest.raises(ReleaseInvalid, match="release-signing certificate"):
         signing_certificate(der, [], ReleaseInvalid)
+
+
+def test_a_crafted_certificate_elsewhere_is_refused_or_named_not_a_crash(tmp_path: Path) -> None:
+    """Found in review, twins of the signing certificate's parser with the narrower catch: a
+    Secure Boot db entry in a node's event log (read by the broker, and by the agent to explain
+    a boot nothing approves), and the PEM files of kbs_ca and ek_roots, let InvalidVersion out of
+    the parser. The db entry is now an "undecodable certificate"; the files a ConfigError."""
+    der = (ROOT / "tests" / "data" / "fuzz" / "regressions" /
+           "ek_certificate--invalid-x509-version.bin").read_bytes()  # fmt: skip
+    entries = signature_lists(signature_list(EFI_CERT_X509, [der]))
+    assert entries is not None
+    assert [(e.kind, e.subject) for e in entries] == [("x509", "undecodable certificate")]
+    pem = tmp_path / "crafted.pem"
+    body = base64.encodebytes(der).decode()
+    pem.write_text(f"-----BEGIN CERTIFICATE-----\n{body}-----END CERTIFICATE-----\n")
+    with pytest.raises(AgentConfigError, match="holds no PEM certificate"):
+        ReleaseTrust.load(pem)
+    with pytest.raises(KbsConfigError, match="holds no PEM certificate"):
+        load_ek_roots(pem)

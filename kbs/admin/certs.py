@@ -51,6 +51,7 @@ from kbs.errors import (
 from kbs.model import check_name
 from kbs.store import AdminRevocation, AuditEvent, Store
 from kbs.tls import issue_leaf, key_pem, write_new_file
+from keylease.certificates import MALFORMED
 
 __all__ = [
     "ADMIN_OU",
@@ -310,7 +311,7 @@ def verify_admin_cert(
         cert = x509.load_pem_x509_certificate(chain_pem[0])
         ca = x509.load_pem_x509_certificate(ca_pem)
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+    except (InvalidSignature, *MALFORMED):
         raise AdminAccessDenied("the client certificate is not issued by the broker's CA") from None
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)

@@ -80,7 +80,7 @@ def load_ek_roots(path: Path, key: str = "ek_roots") -> EkTrustBundle:
         ) from None
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
+    except MALFORMED:
         raise ConfigError(
             f"{key} {path} holds no PEM certificate (no readable PEM block: expected -----BEGIN "
             "CERTIFICATE----- blocks; convert DER with `openssl x509 -inform der`)"

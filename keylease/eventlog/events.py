@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from keylease.certificates import MALFORMED
+
 __all__ = [
     "EFI_CERT_SHA256",
     "EFI_CERT_X509",
@@ -137,7 +139,7 @@ def _entry(kind: uuid.UUID, data: bytes) -> SignatureEntry:
 def _subject(der: bytes) -> str:
     try:
         return printable(x509.load_der_x509_certificate(der).subject.rfc4514_string(), 80)
-    except ValueError:
+    except MALFORMED:
         return "undecodable certificate"
 
 
