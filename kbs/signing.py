@@ -35,6 +35,7 @@ from kbs.config import KbsConfig
 from kbs.errors import ConfigError, OperatorError
 from kbs.tls import SIGNATURE_KEY_USAGE, issue_leaf, key_pem, read_config_file, write_new_file
 from keylease.api.v1.signing import SIGNATURE_ALGORITHM, SIGNING_OU, signing_certificate
+from keylease.certificates import MALFORMED
 
 __all__ = [
     "SIGNING_VALIDITY",
@@ -101,7 +102,7 @@ def _ca(cfg: KbsConfig) -> x509.Certificate:
         return x509.load_pem_x509_certificate(cfg.admin_ca.read_bytes())
     except OSError as exc:
         raise ConfigError(f"cannot read admin_ca {cfg.admin_ca}: {exc.strerror}") from None
-    except ValueError:
+    except MALFORMED:
         raise ConfigError(f"admin_ca {cfg.admin_ca} is not a PEM certificate") from None
 
 
@@ -138,7 +139,7 @@ def _signer(
         raise ConfigError(f"signing_key {key_path} is not an unencrypted PEM private key") from None
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError:
+    except MALFORMED:
         raise ConfigError(f"signing_cert {cert_path} is not a PEM certificate") from None
     der = cert.public_bytes(serialization.Encoding.DER)
     ca = _ca(cfg)

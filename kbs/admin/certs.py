@@ -153,7 +153,7 @@ def load_admin_ca(cfg: KbsConfig) -> bytes:
         x509.load_pem_x509_certificate(data)
     except OSError as exc:
         raise ConfigError(f"cannot read admin_ca {cfg.admin_ca}: {exc.strerror}") from None
-    except ValueError:
+    except MALFORMED:
         raise ConfigError(f"admin_ca {cfg.admin_ca} is not a PEM certificate") from None
     return data
 

@@ -58,6 +58,7 @@ from kbs.policy.learn import DiffRow
 from keylease.api.v1 import admin_pb2 as pb
 from keylease.api.v1 import admin_pb2_grpc as pb_grpc
 from keylease.api.v1.limits import MAX_ADMIN_REPLY
+from keylease.certificates import MALFORMED
 from keylease.tomlfile import read_toml
 
 __all__ = ["AdminCredentials", "RemoteOperator", "load_profile"]
@@ -92,7 +93,7 @@ class AdminCredentials:
                 raise ConfigError(f"{path} is readable by other users; run `chmod 600 {path}`")
         try:
             cert = x509.load_pem_x509_certificate(data[CERT_FILE])
-        except ValueError:
+        except MALFORMED:
             raise ConfigError(f"{directory / CERT_FILE} is not a PEM certificate") from None
         if cert.not_valid_after_utc < now:
             raise ConfigError(
