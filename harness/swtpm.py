@@ -208,6 +208,11 @@ class Swtpm:
                 self.stop()
                 raise RuntimeError(f"swtpm did not listen on {self.socket} within {timeout}s")
             time.sleep(0.002)
+        while not _answers(self.socket):  # its TPM2_Startup done (and written to its state)
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"swtpm did not answer a command within {timeout}s")
+            time.sleep(0.002)
 
     def stop(self) -> None:
         """Terminate swtpm (its state stays in ``state_dir``)."""
@@ -253,6 +258,25 @@ def _accepts(path: Path) -> bool:
         except OSError:
             return False
     return True
+
+
+# TPM2_ReadClock: tag TPM_ST_NO_SESSIONS, size 10, command code 0x181.
+_READ_CLOCK = bytes.fromhex("80010000000a00000181")
+
+
+def _answers(path: Path) -> bool:
+    """Whether the TPM on ``path`` answers TPM2_ReadClock with success. swtpm listens before
+    its TPM2_Startup (``--flags startup-clear``) has run: a restart stopped before then is no
+    reboot at all (resetCount does not move on in its state file)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2.0)
+            sock.connect(str(path))
+            sock.sendall(_READ_CLOCK)
+            head = sock.recv(10)
+    except OSError:
+        return False
+    return len(head) == 10 and int.from_bytes(head[6:10], "big") == 0
 
 
 def set_clock(tcti: str, clock: int) -> None:
